@@ -1,0 +1,132 @@
+"""The seed notebook's U-Net as a plain ``torch.nn.Module``.
+
+Topology (Kaggle "Keras U-Net starter", 2018 Data Science Bowl): five levels of two 3x3 'same'
+ReLU convolutions with 8, 16, 32, 64, 128 filters, 2x2 max-pooling on the way down, 2x2
+stride-2 transposed convolutions on the way up, skip connections concatenated as
+``[upsampled, skip]`` and a 1x1 head. 485,817 parameters at 3 input channels.
+
+This file imports torch only: no Lightning, no paths, no loss.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Height and width must be multiples of this (four 2x2 poolings).
+DIVISOR = 16
+
+
+def nearest_valid_size(n: int, divisor: int = DIVISOR) -> int:
+    """The multiple of ``divisor`` closest to ``n`` (ties and 0 round up)."""
+    down = (n // divisor) * divisor
+    up = down + divisor if n % divisor else down
+    if down == 0:
+        return up
+    return down if n - down < up - n else up
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 'same' convolutions, each followed by ReLU (the seed's ``c1 = Conv2D(...)`` twice)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool, then a DoubleConv (``p1 = MaxPooling2D``; ``c2 = ...``)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+
+class Up(nn.Module):
+    """2x2 stride-2 transposed conv, concatenate ``[upsampled, skip]``, then a DoubleConv."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        self.conv = DoubleConv(2 * out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """The seed's U-Net.
+
+    Args:
+        in_channels: image channels (3 for the competition's RGB images).
+        out_channels: output maps (1: nucleus foreground).
+        base_filters: filters at the first level; doubled at each of the four levels below.
+
+    ``forward(x)``: ``x`` float32 ``(N, in_channels, H, W)`` scaled to [0, 1], H and W multiples
+    of 16; returns logits ``(N, out_channels, H, W)`` (apply ``sigmoid`` for probabilities).
+
+    Convolutions are registered in the seed's layer order, so a Keras model's Conv2D and
+    Conv2DTranspose layers map one to one onto ``conv_layers(net)``. Initialisation is Keras'
+    (Glorot-uniform kernels, zero biases).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base_filters: int = 8) -> None:
+        super().__init__()
+        f = [base_filters * 2**i for i in range(5)]  # 8, 16, 32, 64, 128
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.inc = DoubleConv(in_channels, f[0])  # c1
+        self.down1 = Down(f[0], f[1])  # c2
+        self.down2 = Down(f[1], f[2])  # c3
+        self.down3 = Down(f[2], f[3])  # c4
+        self.down4 = Down(f[3], f[4])  # c5
+        self.up1 = Up(f[4], f[3])  # u6, c6
+        self.up2 = Up(f[3], f[2])  # u7, c7
+        self.up3 = Up(f[2], f[1])  # u8, c8
+        self.up4 = Up(f[1], f[0])  # u9, c9
+        self.head = nn.Conv2d(f[0], out_channels, 1)  # outputs
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Keras defaults: Glorot-uniform kernels, zero biases."""
+        for m in conv_layers(self):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.in_channels)
+        c1 = self.inc(x)
+        c2 = self.down1(c1)
+        c3 = self.down2(c2)
+        c4 = self.down3(c3)
+        c5 = self.down4(c4)
+        c6 = self.up1(c5, c4)
+        c7 = self.up2(c6, c3)
+        c8 = self.up3(c7, c2)
+        c9 = self.up4(c8, c1)
+        return self.head(c9)
+
+
+def conv_layers(net: nn.Module) -> list[nn.Module]:
+    """Every Conv2d and ConvTranspose2d in registration (= the seed's layer) order."""
+    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+
+
+def check_input_shape(x: torch.Tensor, in_channels: int) -> None:
+    """Raise a ``ValueError`` that names the fix when ``x`` cannot go through the U-Net."""
+    if x.ndim != 4:
+        raise ValueError(f"UNet expects a batch (N, C, H, W); got a tensor of shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c != in_channels:
+        raise ValueError(
+            f"UNet was built for {in_channels} input channels but got {c}; "
+            f"convert images to {in_channels} channels (grey: repeat; RGBA: drop alpha)"
+        )
+    if h % DIVISOR or w % DIVISOR:
+        raise ValueError(
+            f"UNet needs height and width divisible by {DIVISOR}; got {h}x{w}. "
+            f"Resize or pad to {nearest_valid_size(h)}x{nearest_valid_size(w)} "
+            f"(unet_pl.predict pads and crops back for you)"
+        )

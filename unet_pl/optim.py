@@ -1,0 +1,85 @@
+"""Which tensors decay, and the optimizer built from them.
+
+Keras' ``kernel_regularizer=l2(w)`` adds ``w * sum(W**2)`` to the loss, so the gradient of each
+kernel gains ``2*w*W``. Torch's coupled ``Adam(weight_decay=lam)`` (and ``SGD``) adds ``lam*W`` to the
+gradient, so Keras' regulariser on every kernel is exactly ``weight_decay = 2*w`` on a group
+holding every conv and transposed-conv kernel, and 0 on the rest (the biases).
+
+AdamW decays decoupled from the gradient (``W -= lr * lam * W``, outside Adam's normalisation):
+a different regulariser that we offer by name, never as a stand-in for Keras' L2.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def decays(module: nn.Module, name: str) -> bool:
+    """The decay rule: kernels (weights) of Conv2d and ConvTranspose2d layers, nothing else."""
+    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and name == "weight"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split ``model``'s trainable parameters into a decayed group (conv kernels) and the rest.
+
+    Returns ``[{"params": kernels, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]``.
+    Raises ``RuntimeError`` if a parameter landed in both groups or in neither.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (decay if decays(module, name) else no_decay).append(p)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    ids_decay, ids_other = {id(p) for p in decay}, {id(p) for p in no_decay}
+    if ids_decay & ids_other:
+        raise RuntimeError("a parameter is in both the decay and the no-decay group")
+    if (ids_decay | ids_other) != trainable:
+        raise RuntimeError("a trainable parameter is in neither the decay nor the no-decay group")
+    for label, group in (("decay", decay), ("no decay", no_decay)):
+        log.info("%s group: %d tensors, %s parameters", label, len(group), f"{sum(p.numel() for p in group):,}")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def l2_penalty(model: nn.Module, l2: float) -> torch.Tensor:
+    """Keras' regularisation loss ``l2 * sum(W**2)`` over every decayed kernel (a 0-dim tensor)."""
+    kernels = [p for m in model.modules() for n, p in m.named_parameters(recurse=False) if decays(m, n)]
+    return l2 * sum((k.detach().float() ** 2).sum() for k in kernels)
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "adam",
+    lr: float = 1e-3,
+    l2: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-7,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """The optimizer, with ``l2`` (Keras' coefficient ``w``) applied as ``weight_decay = 2*w`` to kernels.
+
+    - ``adam``: coupled Adam, exactly Keras' ``Adam`` with ``l2(w)`` on every kernel. Keras defaults:
+      lr 1e-3, betas (0.9, 0.999), eps 1e-7.
+    - ``sgd``: coupled SGD with ``momentum``, exactly Keras' SGD with ``l2(w)``.
+    - ``adamw``: decoupled decay ``W -= lr * 2w * W`` per step. Not Keras' L2: an alternative.
+    """
+    name = name.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got {l2}")
+    groups = param_groups(model, weight_decay=2.0 * l2)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
