@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from .metrics import PixelMeanIoU
+from .metrics import DSBScore, PixelMeanIoU, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
 
@@ -59,6 +59,8 @@ class LitUNet(pl.LightningModule):
         self.train_iou = PixelMeanIoU()
         self.val_iou = PixelMeanIoU()
         self.test_iou = PixelMeanIoU()
+        self.val_dsb_score = DSBScore()
+        self.test_dsb_score = DSBScore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, out_channels, H, W)`` for images ``x`` float32 ``(N, C, H, W)`` in [0, 1]."""
@@ -113,4 +115,9 @@ class LitUNet(pl.LightningModule):
         iou = getattr(self, f"{stage}_iou")
         iou.update(torch.sigmoid(logits.detach().float()), y)
         self.log(f"{stage}/iou", iou, prog_bar=stage != "train", on_step=False, on_epoch=True)
+        if stage != "train" and "labels" in batch:
+            # The competition score at model resolution: nuclei = connected components of prob > 0.5.
+            dsb = getattr(self, f"{stage}_dsb_score")
+            dsb.update(label_components(logits.detach()[:, 0] > 0), batch["labels"])
+            self.log(f"{stage}/dsb_score", dsb, prog_bar=True, on_step=False, on_epoch=True)
         return loss

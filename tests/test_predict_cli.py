@@ -1,0 +1,195 @@
+"""predict.py and evaluate.py end to end, in subprocesses as a user runs them."""
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_pl.rle import decode_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+DSB = ROOT.parent / "shared" / "data" / "dsb2018"
+# Real RGBA images: 256x256 (27 nuclei), 256x320 (70), 260x347 (125), as (H, W).
+REAL = ["00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
+        "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e",
+        "0402a81e75262469925ea893b6706183832e85324f7b1e08e634129f5d522cdd"]
+SIZES = {"grey16": (200, 150), "wide": (161, 519)}
+
+pytestmark = pytest.mark.skipif(not (DSB / "stage1_train").is_dir(), reason="shared DSB 2018 data not present")
+
+
+def run(script: str, *args, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A LitUNet trained for 2 steps on synthetic 32x32 images, its head bias set so that a few
+    percent of each real image is foreground (so predictions have nuclei to write)."""
+    import lightning.pytorch as pl
+
+    from unet_pl import LitUNet
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    items = [{"image": im, "mask": (im[:1] > 160).to(torch.uint8)} for im in images]
+    model = LitUNet(img_size=32)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader(items, batch_size=2))
+    from unet_pl.images import read_image, resize_image
+
+    x = torch.from_numpy(resize_image(read_image(_real_png(REAL[0])), 32).transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        logits = model(model.prepare_images(x))
+        model.unet.head.bias -= torch.quantile(logits.flatten(), 0.9)
+    path = tmp_path_factory.mktemp("run") / "best.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _real_png(image_id: str) -> Path:
+    return DSB / "stage1_train" / image_id / "images" / f"{image_id}.png"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Three real RGBA images in the test layout, plus a 16-bit grey and a 161x519 RGB file loose."""
+    d = tmp_path_factory.mktemp("stage1_test")
+    for i in REAL:
+        (d / i / "images").mkdir(parents=True)
+        shutil.copy(_real_png(i), d / i / "images")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random(SIZES["grey16"]) * 65535).astype(np.uint16)).save(d / "grey16.png")
+    Image.fromarray(rng.integers(0, 256, (*SIZES["wide"], 3), dtype=np.uint8)).save(d / "wide.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def predicted(ckpt, data_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("pred")
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", data_dir, "--out", out / "submission.csv",
+            "--masks-dir", out / "masks", "--overlays-dir", out / "overlays", "--gpus", "0",
+            "--batch-size", "2", "--num-workers", "0", "--min-size", "3")
+    return {"dir": out, "csv": out / "submission.csv", "stdout": p.stdout, "stderr": p.stderr}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _sizes() -> dict[str, tuple[int, int]]:
+    sizes = {i: np.asarray(Image.open(_real_png(i))).shape[:2] for i in REAL}
+    return {**sizes, **SIZES}
+
+
+def test_predict_writes_submission_masks_and_overlays(predicted):
+    assert "wrote" in predicted["stdout"] and "5 images" in predicted["stdout"]
+    rows = _read_rows(predicted["csv"])
+    assert list(rows[0]) == ["ImageId", "EncodedPixels"]
+    by_image: dict[str, list[str]] = {}
+    for r in rows:
+        by_image.setdefault(r["ImageId"], []).append(r["EncodedPixels"])
+    assert set(by_image) == set(_sizes())
+    nuclei = 0
+    for image_id, (h, w) in _sizes().items():
+        png = np.asarray(Image.open(predicted["dir"] / "masks" / f"{image_id}.png"))
+        assert png.shape == (h, w) and png.dtype == np.uint16
+        rles = [r for r in by_image[image_id] if r]
+        assert len(rles) == png.max() and (len(rles) > 0 or by_image[image_id] == [""])
+        # Rows decode without overlaps (decode_labels raises on any) to exactly the label PNG.
+        assert (decode_labels(rles, (h, w)) == png).all()
+        if rles:
+            assert np.bincount(png.ravel())[1:].min() >= 3  # --min-size 3
+        overlay = Image.open(predicted["dir"] / "overlays" / f"{image_id}.png")
+        assert overlay.size == (w, h) and overlay.mode == "RGB"
+        nuclei += len(rles)
+    assert nuclei > 0
+
+
+def test_evaluate_against_a_masks_folder(predicted, tmp_path):
+    out = tmp_path / "per_image.csv"
+    truth = tmp_path / "stage1_train"
+    for i in REAL:
+        shutil.copytree(DSB / "stage1_train" / i, truth / i)
+    p = run("evaluate.py", "--pred", predicted["csv"], "--truth", truth, "--out", out)
+    assert "score " in p.stdout and "over 3 images" in p.stdout
+    assert "2 predicted images are not in the truth" in p.stdout and "grey16" in p.stdout
+    rows = _read_rows(out)
+    assert [r["ImageId"] for r in rows] == sorted(REAL)
+    assert list(rows[0])[:4] == ["ImageId", "score", "n_true", "n_pred"]
+    assert [k for k in rows[0] if k.startswith("score@")] == [f"score@{t:.2f}" for t in np.arange(0.5, 0.96, 0.05)]
+    assert [int(r["n_true"]) for r in rows] == [27, 70, 125]
+    for r in rows:
+        per_t = [float(r[f"score@{t:.2f}"]) for t in np.arange(0.5, 0.96, 0.05)]
+        assert float(r["score"]) == pytest.approx(np.mean(per_t), abs=1e-5)
+        assert all(a >= b - 1e-9 for a, b in zip(per_t, per_t[1:]))  # stricter thresholds never score higher
+
+
+def test_evaluate_labels_csv_and_solution_csv(predicted, tmp_path):
+    # A stage1_train_labels.csv with its images beside it: sizes come from the images; one
+    # image left out of the submission is reported and scored as empty.
+    folder = tmp_path / "stage1_train"
+    for i in REAL:
+        shutil.copytree(DSB / "stage1_train" / i / "images", folder / i / "images")
+    with open(DSB / "stage1_train_labels.csv", newline="") as f:
+        wanted = [r for r in csv.DictReader(f) if r["ImageId"] in REAL]
+    with open(tmp_path / "stage1_train_labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["ImageId", "EncodedPixels"])
+        w.writeheader()
+        w.writerows(wanted)
+    truth_as_pred = tmp_path / "truth_as_pred.csv"
+    with open(truth_as_pred, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["ImageId", "EncodedPixels"])
+        w.writeheader()
+        w.writerows(r for r in wanted if r["ImageId"] != REAL[2])
+    p = run("evaluate.py", "--pred", truth_as_pred, "--truth", tmp_path / "stage1_train_labels.csv")
+    assert f"score {2 / 3:.4f} over 3 images" in p.stdout  # 1, 1 and 0 for the missing image
+    assert "1 truth images have no prediction rows" in p.stdout and REAL[2] in p.stdout
+
+    # A solution CSV (sizes in the CSV): our own submission scored against itself is 1.
+    sizes = _sizes()
+    solution = tmp_path / "solution.csv"
+    with open(solution, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "EncodedPixels", "Height", "Width", "Usage"])
+        for r in _read_rows(predicted["csv"]):
+            w.writerow([r["ImageId"], r["EncodedPixels"], *sizes[r["ImageId"]], "Public"])
+    p = run("evaluate.py", "--pred", predicted["csv"], "--truth", solution)
+    assert p.stdout.startswith("score 1.0000 over 5 images")
+
+
+def test_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
+    from unet_pl.cli.evaluate import main as evaluate_main
+    from unet_pl.cli.predict import main as predict_main
+
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (predict_main, ["--ckpt", str(tmp_path / "nope.ckpt"), "--data-dir", str(data_dir)], "nope.ckpt: no such file"),
+        (evaluate_main, ["--pred", str(tmp_path / "nope.csv"), "--truth", str(tmp_path)], "nope.csv: no such file"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_predict_empty_folder_exits_2(ckpt, tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", tmp_path / "empty", "--gpus", "0", check=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("predict.py: error: ") and "holds no images" in lines[0], p.stderr

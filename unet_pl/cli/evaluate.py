@@ -1,0 +1,188 @@
+"""``python scripts/evaluate.py --pred submission.csv --truth SOLUTION [--out per_image.csv]``
+
+Scores a submission CSV with the 2018 Data Science Bowl's metric. SOLUTION is a solution CSV
+(``ImageId,EncodedPixels,Height,Width[,Usage]``), a ``stage1_train_labels.csv``
+(``ImageId,EncodedPixels``) with the image folders (``<id>/images/<id>.png``) beside it, or a
+folder in the ``stage1_train`` layout (``<id>/masks/*.png``, one PNG per nucleus).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics import THRESHOLDS, dsb_image_score
+from ..rle import decode_labels
+
+#: A way to build one image's true label image: called only when that image is scored.
+TruthLoader = Callable[[], np.ndarray]
+
+
+def read_rle_csv(path: Path) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], list[str]]:
+    """``({id: [rle, ...]}, {id: (H, W)} where the CSV says, column names)``; 'Ignored' rows dropped."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "ImageId" not in cols or "EncodedPixels" not in cols:
+            raise ValueError(f"{path}: expected columns ImageId,EncodedPixels, found {','.join(cols) or 'none'}")
+        sized = "Height" in cols and "Width" in cols
+        rles: dict[str, list[str]] = {}
+        sizes: dict[str, tuple[int, int]] = {}
+        for row in reader:
+            if row.get("Usage") == "Ignored":  # the stage-2 solution's unscored images
+                continue
+            rles.setdefault(row["ImageId"], []).append(row["EncodedPixels"] or "")
+            if sized:
+                sizes[row["ImageId"]] = (int(row["Height"]), int(row["Width"]))
+    return rles, sizes, cols
+
+
+def _image_folder_for(csv_path: Path, ids: list[str]) -> Path:
+    """The folder beside a labels CSV that holds ``<id>/images/<id>.png`` for its images."""
+    stem = csv_path.stem.removesuffix("_labels")
+    candidates = [csv_path.parent / stem, csv_path.parent] + sorted(p for p in csv_path.parent.iterdir() if p.is_dir())
+    probe = ids[0]
+    for c in candidates:
+        if (c / probe / "images" / f"{probe}.png").is_file():
+            return c
+    raise FileNotFoundError(
+        f"{csv_path}: the CSV has no Height,Width columns and no image folders (<id>/images/<id>.png) beside it "
+        f"to read sizes from (looked in {', '.join(str(c) for c in candidates[:3])}...)"
+    )
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:  # reads the header only
+        return im.height, im.width
+
+
+def _mask_folder_loader(masks: list[Path]) -> TruthLoader:
+    def load() -> np.ndarray:
+        from PIL import Image
+
+        labels = None
+        for i, m in enumerate(masks, 1):
+            a = np.asarray(Image.open(m))
+            a = a.max(-1) if a.ndim == 3 else a
+            if labels is None:
+                labels = np.zeros(a.shape, np.int32)
+            labels[a > 0] = i
+        return labels
+
+    return load
+
+
+def load_truth(truth: str | Path) -> dict[str, tuple[TruthLoader, tuple[int, int] | None]]:
+    """``{id: (loader of the int32 label image, (H, W) if known without loading)}``."""
+    truth = Path(truth)
+    if truth.is_dir():
+        out = {}
+        for d in sorted(p for p in truth.iterdir() if p.is_dir()):
+            masks = sorted((d / "masks").glob("*.png"))
+            if (d / "masks").is_dir():
+                out[d.name] = (_mask_folder_loader(masks) if masks else _empty_from_image(d), None)
+        if not out:
+            raise FileNotFoundError(f"{truth}: no <id>/masks/ folders; pass a stage1_train-like folder or a CSV")
+        return out
+    if not truth.is_file():
+        raise FileNotFoundError(f"{truth}: no such file or folder")
+    rles, sizes, _ = read_rle_csv(truth)
+    if not rles:
+        raise ValueError(f"{truth}: no rows")
+    if not sizes:
+        folder = _image_folder_for(truth, list(rles))
+        sizes = {i: _png_size(folder / i / "images" / f"{i}.png") for i in rles}
+    out = {}
+    for image_id, rows in rles.items():
+        shape = sizes[image_id]
+        # Truth nuclei may touch or, in a few hand-drawn masks, overlap: later rows win there.
+        out[image_id] = (lambda rows=rows, shape=shape: decode_labels(rows, shape, allow_overlap=True), shape)
+    return out
+
+
+def _empty_from_image(d: Path) -> TruthLoader:
+    def load() -> np.ndarray:
+        img = next(iter(sorted((d / "images").glob("*.png"))), None)
+        if img is None:
+            raise FileNotFoundError(f"{d}: masks/ is empty and there is no images/*.png to take the size from")
+        return np.zeros(_png_size(img), np.int32)
+
+    return load
+
+
+def evaluate(pred_csv: str | Path, truth: str | Path) -> tuple[list[dict], list[str], list[str]]:
+    """Scores every truth image: ``(per-image rows, missing ids, extra ids)``. Images without
+    prediction rows are scored as empty predictions."""
+    preds, _, _ = read_rle_csv(Path(pred_csv))
+    truths = load_truth(truth)
+    missing = [i for i in truths if i not in preds]
+    extra = sorted(i for i in preds if i not in truths)
+    rows = []
+    for image_id, (load, _) in truths.items():
+        true = load()
+        try:
+            pred = decode_labels(preds.get(image_id, []), true.shape)
+        except ValueError as e:
+            raise ValueError(f"{pred_csv}: image {image_id} ({true.shape[0]}x{true.shape[1]}): {e}") from None
+        s = dsb_image_score(true, pred)
+        row = {"ImageId": image_id, "score": s.score, "n_true": s.n_true, "n_pred": s.n_pred,
+               "missing": int(image_id not in preds)}
+        row.update({f"score@{t:.2f}": v for t, v in zip(THRESHOLDS, s.per_threshold)})
+        rows.append(row)
+    return rows, missing, extra
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[1])
+    p.add_argument("--pred", required=True, help="submission CSV (ImageId,EncodedPixels)")
+    p.add_argument("--truth", required=True, help="solution CSV, stage1_train_labels.csv, or stage1_train-like folder")
+    p.add_argument("--out", help="per-image CSV to write (image, score, counts, score at each threshold)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not Path(args.pred).is_file():
+        _fail(f"{args.pred}: no such file; pass the CSV that predict.py wrote")
+    t0 = time.perf_counter()
+    try:
+        rows, missing, extra = evaluate(args.pred, args.truth)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    took = time.perf_counter() - t0
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    per_t = np.mean([[r[f"score@{t:.2f}"] for t in THRESHOLDS] for r in rows], 0)
+    score = float(np.mean([r["score"] for r in rows]))
+    print(f"score {score:.4f} over {len(rows)} images ({took:.1f} s)")
+    print("per threshold: " + "  ".join(f"{t:.2f}:{v:.3f}" for t, v in zip(THRESHOLDS, per_t)))
+    if missing:
+        print(f"{len(missing)} truth images have no prediction rows (scored as empty): {_ids(missing)}")
+    if extra:
+        print(f"{len(extra)} predicted images are not in the truth (ignored): {_ids(extra)}")
+    if args.out:
+        print(f"per-image scores: {args.out}")
+
+
+def _ids(ids: list[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _fail(message: str) -> None:
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

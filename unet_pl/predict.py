@@ -1,0 +1,172 @@
+"""Probabilities -> nuclei -> the submission CSV, label PNGs and overlays.
+
+The notebook's last cells, as small named helpers: the model sees each image resized to the
+square side it was trained at; its probabilities are resized back to the image's original
+size (``skimage.transform.resize``, as the notebook does), thresholded, and split into nuclei
+by connected components (8-connected, ``skimage.measure.label``). Each nucleus is one CSV row
+``ImageId,EncodedPixels``; an image without nuclei gets one row with empty ``EncodedPixels``.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import ImageFolderDataset
+from .images import list_images, read_image
+from .lit import LitUNet
+from .rle import encode_labels
+
+log = logging.getLogger(__name__)
+
+
+def choose_device(gpus: int | None = None) -> torch.device:
+    """``gpus=0``: the CPU; ``None``: CUDA when available; ``>= 1``: CUDA, which must exist."""
+    if gpus == 0:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if gpus is None:
+        return torch.device("cpu")
+    raise ValueError(f"--gpus {gpus} asks for a GPU but torch sees none (torch {torch.__version__}); use --gpus 0 for the CPU")
+
+
+def load_model(ckpt: str | Path | None = None, keras_h5: str | Path | None = None,
+               img_size: int | None = None, device: torch.device | str = "cpu") -> LitUNet:
+    """A ``LitUNet`` in eval mode on ``device``, from a Lightning checkpoint or a Keras ``.h5``.
+
+    ``img_size`` overrides the checkpoint's ``hparams.img_size``; for a Keras model it defaults
+    to the notebook's 128.
+    """
+    if (ckpt is None) == (keras_h5 is None):
+        raise ValueError("give exactly one of a checkpoint (--ckpt) or a Keras .h5 (--keras-h5)")
+    path = Path(ckpt if ckpt is not None else keras_h5)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; pass a run's best.ckpt or last.ckpt" if ckpt is not None
+                                else f"{path}: no such file; pass the notebook's saved model (model-dsbowl2018-1.h5)")
+    if ckpt is not None:
+        try:
+            model = LitUNet.load_from_checkpoint(path, map_location=device)
+        except (KeyError, RuntimeError, EOFError, OSError, TypeError, pickle.UnpicklingError) as e:  # torch.load's and Lightning's errors
+            raise ValueError(f"{path}: not a LitUNet checkpoint ({type(e).__name__}: {e})") from e
+        if img_size is not None:
+            model.hparams.img_size = int(img_size)
+    else:
+        from .keras_import import load_keras_weights  # needs h5py; only this path does
+
+        model = LitUNet(img_size=int(img_size or 128))
+        load_keras_weights(model.unet, path)
+    return model.to(device).eval()
+
+
+def predict_dataset(data_dir: str | Path, img_size: int, workers: int = 2, progress: bool = True) -> Dataset:
+    """The data module's ``ImageFolderDataset``: items ``{"image": uint8 (3, S, S), "id", "size": (H, W)}``,
+    for the ``stage1_test`` layout (``<id>/images/<id>.png``) or a plain folder of images."""
+    return ImageFolderDataset(data_dir, img_size, workers=workers, progress=progress)
+
+
+@torch.inference_mode()
+def predict_probabilities(model: LitUNet, loader: DataLoader, device: torch.device,
+                          progress: bool = True) -> Iterator[tuple[str, np.ndarray, tuple[int, int]]]:
+    """Yields ``(id, prob float32 (S, S) in [0, 1], (H, W))`` per image, batch by batch."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(loader.dataset), unit="img", desc="predict", disable=not progress)
+    for batch in loader:
+        x = model.prepare_images(batch["image"].to(device, non_blocking=True))
+        prob = torch.sigmoid(model(x).float())[:, 0].cpu().numpy()
+        for image_id, p, size in zip(batch["id"], prob, batch["size"].tolist(), strict=True):
+            yield image_id, p, (int(size[0]), int(size[1]))
+        bar.update(len(prob))
+    bar.close()
+
+
+def resize_back(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Probabilities ``(S, S)`` -> ``(H, W)``, as the notebook does it."""
+    from skimage.transform import resize
+
+    # anti_aliasing=False: the 2018 skimage the notebook ran never blurred (matters below S only).
+    return resize(np.squeeze(prob), size, mode="constant", preserve_range=True, anti_aliasing=False)
+
+
+def to_labels(prob: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """Nuclei of ``prob > threshold``: int32 ``(H, W)``, 0 background, 1..k (8-connected
+    components), components under ``min_size`` pixels dropped and the rest renumbered 1..k."""
+    from skimage.measure import label
+
+    labels = label(prob > threshold).astype(np.int32)
+    if min_size > 1 and labels.max():
+        area = np.bincount(labels.ravel())
+        keep = area >= min_size
+        keep[0] = False
+        new_id = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
+        labels = new_id[labels]
+    return labels
+
+
+def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
+    """``(ImageId, EncodedPixels)`` per nucleus; one row with ``""`` when there is none."""
+    rles = encode_labels(labels)
+    return [(image_id, r) for r in rles] or [(image_id, "")]
+
+
+def save_label_png(labels: np.ndarray, path: str | Path) -> None:
+    """The label image as a 16-bit PNG (0 background, nucleus k = value k)."""
+    from PIL import Image
+
+    if labels.max(initial=0) > 65535:
+        raise ValueError(f"{path}: {labels.max()} nuclei do not fit a 16-bit PNG")
+    Image.fromarray(labels.astype(np.uint16)).save(path)
+
+
+def save_overlay(image: np.ndarray, labels: np.ndarray, path: str | Path, color=(255, 255, 0)) -> None:
+    """``image`` uint8 ``(H, W, 3)`` with the outline of every predicted nucleus drawn in ``color``."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    out = image.copy()
+    out[find_boundaries(labels, mode="inner")] = color
+    Image.fromarray(out).save(path)
+
+
+def predict_folder(model: LitUNet, data_dir: str | Path, out_csv: str | Path, *, device: torch.device,
+                   threshold: float = 0.5, min_size: int = 0, batch_size: int = 8, num_workers: int = 2,
+                   masks_dir: str | Path | None = None, overlays_dir: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    """Predict every image of ``data_dir`` and write the submission CSV (and PNGs if asked).
+    ``num_workers``: threads decoding the images up front.
+
+    Returns ``{"images": n, "nuclei": n, "empty": n}``.
+    """
+    dataset = predict_dataset(data_dir, int(model.hparams.img_size), workers=max(1, num_workers), progress=progress)
+    # The dataset holds decoded, resized images already: no worker processes needed.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    paths = dict(list_images(data_dir)) if overlays_dir else {}
+    for d in (masks_dir, overlays_dir):
+        if d:
+            Path(d).mkdir(parents=True, exist_ok=True)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    stats = {"images": 0, "nuclei": 0, "empty": 0}
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ImageId", "EncodedPixels"])
+        for image_id, prob, size in predict_probabilities(model, loader, device, progress):
+            labels = to_labels(resize_back(prob, size), threshold, min_size)
+            writer.writerows(submission_rows(image_id, labels))
+            n = int(labels.max())
+            stats["images"] += 1
+            stats["nuclei"] += n
+            stats["empty"] += n == 0
+            if masks_dir:
+                save_label_png(labels, Path(masks_dir) / f"{image_id}.png")
+            if overlays_dir:
+                save_overlay(read_image(paths[image_id]), labels, Path(overlays_dir) / f"{image_id}.png")
+    log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
+    return stats
