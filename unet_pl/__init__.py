@@ -1,6 +1,17 @@
 """unet_pl: the Kaggle DSB 2018 Keras U-Net starter, rebuilt on PyTorch Lightning."""
-from .lit import LitUNet
+from .keras_import import load_keras_weights, unet_from_keras
 from .model import UNet
 
-__all__ = ["UNet", "LitUNet"]
+# Lightning-backed names load on first use, so that `import unet_pl.model` (pure torch) stays light.
+_LAZY = {"LitUNet": ".lit", "NucleiDataModule": ".data"}
+
+__all__ = ["UNet", "LitUNet", "NucleiDataModule", "load_keras_weights", "unet_from_keras"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,326 @@
+"""The competition's folders as datasets and a LightningDataModule, decoded once into a cache.
+
+Layout (``data_dir`` is ``stage1_train`` itself, or a folder holding one):
+    stage1_train/<id>/images/<id>.png     one image (RGBA, RGB, grey or 16-bit)
+    stage1_train/<id>/masks/*.png         one mask per nucleus, {0, 255} or {0, 1}
+    stage1_train_labels.csv               optional, beside stage1_train: the same masks as runs
+
+``prepare_data`` decodes every image and its masks once (threads: zlib inflation, most of
+the work, releases the GIL), resizes them as the notebook did (``unet_pl.images``) and writes
+one ``.npz`` in ``cache_dir``, atomically. Its name is a hash of everything it depends on: the
+file list with sizes and mtimes, ``img_size``, the mask source, ``empty_masks`` and
+``CACHE_VERSION``; changing any of them makes a new cache. ``setup`` loads it on every rank.
+Nothing is ever written under ``data_dir``.
+
+Split: a seeded permutation of the sorted image ids, so the same images are in validation
+on every run and every rank. The notebook's Keras ``validation_split=0.1`` took the last 10%
+of ``os.walk`` order, which depends on the filesystem; a seeded shuffle is reproducible anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from tqdm.auto import tqdm
+
+from .images import (  # noqa: F401  (list_images, read_labels_csv: re-exported for the CLIs)
+    TrainItem, decode_sample, list_images, read_image, read_labels_csv, resize_image, resolve_labels_csv,
+    resolve_train_dir, scan_train_dir,
+)
+from .model import DIVISOR, nearest_valid_size
+from .transforms import build_augment
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "stage1_train"
+CACHE_VERSION = 1
+EMPTY_MASKS = ("error", "background")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/unet_pl``, or ``~/.cache/unet_pl``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unet_pl"
+
+
+def split_indices(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` -> ``(train, val)`` sorted index arrays; ``round(n * val_split)`` in val, at least 1 if > 0."""
+    n_val = 0 if val_split <= 0 else min(max(1, round(n * val_split)), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | None, img_size: int, empty_masks: str) -> str:
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, img_size, empty_masks, "csv" if csv_path else "masks"]).encode())
+    lines = []
+    for it in items:
+        for p in (it.image, *it.masks):
+            st = os.stat(p)
+            lines.append(f"{it.id}/{p.parent.name}/{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    if csv_path is not None:
+        st = os.stat(csv_path)
+        lines.append(f"{csv_path.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    h.update("".join(lines).encode())
+    return h.hexdigest()[:20]
+
+
+def build_cache(items: Sequence[TrainItem], img_size: int, path: Path, rles: dict | None = None, csv_path: Path | None = None,
+                workers: int = 2, progress: bool = True) -> None:
+    """Decode ``items`` in ``workers`` threads and write ``path`` (.npz) atomically (temp file + ``os.replace``).
+
+    Arrays: ``images`` uint8 (N, S, S, 3), ``masks`` uint8 (N, S, S) in {0, 1}, ``labels`` uint16
+    (N, S, S), ``sizes`` int64 (N, 2) original (H, W), ``ids`` str (N,). With ``rles`` (from the
+    labels CSV) masks come from the runs, else from each item's mask files.
+    """
+    n, s = len(items), img_size
+    arrays = {
+        "images": np.zeros((n, s, s, 3), np.uint8), "masks": np.zeros((n, s, s), np.uint8),
+        "labels": np.zeros((n, s, s), np.uint16), "sizes": np.zeros((n, 2), np.int64),
+        "ids": np.array([it.id for it in items]),
+    }
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [
+            pool.submit(decode_sample, it.image, None if rles is not None else list(it.masks),
+                        None if rles is None else rles.get(it.id, []), s, csv_path)
+            for it in items
+        ]
+        try:
+            for k, fut in enumerate(tqdm(futures, desc=f"decoding {n} images at {s}px", unit="img", disable=not progress)):
+                out = fut.result()
+                for key, dst in (("image", "images"), ("mask", "masks"), ("labels", "labels"), ("size", "sizes")):
+                    arrays[dst][k] = out[key]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # fail fast: the first bad file is the message
+            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache_dir from other users
+        os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    """The arrays ``build_cache`` wrote, in memory. ``ValueError`` if the file is not such a cache."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    missing = {"images", "masks", "labels", "sizes", "ids"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} is not a unet_pl cache (no {', '.join(sorted(missing))})")
+    return arrays
+
+
+class NucleiDataset(Dataset):
+    """Decoded images (a ``load_cache`` dict) at ``indices``, as the batch contract's dicts.
+
+    Item: ``image`` uint8 (3, S, S), ``mask`` uint8 (1, S, S) in {0, 1}, ``id`` str, ``size`` int64
+    (2,) original (H, W), and with ``with_labels`` ``labels`` int32 (S, S). ``transform`` (train
+    only) is called as ``transform(image=(S, S, 3), mask=(S, S))`` in the DataLoader worker.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None = None,
+                 transform: Callable | None = None, with_labels: bool = False) -> None:
+        self.arrays = arrays
+        self.indices = np.arange(len(arrays["ids"])) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.ids = [str(i) for i in arrays["ids"]]
+        self.transform = transform
+        self.with_labels = with_labels
+        self._seeded_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.indices[i])
+        image, mask = self.arrays["images"][j], self.arrays["masks"][j]
+        if self.transform is not None:
+            self._seed_worker()
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
+            "id": self.ids[j],
+            "size": torch.from_numpy(self.arrays["sizes"][j].copy()),
+        }
+        if self.with_labels:
+            item["labels"] = torch.from_numpy(self.arrays["labels"][j].astype(np.int32))
+        return item
+
+    def _seed_worker(self) -> None:
+        # albumentations keeps its own generator, copied into every forked worker: without a
+        # reseed all workers would draw the same augmentations. torch's seed (per worker in a
+        # worker) is distinct per worker and reproducible under seed_everything.
+        if self._seeded_pid != os.getpid() and hasattr(self.transform, "set_random_seed"):
+            info = get_worker_info()
+            self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
+            self._seeded_pid = os.getpid()
+
+
+class ImageFolderDataset(Dataset):
+    """Images without masks (``list_images`` layouts), decoded and resized up front so a bad file fails here.
+
+    Item: ``image`` uint8 (3, S, S) resized as in training, ``id`` str, ``size`` int64 (2,) original (H, W).
+    """
+
+    def __init__(self, folder: str | Path, img_size: int, workers: int = 2, progress: bool = True) -> None:
+        self.entries = list_images(folder)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            decoded = list(tqdm(pool.map(read_image, [p for _, p in self.entries]), total=len(self.entries),
+                                desc=f"decoding {len(self.entries)} images", unit="img", disable=not progress))
+        self.sizes = np.array([im.shape[:2] for im in decoded], dtype=np.int64).reshape(-1, 2)
+        self.images = np.stack([resize_image(im, img_size) for im in decoded])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1))),
+            "id": self.entries[i][0],
+            "size": torch.from_numpy(self.sizes[i].copy()),
+        }
+
+
+class NucleiDataModule(pl.LightningDataModule):
+    """The competition's training folder, resized to ``img_size`` squares, split, batched.
+
+    Args:
+        data_dir: ``stage1_train`` or the folder holding it; None: the bundled sample (``SAMPLE_DIR``).
+        img_size: square side images and masks are resized to (a multiple of 16).
+        val_split: fraction of images held out (seeded, see the module docstring); 0: none.
+        batch_size, num_workers: DataLoader settings (augmentation runs in the workers).
+        seed: the split's seed (augmentation follows Lightning's ``seed_everything``).
+        augment: "default", "none" (the notebook) or an albumentations transform; train only.
+        cache_dir: where the decoded cache goes; None: ``$XDG_CACHE_HOME/unet_pl`` or ``~/.cache/unet_pl``.
+        labels_csv: None: masks from ``masks/`` folders; a path, or True for the
+            ``stage1_train_labels.csv`` beside ``stage1_train``: masks from its runs.
+        empty_masks: "error" (an image without masks is a mistake) or "background" (train it as all background).
+        predict_dir: images to predict (``list_images`` layouts); None: the validation images.
+        decode_workers: threads decoding in ``prepare_data``; progress: show the decoding bar.
+
+    Stages: fit (train + val), validate and test (the validation split, with ``labels``),
+    predict (``predict_dir``). Batches follow docs/design.md.
+    """
+
+    def __init__(self, data_dir: str | Path | None = None, img_size: int = 128, val_split: float = 0.1, batch_size: int = 16,
+                 num_workers: int = 2, seed: int = 42, augment="default", cache_dir: str | Path | None = None,
+                 labels_csv: str | Path | bool | None = None, empty_masks: str = "error", predict_dir: str | Path | None = None,
+                 decode_workers: int = 2, progress: bool = True) -> None:
+        super().__init__()
+        if not isinstance(img_size, int) or img_size < DIVISOR or img_size % DIVISOR:
+            raise ValueError(f"img_size must be a positive multiple of {DIVISOR} (the U-Net pools four times), got {img_size}; "
+                             f"try {nearest_valid_size(max(int(img_size), 1))}")
+        if not 0 <= val_split < 1:
+            raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+        if empty_masks not in EMPTY_MASKS:
+            raise ValueError(f"empty_masks must be one of {', '.join(EMPTY_MASKS)}, got {empty_masks!r}")
+        self.transform = build_augment(augment)  # a bad preset name fails here, not in a worker
+        self.save_hyperparameters(ignore=["augment"])
+        self.hparams["augment"] = augment if isinstance(augment, str) or augment is None else type(augment).__name__
+        self.data_dir = SAMPLE_DIR if data_dir is None else Path(data_dir)
+        self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+        self.arrays: dict[str, np.ndarray] | None = None
+        self._located: tuple[Path, Callable[[], None]] | None = None
+        self.train_set = self.val_set = self.predict_set = None
+
+    def prepare_data(self) -> None:
+        """Decode and cache once (rank 0 of each node under DDP). Raises on bad input, before training."""
+        path, job = self._located = self._locate()
+        if path.is_file():
+            log.info("using cached %s", path)
+            return
+        job()
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate", "test") and self.arrays is None:
+            # Reuse prepare_data's scan of the folders in this process; other ranks scan here.
+            path, job = self._located or self._locate()
+            try:
+                self.arrays = load_cache(path)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                # No prepare_data (a plain script), or another node's cache_dir: build it here.
+                if path.is_file():
+                    log.warning("cache %s is unreadable (%s); rebuilding it", path, e)
+                job()
+                self.arrays = load_cache(path)
+            train, val = split_indices(len(self.arrays["ids"]), self.hparams.val_split, self.hparams.seed)
+            self.train_set = NucleiDataset(self.arrays, train, self.transform)
+            self.val_set = NucleiDataset(self.arrays, val, with_labels=True)
+        if stage in (None, "predict") and self.predict_set is None:
+            if self.hparams.predict_dir is None:
+                self.setup("validate")
+                self.predict_set = self.val_set
+            else:
+                self.predict_set = ImageFolderDataset(self.hparams.predict_dir, self.hparams.img_size,
+                                                      self.hparams.decode_workers, self.hparams.progress)
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache file for the current data, settings and format version."""
+        return self._locate()[0]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set) if len(self.val_set) else []
+
+    def test_dataloader(self) -> DataLoader:
+        if self.val_set is not None and not len(self.val_set):
+            raise ValueError("test runs on the validation split, and val_split=0 leaves it empty; pass val_split > 0")
+        return self._loader(self.val_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set)
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() (or let the Trainer call it) before asking for a DataLoader")
+        w = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=w,
+                          persistent_workers=w > 0, pin_memory=torch.cuda.is_available())
+
+    def _locate(self) -> tuple[Path, Callable[[], None]]:
+        """Scan the folders (raising on bad layout) -> the cache path and a function that builds it."""
+        h = self.hparams
+        train_dir = resolve_train_dir(self.data_dir)
+        csv_path = resolve_labels_csv(h.labels_csv, train_dir)
+        items = scan_train_dir(train_dir, with_masks=csv_path is None)
+        rles = None
+        if csv_path is not None:
+            rles = read_labels_csv(csv_path)
+            unknown = set(rles) - {it.id for it in items}
+            if unknown:
+                log.warning("%s: %d image ids have no folder in %s and are ignored", csv_path, len(unknown), train_dir)
+        if h.empty_masks == "error":
+            for it in items:
+                if not (rles.get(it.id) if rles is not None else it.masks):
+                    where = f"{csv_path} has no runs for {it.id}" if rles is not None else f"{it.image.parent.parent / 'masks'} has no mask images"
+                    raise ValueError(f"{where}: add its masks, remove {it.image.parent.parent}, or pass "
+                                     "empty_masks='background' to train on it as all background")
+        key = _fingerprint(train_dir, items, csv_path, h.img_size, h.empty_masks)
+        path = self.cache_dir / f"dsb2018-{h.img_size}px-{key}.npz"
+
+        def job() -> None:
+            log.info("decoding %d images from %s into %s", len(items), train_dir, path)
+            build_cache(items, h.img_size, path, rles, csv_path, h.decode_workers, h.progress)
+
+        return path, job
+
