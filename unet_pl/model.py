@@ -21,7 +21,7 @@ def nearest_valid_size(n: int, divisor: int = DIVISOR) -> int:
     down = (n // divisor) * divisor
     up = down + divisor if n % divisor else down
     if down == 0:
-        return up
+        return divisor
     return down if n - down < up - n else up
 
 

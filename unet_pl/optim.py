@@ -11,6 +11,7 @@ a different regulariser that we offer by name, never as a stand-in for Keras' L2
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -56,6 +57,31 @@ def l2_penalty(model: nn.Module, l2: float) -> torch.Tensor:
     return l2 * sum((k.detach().float() ** 2).sum() for k in kernels)
 
 
+class KerasAdam(torch.optim.Adam):
+    """torch's Adam with Keras' epsilon, so that ``eps`` means what it means in ``keras.optimizers.Adam``.
+
+    Keras adds ``eps`` to ``sqrt(v)`` before the bias correction (``W -= alpha * m / (sqrt(v) + eps)``
+    with ``alpha = lr * sqrt(1 - b2**t) / (1 - b1**t)``); torch adds it after. They agree when
+    torch's ``eps`` is ``eps / sqrt(1 - b2**t)`` at step ``t``: 32x Keras' value at step 1, still 1.26x at
+    step 1000. Weights whose gradients are near ``eps`` (deep biases at the start) move visibly
+    differently with a fixed torch ``eps``, so this sets the per-step value before each step.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7, **kwargs) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("keras_eps", group["eps"])
+            group.setdefault("keras_step", 0)  # in param_groups, so it travels with the state_dict
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:  # setdefault: state_dicts saved by torch's Adam lack the keys
+            group["keras_step"] = group.get("keras_step", 0) + 1
+            eps = group.setdefault("keras_eps", group["eps"])
+            group["eps"] = eps / math.sqrt(1.0 - group["betas"][1] ** group["keras_step"])
+        return super().step(closure)
+
+
 def build_optimizer(
     model: nn.Module,
     name: str = "adam",
@@ -67,8 +93,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer, with ``l2`` (Keras' coefficient ``w``) applied as ``weight_decay = 2*w`` to kernels.
 
-    - ``adam``: coupled Adam, exactly Keras' ``Adam`` with ``l2(w)`` on every kernel. Keras defaults:
-      lr 1e-3, betas (0.9, 0.999), eps 1e-7.
+    - ``adam``: coupled Adam with Keras' epsilon (``KerasAdam``), exactly Keras' ``Adam`` with
+      ``l2(w)`` on every kernel. Keras defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-7.
     - ``sgd``: coupled SGD with ``momentum``, exactly Keras' SGD with ``l2(w)``.
     - ``adamw``: decoupled decay ``W -= lr * 2w * W`` per step. Not Keras' L2: an alternative.
     """
@@ -79,7 +105,7 @@ def build_optimizer(
         raise ValueError(f"l2 must be >= 0, got {l2}")
     groups = param_groups(model, weight_decay=2.0 * l2)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps)
+        return KerasAdam(groups, lr=lr, betas=betas, eps=eps)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)

@@ -1,0 +1,129 @@
+"""LitUNet: the notebook's pixel mean IoU, the batch contract, logging, checkpoints."""
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from unet_pl import LitUNet
+from unet_pl.metrics import PixelMeanIoU, pixel_mean_iou
+
+
+# --- the notebook's mean_iou, worked by hand ----------------------------------------------------
+
+
+def iou(prob, target) -> float:
+    return pixel_mean_iou(torch.tensor(prob), torch.tensor(target, dtype=torch.float32)).item()
+
+
+def test_pixel_mean_iou_by_hand():
+    # t = 0.5, 0.55: pred 1100 vs 1010: fg 1/3, bg 1/3 -> 1/3
+    # t = 0.6 .. 0.85 (6 thresholds; 0.6 > 0.6 is false): pred 1000: fg 1/2, bg 2/3 -> 7/12
+    # t = 0.9, 0.95: pred 0000: fg 0/2, bg 2/4 -> 1/4
+    # mean over the 10 thresholds: (2/3 + 7/2 + 1/2) / 10 = 7/15
+    assert iou([0.9, 0.6, 0.4, 0.1], [1, 0, 1, 0]) == pytest.approx(7 / 15)
+
+
+def test_a_class_missing_entirely_is_left_out_of_the_mean():
+    # No foreground anywhere, none predicted: only background counts -> 1 (not 1/2).
+    assert iou([0.2, 0.3], [0, 0]) == pytest.approx(1.0)
+    # No foreground in truth, one pixel predicted at t < 0.7: fg IoU 0 (present), bg 1/2 -> 1/4;
+    # at t >= 0.7 fg is absent again -> 1. (4 * 1/4 + 6 * 1) / 10 = 0.7
+    assert iou([0.7, 0.2], [0, 0]) == pytest.approx(0.7)
+    # All foreground, all found: background absent -> 1.
+    assert iou([0.99, 0.98], [1, 1]) == pytest.approx(1.0)
+
+
+def test_epoch_accumulates_confusion_not_batch_means():
+    a = (torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0]))  # 8 thresholds perfect, t >= 0.9: 1/4 -> 0.85
+    b = (torch.tensor([0.2, 0.3]), torch.tensor([0.0, 0.0]))  # background only -> 1.0
+    assert pixel_mean_iou(*a).item() == pytest.approx(0.85)
+    assert pixel_mean_iou(*b).item() == pytest.approx(1.0)
+    metric = PixelMeanIoU()
+    metric.update(*a)
+    metric.update(*b)
+    # Summed confusion: t <= 0.85: tp 1, tn 3 -> 1; t >= 0.9: fn 1, tn 3 -> (0 + 3/4) / 2. (8 + 0.75) / 10
+    assert metric.compute().item() == pytest.approx(0.875)
+    assert metric.compute().item() != pytest.approx((0.85 + 1.0) / 2)  # not the mean of batch means
+    assert metric.compute().item() == pytest.approx(pixel_mean_iou(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])).item())
+
+
+# --- the batch --------------------------------------------------------------------------------
+
+
+def test_uint8_batches_are_scaled_on_the_device():
+    lit = LitUNet()
+    image = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    mask = torch.randint(0, 2, (2, 1, 16, 16), dtype=torch.uint8)
+    out = lit.on_after_batch_transfer({"image": image, "mask": mask, "id": ["a", "b"]}, 0)
+    assert out["image"].dtype == torch.float32 and torch.equal(out["image"], image.float() / 255.0)
+    assert out["image"].is_contiguous(memory_format=torch.channels_last)
+    assert out["mask"].dtype == torch.float32 and out["id"] == ["a", "b"]
+    floats = torch.rand(1, 3, 16, 16)
+    assert torch.equal(lit.prepare_images(floats), floats)  # already [0, 1]: not divided again
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        LitUNet(optimizer="lamb")
+
+
+# --- training, logging and checkpoints ------------------------------------------------------------
+
+
+def tiny_loader(n: int = 4, seed: int = 0) -> torch.utils.data.DataLoader:
+    """The data module's batch contract, synthetic: uint8 images (3, 32, 32), uint8 masks (1, 32, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    items = [
+        {
+            "image": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g),
+            "mask": (torch.rand(1, 32, 32, generator=g) > 0.7).to(torch.uint8),
+            "id": f"img{i}",
+        }
+        for i in range(n)
+    ]
+    return torch.utils.data.DataLoader(items, batch_size=2)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path, **kwargs,
+    )
+
+
+def test_fit_logs_the_design_metrics_and_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    lit = LitUNet(lr=3e-3, l2=1e-4, optimizer="adamw", base_filters=4, img_size=32, channels_last=False)
+    t = trainer(tmp_path, max_steps=2, logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=1)
+    t.fit(lit, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(seed=1))
+
+    with open(t.logger.experiment.metrics_file_path) as f:
+        logged = {k for row in csv.DictReader(f) for k, v in row.items() if v != ""}
+    for key in ("train/loss_step", "train/loss_epoch", "val/loss", "val/iou", "train/l2_penalty", "train/loss_with_l2", "train/iou"):
+        assert key in logged, f"{key} not logged; got {sorted(logged)}"
+    m = t.callback_metrics
+    assert m["train/loss_with_l2"].item() == pytest.approx((m["train/loss_epoch"] + m["train/l2_penalty"]).item(), rel=1e-6)
+    assert 0.0 <= m["val/iou"].item() <= 1.0
+
+    path = tmp_path / "tiny.ckpt"
+    t.save_checkpoint(path)
+    loaded = LitUNet.load_from_checkpoint(path)  # no arguments: save_hyperparameters
+    assert dict(loaded.hparams) == dict(lit.hparams)
+    assert loaded.hparams.img_size == 32 and loaded.hparams.optimizer == "adamw"
+    x = torch.rand(2, 3, 32, 32)
+    lit.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(lit(x), loaded(x))
+
+
+def test_no_l2_keys_without_l2(tmp_path):
+    lit = LitUNet(base_filters=4, img_size=32)
+    t = trainer(tmp_path, fast_dev_run=1)
+    t.fit(lit, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(seed=1))
+    keys = set(t.callback_metrics)
+    assert {"train/loss", "train/loss_epoch", "val/loss", "val/iou"} <= keys
+    assert not {k for k in keys if "l2" in k}
