@@ -1,0 +1,2 @@
+from unet_pl.cli.train import main
+main()

@@ -1,0 +1,198 @@
+"""scripts/train.py: the run folder, bad flags, interrupt and resume, GPU runs (skipped without CUDA).
+
+Runs train on the bundled sample (30 real images) at 32 px in subprocesses, the way users run it.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unet_pl import LitUNet
+from unet_pl.cli.train import build_parser, parse_args
+from unet_pl.plots import read_epoch_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--img-size", "32", "--batch-size", "4", "--num-workers", "0"]
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One decoded cache of the sample for every run of this module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_cmd(*args: str, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "unet_pl.cli.train", *args, "--cache-dir", str(cache)]
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+# ---------------------------------------------------------------- end to end on the CPU
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "run"
+    proc = run(train_cmd("--gpus", "0", "--epochs", "3", "--patience", "0", *TINY, "--out", str(out), cache=cache_dir), cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_run_folder_holds_every_file(cpu_run):
+    out, _ = cpu_run
+    for name in ("best.ckpt", "last.ckpt", "hparams.yaml", "command.txt", "curves.png", "val_predictions.png"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("logs/version_0/metrics.csv"))
+    assert list(out.glob("tensorboard/version_0/events.out.tfevents.*"))
+    assert "--epochs 3" in (out / "command.txt").read_text()
+    assert "img_size: 32" in (out / "hparams.yaml").read_text()
+
+
+def test_best_checkpoint_loads_without_arguments(cpu_run):
+    model = LitUNet.load_from_checkpoint(cpu_run[0] / "best.ckpt", map_location="cpu")
+    assert model.hparams.img_size == 32
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_val_loss_falls(cpu_run):
+    epochs = read_epoch_metrics(cpu_run[0])
+    assert sorted(epochs) == [0, 1, 2]
+    assert epochs[2]["val/loss"] < epochs[0]["val/loss"]
+
+
+def test_summary_says_what_happened(cpu_run):
+    out, proc = cpu_run
+    assert "best epoch" in proc.stdout and "images/s" in proc.stdout and str(out) in proc.stdout
+    assert "no CUDA" not in proc.stdout  # --gpus 0 was explicit: nothing to explain
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_help_documents_every_flag():
+    parser = build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {a.option_strings[0] for a in flags} >= {
+        "--gpus", "--num-nodes", "--data-dir", "--epochs", "--batch-size", "--lr", "--l2", "--optimizer", "--img-size",
+        "--val-split", "--augment", "--seed", "--patience", "--precision", "--num-workers", "--out", "--resume",
+        "--max-time", "--fast-dev-run", "--deterministic", "--cache-dir"}
+    assert all(a.help for a in flags)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message a machine without CUDA gives")
+def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
+    proc = run([sys.executable, str(ROOT / "scripts" / "train.py"), "--gpus", "1", "--out", str(tmp_path / "x")], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--gpus 1" in lines[0] and "no CUDA device is visible" in lines[0] and "--gpus 0" in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpus", "0", "--precision", "16-mixed"], "16-mixed needs a CUDA GPU"),
+    (["--gpus", "0", "--max-time", "2h"], "DD:HH:MM:SS"),
+    (["--gpus", "0", "--val-split", "0"], "--val-split"),
+    (["--gpus", "0", "--resume", "nowhere.ckpt"], "no checkpoint at nowhere.ckpt"),
+    (["--gpus", "0", "--data-dir", "/does/not/exist"], "is not a folder"),
+    (["--gpus", "0", "--optimizer", "rmsprop"], "invalid choice"),
+    (["--gpus", "-1"], "--gpus must be >= 0"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
+    from unet_pl.cli.train import resolve_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        resolve_run_dir(parse_args(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+
+
+def test_img_size_not_multiple_of_16_is_a_usage_error(tmp_path, cache_dir):
+    proc = run(train_cmd("--gpus", "0", "--img-size", "40", "--out", str(tmp_path / "r"), cache=cache_dir), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "multiple of 16" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- interrupt and resume
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
+    """Cut by SIGTERM after the first epoch, resumed with --resume last: same epochs, same weights."""
+    det = ["--gpus", "0", "--epochs", "4", "--deterministic", "--augment", "none", *TINY]
+    ref = run(train_cmd(*det, "--out", str(tmp_path / "ref"), cache=cache_dir), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(train_cmd(*det, "--out", str(cut), cache=cache_dir), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (cut / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout[-3000:]
+    assert "interrupted by SIGTERM" in stdout and "--resume last" in stdout
+    cut_epoch = torch.load(cut / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    assert cut_epoch < 3  # stopped part way
+
+    resumed = run(train_cmd(*det, "--out", str(cut), "--resume", "last", cache=cache_dir), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "ref" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(cut / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (3, a["global_step"])
+    stop_a = {k: v for k, v in a["callbacks"].items() if k.startswith("EarlyStopping")}
+    stop_b = {k: v for k, v in b["callbacks"].items() if k.startswith("EarlyStopping")}
+    assert stop_a.keys() == stop_b.keys() and stop_a  # early stopping state went through the resume
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert len((cut / "command.txt").read_text().splitlines()) == 2  # the cut run and the resume
+    assert sorted(read_epoch_metrics(cut)) == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+
+
+@gpu
+@needs_cuda
+def test_gpus_1_trains_on_the_gpu(tmp_path, cache_dir):
+    out = tmp_path / "gpu"
+    proc = run([sys.executable, str(ROOT / "scripts" / "train.py"), "--gpus", "1", "--epochs", "2", *TINY, "--out", str(out),
+                "--cache-dir", str(cache_dir)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 GPU" in proc.stdout
+    model = LitUNet.load_from_checkpoint(out / "best.ckpt", map_location="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@gpu
+@needs_cuda
+def test_bf16_mixed_on_cuda(tmp_path, cache_dir):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    out = tmp_path / "bf16"
+    proc = run(train_cmd("--gpus", "1", "--precision", "bf16-mixed", "--epochs", "2", *TINY, "--out", str(out), cache=cache_dir),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = read_epoch_metrics(out)
+    assert sorted(epochs) == [0, 1] and all(torch.isfinite(torch.tensor(m["val/loss"])) for m in epochs.values())
+    # weights stay float32 under autocast; the checkpoint loads on a CPU
+    model = LitUNet.load_from_checkpoint(out / "best.ckpt", map_location="cpu")
+    assert next(model.parameters()).dtype == torch.float32

@@ -1,0 +1,128 @@
+"""Lightning callbacks for the run folder: interrupt safety, resumable randomness, throughput.
+
+- ``SaveOnInterrupt``: Ctrl-C or SIGTERM leave a usable ``last.ckpt``. Lightning 2.6 turns
+  SIGTERM into ``SIGTERMException`` at the next step boundary and calls ``on_exception``, but
+  saves nothing itself (``ModelCheckpoint(save_on_exception=True)`` would write its *monitored*
+  file name, i.e. overwrite ``best.ckpt`` with a non-best model).
+- ``RngStateInCheckpoint``: the global RNG states travel in every checkpoint and are put back
+  when a run resumes, so a resumed ``--deterministic`` run draws the same shuffles and dropout
+  masks as an uninterrupted one.
+- ``Throughput``: training images per second (forward + backward + data), for the summary.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C or SIGTERM, make sure ``last_ckpt`` exists.
+
+    After the first epoch, ``ModelCheckpoint(save_last=True)`` has already written ``last.ckpt``
+    at the end of the last complete epoch: we keep it, so ``--resume last`` repeats the cut
+    epoch from its start (deterministic, no half-seen epoch). Cut during the first epoch, we
+    save the mid-epoch state instead (Lightning then finishes that epoch's remaining batches).
+    """
+
+    def __init__(self, last_ckpt: str | Path) -> None:
+        self.last_ckpt = Path(last_ckpt)
+        self.signal: str | None = None  # "SIGTERM" or "SIGINT" once interrupted
+        self.saved_mid_epoch = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.signal = "SIGTERM"
+        elif isinstance(exception, KeyboardInterrupt):
+            self.signal = "SIGINT"
+        else:
+            return  # a crash: a checkpoint of a broken state would only mislead a resume
+        if self.last_ckpt.exists() or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        if trainer.world_size > 1:
+            # saving is collective (a barrier); ranks that are already gone would hang us
+            log.warning("interrupted in the first epoch of a multi-process run: no last.ckpt to keep")
+            return
+        trainer.save_checkpoint(self.last_ckpt)
+        self.saved_mid_epoch = True
+
+
+class RngStateInCheckpoint(Callback):
+    """Save torch/numpy/python RNG states in checkpoints; restore them when a fit resumes.
+
+    The states are captured when the checkpoint is written (``ModelCheckpoint`` at the end of an
+    epoch's validation) and set again in ``on_fit_start``: the last hook before the training
+    data loader draws its seeds (the sanity check in between runs under ``isolate_rng``). In DDP
+    the checkpoint holds rank zero's states, so only single-process runs resume bit-exactly.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        # plain lists and tensors, so the checkpoint still loads with torch.load(weights_only=True)
+        states["numpy"] = [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss]
+        version, state, gauss_py = states["python"]
+        states["python"] = [version, list(state), gauss_py]
+        return states
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        states["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss))
+        if not torch.cuda.is_available():
+            states.pop("torch.cuda", None)
+        _set_rng_states(states)
+
+
+class Throughput(Callback):
+    """Training images per second over all ranks: images seen / time in training batches.
+
+    The time runs from each training epoch's start to its last batch, so it counts data loading
+    and the optimizer but not validation, checkpoints or plots.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._epoch_start: float | None = None
+        self._last_batch_end: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._last_batch_end = time.perf_counter()
+        self.images += int(batch["image"].shape[0]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_epoch()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_epoch()
+
+    def _close_epoch(self) -> None:
+        if self._epoch_start is not None and self._last_batch_end is not None:
+            self.seconds += self._last_batch_end - self._epoch_start
+        self._epoch_start = self._last_batch_end = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")

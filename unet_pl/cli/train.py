@@ -1,0 +1,340 @@
+"""``python scripts/train.py [--gpus N] [--data-dir stage1_train] [--out runs/NAME] ...``
+
+Trains LitUNet as the notebook does (BCE, Adam 1e-3, batch 16, early stopping on the val loss
+with patience 5, the best model kept) and writes a run folder: best.ckpt, last.ckpt,
+hparams.yaml, command.txt, logs/ (CSV; tensorboard/ too when installed), curves.png and
+val_predictions.png. Ctrl-C or SIGTERM leave last.ckpt; --resume last carries on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shlex
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+#: Exit statuses: bad usage (as argparse), and the shell's 128 + signal for an interrupted run.
+EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: the same shape as our own checks
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--gpus", type=int, default=None,
+                    help="0: the CPU; 1: one CUDA GPU; N > 1: DDP on N GPUs per node. Default: 1 when CUDA is visible, else 0")
+    hw.add_argument("--num-nodes", type=int, default=1, help="machines for DDP (launch with torchrun or SLURM on each)")
+    hw.add_argument("--cpu-processes", type=int, default=1, help="with --gpus 0: DDP over this many CPU processes (gloo); for testing DDP")
+    hw.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
+                    help="32: float32 as the notebook; bf16-mixed: autocast to bfloat16 (Ampere+ GPUs; CPUs); 16-mixed: float16 + loss scaling (GPU only)")
+    hw.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per training process")
+    hw.add_argument("--deterministic", action="store_true",
+                    help="deterministic algorithms (Trainer(deterministic=True)): same seed, same weights; "
+                         "bit-exact across --resume too with --num-workers 0 --augment none")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default=None, help="stage1_train-style folder (<id>/images, <id>/masks). Default: the bundled sample")
+    data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
+    data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
+    data.add_argument("--augment", choices=("default", "none"), default="default",
+                      help="training augmentation: default = flips/rotations (unet_pl.transforms); none = the notebook")
+    data.add_argument("--cache-dir", default=None, help="where decoded, resized images are cached. Default: the per-user cache")
+    fit = p.add_argument_group("optimisation")
+    fit.add_argument("--epochs", type=int, default=50, help="maximum epochs (the notebook: 50)")
+    fit.add_argument("--batch-size", type=int, default=16, help="images per step per process (the notebook: 16)")
+    fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (Keras Adam's default)")
+    fit.add_argument("--l2", type=float, default=0.0,
+                     help="Keras l2(w) coefficient on every conv kernel; applied as weight_decay = 2*w (0: the notebook)")
+    fit.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam",
+                     help="adam: coupled (exactly Keras' L2); adamw: decoupled decay; sgd: momentum 0.9")
+    fit.add_argument("--patience", type=int, default=5, help="early stopping after this many epochs without a lower val/loss; 0: off")
+    fit.add_argument("--seed", type=int, default=42, help="seeds torch, numpy, python and DataLoader workers")
+    fit.add_argument("--max-time", default=None, help="stop after this much training time, DD:HH:MM:SS (e.g. 00:02:00:00)")
+    fit.add_argument("--fast-dev-run", action="store_true", help="one batch of training and validation, no checkpoints or logs: a smoke test")
+    run = p.add_argument_group("run folder")
+    run.add_argument("--out", default=None, help="run folder. Default: runs/<timestamp>, or the folder of the --resume checkpoint")
+    run.add_argument("--resume", default=None, metavar="PATH|last",
+                     help="continue from a checkpoint (optimizer, epoch, early stopping); 'last': the run folder's last.ckpt")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check argv; every mistake exits with status 2 and one line on stderr."""
+    import torch
+
+    args = build_parser().parse_args(argv)
+    for name in ("epochs", "batch_size", "img_size", "num_nodes", "cpu_processes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0 or args.patience < 0 or args.lr <= 0 or args.l2 < 0:
+        fail("--num-workers, --patience and --l2 must be >= 0 and --lr > 0")
+    if not 0.0 < args.val_split < 1.0:
+        fail(f"--val-split must lie strictly between 0 and 1, got {args.val_split}")
+    if args.max_time is not None and not re.fullmatch(r"\d{1,2}:\d{2}:\d{2}:\d{2}", args.max_time):
+        fail(f"--max-time {args.max_time!r} must be DD:HH:MM:SS, e.g. 00:02:00:00 for two hours")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        fail(f"--data-dir {args.data_dir} is not a folder (expected the competition's stage1_train layout)")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args.gpus_defaulted = args.gpus is None
+    if args.gpus is None:
+        args.gpus = 1 if visible else 0
+    if args.gpus < 0:
+        fail(f"--gpus must be >= 0, got {args.gpus}")
+    if args.gpus > 0 and visible == 0:
+        fail(f"--gpus {args.gpus} asks for {args.gpus} CUDA GPU{'s' if args.gpus > 1 else ''} but no CUDA device is visible; use --gpus 0 to train on the CPU")
+    if args.gpus > visible:
+        fail(f"--gpus {args.gpus} asks for {args.gpus} GPUs but only {visible} CUDA device{'s are' if visible > 1 else ' is'} visible")
+    if args.gpus > 0 and args.cpu_processes > 1:
+        fail("--cpu-processes is for --gpus 0 (DDP on the CPU); with GPUs, --gpus N sets the processes")
+    if args.gpus == 0 and args.precision == "16-mixed":
+        fail("--precision 16-mixed needs a CUDA GPU; on the CPU use --precision bf16-mixed or 32")
+    return args
+
+
+def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None for a fresh run)."""
+    out = Path(args.out) if args.out else None
+    if out is None and os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK"):
+        out = Path(os.environ[RUN_DIR_ENV])  # a DDP process started by Lightning: rank zero chose it
+    ckpt = None
+    if args.resume == "last":
+        if out is None:
+            found = sorted(Path("runs").glob("*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                fail("--resume last found no runs/*/last.ckpt; name the run folder with --out or give the checkpoint's path")
+            out = found[-1].parent
+        ckpt = out / "last.ckpt"
+    elif args.resume:
+        ckpt = Path(args.resume)
+        out = out or ckpt.parent
+    if ckpt is not None and not ckpt.is_file():
+        fail(f"--resume: no checkpoint at {ckpt}")
+    if out is None:
+        out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return out, ckpt
+
+
+def make_datamodule(args: argparse.Namespace):
+    from ..data import NucleiDataModule
+
+    return NucleiDataModule(data_dir=args.data_dir, img_size=args.img_size, val_split=args.val_split, batch_size=args.batch_size,
+                            num_workers=args.num_workers, seed=args.seed, augment=args.augment, cache_dir=args.cache_dir)
+
+
+def make_model(args: argparse.Namespace):
+    from ..lit import LitUNet
+
+    return LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=args.img_size)
+
+
+def check_resume(ckpt: Path, model, say) -> None:
+    """Refuse a checkpoint of another shape; say which flags differ from the checkpoint's."""
+    import torch
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v}
+    shape = {"in_channels", "out_channels", "base_filters"} & set(differ)
+    if shape:
+        fail(f"--resume {ckpt}: the checkpoint's model has a different {', '.join(sorted(shape))}")
+    for k, (was, now) in differ.items():
+        say(f"note: {k} is {now} now but {was} in {ckpt.name}; the checkpoint's optimizer state (its learning rate too) is restored")
+
+
+def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput
+
+    gpu = args.gpus > 0
+    devices = args.gpus if gpu else args.cpu_processes
+    checkpoint = ModelCheckpoint(dirpath=out, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                                 save_last=not args.fast_dev_run,  # its on_train_end would write a one-step last.ckpt
+                                 auto_insert_metric_name=False, enable_version_counter=False)
+    interrupt, throughput = SaveOnInterrupt(out / "last.ckpt"), Throughput()
+    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), *callbacks]
+    if args.patience > 0:
+        cbs.append(EarlyStopping(monitor="val/loss", mode="min", patience=args.patience))
+    loggers = [CSVLogger(out, name="logs")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(out, name="tensorboard", default_hp_metric=False))
+    trainer = pl.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=devices,
+        num_nodes=args.num_nodes,
+        strategy="ddp" if devices * args.num_nodes > 1 else "auto",
+        precision=PRECISIONS[args.precision],
+        max_epochs=args.epochs,
+        max_time=args.max_time,
+        fast_dev_run=args.fast_dev_run,
+        deterministic=args.deterministic,
+        callbacks=cbs,
+        logger=loggers,
+        default_root_dir=out,
+        log_every_n_steps=10,
+    )
+    return trainer, checkpoint, interrupt, throughput
+
+
+def write_run_files(out: Path, args: argparse.Namespace, argv: list[str], model) -> None:
+    """command.txt (appended: a resumed folder keeps every command) and hparams.yaml (CLI, model, versions)."""
+    import lightning
+    import torch
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "command.txt", "a") as f:
+        f.write(shlex.join([*_program(), *argv]) + "\n")
+    cli = {k: v for k, v in vars(args).items() if k != "gpus_defaulted"}
+    info = {"cli": cli, "model": dict(model.hparams), "versions": {"torch": str(torch.__version__), "lightning": str(lightning.__version__)}}
+    with open(out / "hparams.yaml", "w") as f:
+        yaml.safe_dump(_plain(info), f, sort_keys=False)
+
+
+def _program() -> list[str]:
+    """How this process was started: ``python scripts/train.py`` or ``python -m unet_pl.cli.train``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["python", "-m", spec.name]
+    return ["python", sys.argv[0]] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else ["train.py"]
+
+
+def _plain(value):
+    """Tuples to lists, recursively, so yaml.safe_dump takes the hyperparameters."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall: float, pictures: list[Path]) -> str:
+    """The lines printed at the end: best epoch, why it stopped, speed, where the files are."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from ..plots import best_epoch, read_epoch_metrics
+
+    lines = []
+    epochs = read_epoch_metrics(out)
+    best = best_epoch(epochs)
+    if best is not None:
+        m = epochs[best]
+        lines.append(f"best epoch {best}: val/loss {m['val/loss']:.4f}, val/iou {m.get('val/iou', float('nan')):.4f}")
+    early = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if interrupt.signal:
+        how = "mid-epoch state" if interrupt.saved_mid_epoch else "end of the last complete epoch"
+        lines.append(f"interrupted by {interrupt.signal} in epoch {trainer.current_epoch}: last.ckpt holds the {how}; "
+                     f"continue with --resume last --out {out}")
+    elif args.fast_dev_run:
+        lines.append("fast dev run: one training and one validation batch; no checkpoints or logs written")
+    elif early is not None and early.stopped_epoch > 0:
+        lines.append(f"early stopping after epoch {early.stopped_epoch} ({args.patience} epochs without a lower val/loss)")
+    else:
+        lines.append(f"stopped after {trainer.current_epoch} epoch{'s' if trainer.current_epoch != 1 else ''} (--epochs {args.epochs}{', --max-time ' + args.max_time if args.max_time else ''})")
+    where = f"{trainer.world_size} CPU process{'es' if trainer.world_size > 1 else ''}" if args.gpus == 0 else f"{trainer.world_size} GPU{'s' if trainer.world_size > 1 else ''}"
+    lines.append(f"wall time {wall:.1f} s; training {throughput.images_per_second:.1f} images/s on {where}")
+    files = [p.name for p in (out / "best.ckpt", out / "last.ckpt", out / "hparams.yaml", out / "command.txt", *pictures) if p.exists()]
+    logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
+    lines.append(f"run folder {out}: {' '.join(files + logs)}")
+    if checkpoint.best_model_path:
+        lines.append(f"predict: python scripts/predict.py --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out submission.csv")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
+    """Train from ``argv`` (default ``sys.argv[1:]``). ``callbacks``: extra Lightning callbacks (tests).
+
+    Exits 2 on bad flags, 143 after SIGTERM and 130 after Ctrl-C (last.ckpt is kept), returns on success.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.utilities import rank_zero_only
+
+    say = rank_zero_only(print)
+    # Expected here, so noise: the run folder already holds command.txt, and the uint8 -> float
+    # conversion lives in LitUNet.on_after_batch_transfer by design (docs/design.md).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
+    out, ckpt = resolve_run_dir(args)
+    if args.gpus_defaulted:
+        say("no --gpus given: " + ("CUDA is visible, training on 1 GPU (--gpus 0 for the CPU)" if args.gpus else "no CUDA device visible, training on the CPU"))
+    if args.gpus > 0 and not args.deterministic:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; convolutions follow cuDNN's default
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    model = make_model(args)
+    try:
+        datamodule = make_datamodule(args)
+    except (ValueError, FileNotFoundError) as e:  # the data module checks its arguments: user input
+        fail(str(e))
+    if ckpt is not None:
+        check_resume(ckpt, model, say)
+    trainer, checkpoint, interrupt, throughput = make_trainer(args, out, list(callbacks))
+    if trainer.world_size > 1:
+        os.environ[RUN_DIR_ENV] = str(out)
+    if trainer.world_size == 1:
+        # decode (or find) the cache before the Trainer starts, so a bad data folder is one line, not a traceback
+        try:
+            datamodule.prepare_data()
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+    if trainer.is_global_zero:
+        write_run_files(out, args, argv, model)
+    say(f"run folder {out}" + (f", resuming from {ckpt}" if ckpt else ""))
+    start = time.perf_counter()
+    exit_code = 0
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    except SystemExit:  # Lightning ends SIGTERM with SIGTERMException, Ctrl-C with sys.exit(1)
+        if not interrupt.signal:
+            raise
+        exit_code = EXIT_SIGTERM if interrupt.signal == "SIGTERM" else EXIT_SIGINT
+    wall = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        raise SystemExit(exit_code)
+    pictures = _draw(out, datamodule, checkpoint, model, say)
+    say(summarise(out, args, trainer, checkpoint, interrupt, throughput, wall, pictures))
+    if exit_code:
+        raise SystemExit(exit_code)
+
+
+def _draw(out: Path, datamodule, checkpoint, model, say) -> list[Path]:
+    """curves.png and val_predictions.png; a failure here must not hide a finished training."""
+    from ..lit import LitUNet
+    from ..plots import plot_curves, plot_val_predictions, predict_val_images, read_epoch_metrics
+
+    pictures = []
+    try:
+        epochs = read_epoch_metrics(out)
+        if epochs:
+            pictures.append(plot_curves(epochs, out / "curves.png", title=out.name))
+        best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else out / "best.ckpt"
+        if best.is_file():  # the picture shows the model the run keeps
+            model = LitUNet.load_from_checkpoint(best, map_location="cpu")
+        images, masks, probs, ids = predict_val_images(model, datamodule.val_dataloader())
+        if ids:
+            pictures.append(plot_val_predictions(images, masks, probs, ids, out / "val_predictions.png"))
+    except Exception as e:  # noqa: BLE001 -- report and go on: the checkpoints are what matter
+        say(f"warning: could not draw the run's pictures: {type(e).__name__}: {e}")
+    return pictures
+
+
+if __name__ == "__main__":
+    main()
