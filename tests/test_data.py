@@ -388,3 +388,27 @@ def test_augmentation_follows_the_torch_seed_without_workers():
 
     a, b = draws(), draws()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_augment_sampler_draws_per_epoch_and_resumes_exactly():
+    s = data.AugmentSampler(10, seed=3)
+    s.set_epoch(0)
+    epoch0 = list(s)
+    epoch1 = list(s)  # no set_epoch: counts up by itself (DDP's wrapper hides set_epoch)
+    assert sorted(i for i, _ in epoch0) == list(range(10))
+    assert epoch0 != epoch1
+    resumed = data.AugmentSampler(10, seed=3)
+    resumed.set_epoch(1)  # what Lightning calls when a run resumes at epoch 1
+    assert list(resumed) == epoch1
+
+
+def test_same_augmentation_seed_same_item_in_any_worker():
+    arrays = _square_set()
+    ds = NucleiDataset(arrays, transform=data.build_augment("default"))
+    sampler = data.AugmentSampler(len(ds), seed=0)
+    pairs = list(sampler)
+    in_main = [ds[p] for p in pairs]
+    in_workers = [b for b in DataLoader(ds, batch_size=None, sampler=pairs, num_workers=2)]
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"]) for a, b in zip(in_main, in_workers))
+    assert not all(torch.equal(a["image"], torch.from_numpy(arrays["images"][p[0]].transpose(2, 0, 1)))
+                   for a, p in zip(in_main, pairs))  # something was augmented

@@ -31,7 +31,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from tqdm.auto import tqdm
 
 from .images import (  # noqa: F401  (list_images, read_labels_csv: re-exported for the CLIs)
@@ -146,11 +146,15 @@ class NucleiDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict:
+        i, seed = i if isinstance(i, tuple) else (i, None)  # (index, augmentation seed) from AugmentSampler
         j = int(self.indices[i])
         image, mask = self.arrays["images"][j], self.arrays["masks"][j]
         if self.transform is not None:
-            self._seed_worker()
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(seed)
+            else:
+                self._seed_worker()
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         item = {
@@ -171,6 +175,31 @@ class NucleiDataset(Dataset):
             info = get_worker_info()
             self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
             self._seeded_pid = os.getpid()
+
+
+class AugmentSampler(Sampler):
+    """Shuffles like ``RandomSampler`` and hands each index its own augmentation seed.
+
+    Order and seeds both come from ``(seed, epoch)``, so an epoch's batches and their
+    augmentations are the same whichever worker draws them, and a run resumed at epoch ``e``
+    draws exactly what the uninterrupted run drew. Lightning calls ``set_epoch`` before every
+    epoch; where a wrapper hides it (DDP's sampler wrapper), the epoch counts up by itself.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order, seeds = rng.permutation(self.n), rng.integers(0, 2**32, self.n)
+        self.epoch += 1
+        return iter(zip(order.tolist(), seeds.tolist()))
 
 
 class ImageFolderDataset(Dataset):
@@ -277,7 +306,7 @@ class NucleiDataModule(pl.LightningDataModule):
         return self._locate()[0]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if len(self.val_set) else []
@@ -290,11 +319,11 @@ class NucleiDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set)
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() (or let the Trainer call it) before asking for a DataLoader")
         w = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=w,
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=w,
                           persistent_workers=w > 0, pin_memory=torch.cuda.is_available())
 
     def _locate(self) -> tuple[Path, Callable[[], None]]:

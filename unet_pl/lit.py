@@ -13,6 +13,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from .metrics import DSBScore, PixelMeanIoU, label_components
 from .model import UNet
@@ -56,6 +57,8 @@ class LitUNet(pl.LightningModule):
         self.unet = UNet(in_channels, out_channels, base_filters)
         if channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
+        # the epoch's mean training loss, reduced across DDP ranks once per epoch (not every step)
+        self.train_loss = MeanMetric()
         self.train_iou = PixelMeanIoU()
         self.val_iou = PixelMeanIoU()
         self.test_iou = PixelMeanIoU()
@@ -105,13 +108,18 @@ class LitUNet(pl.LightningModule):
         # Keras' sigmoid + binary_crossentropy, computed from logits for numerical safety.
         loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         n = x.shape[0]
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
+        # Epoch-level values reduce across DDP ranks at the epoch's end only; nothing here syncs
+        # the host with the device per step (the progress bar reads the step loss when it redraws).
+        if stage == "train":
+            self.train_loss(loss.detach(), n)
+            self.log("train/loss", self.train_loss, prog_bar=True, on_step=True, on_epoch=True)
+        else:
+            self.log(f"{stage}/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         if self.hparams.l2 > 0:
             # The loss a Keras run reports includes the regularisation penalty: log both.
             penalty = l2_penalty(self.unet, self.hparams.l2)
-            self.log(f"{stage}/l2_penalty", penalty, on_step=False, on_epoch=True, batch_size=n)
-            self.log(f"{stage}/loss_with_l2", loss.detach() + penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=not on_step)
+            self.log(f"{stage}/l2_penalty", penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/loss_with_l2", loss.detach() + penalty, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         iou = getattr(self, f"{stage}_iou")
         iou.update(torch.sigmoid(logits.detach().float()), y)
         self.log(f"{stage}/iou", iou, prog_bar=stage != "train", on_step=False, on_epoch=True)

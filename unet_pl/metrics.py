@@ -23,19 +23,23 @@ THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 def pixel_confusion(prob: torch.Tensor, target: torch.Tensor, thresholds=THRESHOLDS) -> torch.Tensor:
     """2x2 confusion matrix per threshold: ``(T, 2, 2)`` int64, rows truth, columns prediction.
 
-    ``prob``: probabilities in [0, 1], any shape; ``target``: same shape, foreground where > 0.5.
+    ``prob``: probabilities in [0, 1], any shape; ``target``: same shape, foreground where > 0.5;
+    ``thresholds``: increasing; a pixel is predicted foreground at ``t`` when ``prob > t``.
+    One pass: each pixel's bucket (how many thresholds lie strictly below it) goes into a
+    histogram split by truth, and a reversed cumulative sum gives every threshold's counts.
     """
-    truth = (target > 0.5).reshape(1, -1)
     if not isinstance(thresholds, torch.Tensor):
         thresholds = torch.tensor(thresholds, dtype=prob.dtype)
     # a buffer already on the device avoids a host-to-device copy (a sync on CUDA) every step
-    t = thresholds.to(prob.device, prob.dtype).reshape(-1, 1)
-    pred = prob.reshape(1, -1) > t  # (T, P)
-    tp = (pred & truth).sum(1)
-    fp = (pred & ~truth).sum(1)
-    fn = (~pred & truth).sum(1)
-    tn = truth.numel() - tp - fp - fn
-    return torch.stack([torch.stack([tn, fp], -1), torch.stack([fn, tp], -1)], -2).long()
+    t = thresholds.to(prob.device, prob.dtype)
+    n_t = t.numel()
+    truth = (target > 0.5).reshape(-1).long()
+    bucket = torch.bucketize(prob.reshape(-1), t)  # prob > t[j] exactly when bucket > j
+    hist = torch.bincount(truth * (n_t + 1) + bucket, minlength=2 * (n_t + 1)).reshape(2, n_t + 1)
+    above = hist.flip(-1).cumsum(-1).flip(-1)[:, 1:]  # (2, T): pixels predicted foreground at each t
+    fp, tp = above[0], above[1]
+    tn, fn = hist[0].sum() - fp, hist[1].sum() - tp
+    return torch.stack([torch.stack([tn, fp], -1), torch.stack([fn, tp], -1)], -2)
 
 
 def mean_iou_from_confusion(confmat: torch.Tensor) -> torch.Tensor:

@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="0: the CPU; 1: one CUDA GPU; N > 1: DDP on N GPUs per node. Default: 1 when CUDA is visible, else 0")
     hw.add_argument("--num-nodes", type=int, default=1, help="machines for DDP (launch with torchrun or SLURM on each)")
     hw.add_argument("--cpu-processes", type=int, default=1, help="with --gpus 0: DDP over this many CPU processes (gloo); for testing DDP")
-    hw.add_argument("--precision", choices=tuple(PRECISIONS), default="32",
-                    help="32: float32 as the notebook; bf16-mixed: autocast to bfloat16 (Ampere+ GPUs; CPUs); 16-mixed: float16 + loss scaling (GPU only)")
+    hw.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                    help="auto (default): bf16-mixed where the hardware computes bfloat16 natively (Ampere+ GPUs; "
+                         "CPUs with AVX512-BF16 or AMX), else 32; 32: float32 as the notebook; bf16-mixed: autocast to "
+                         "bfloat16; 16-mixed: float16 + loss scaling (GPU only)")
     hw.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per training process")
     hw.add_argument("--deterministic", action="store_true",
                     help="deterministic algorithms (Trainer(deterministic=True)): same seed, same weights; "
@@ -101,9 +103,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--gpus {args.gpus} asks for {args.gpus} GPUs but only {visible} CUDA device{'s are' if visible > 1 else ' is'} visible")
     if args.gpus > 0 and args.cpu_processes > 1:
         fail("--cpu-processes is for --gpus 0 (DDP on the CPU); with GPUs, --gpus N sets the processes")
+    if args.precision == "auto":
+        args.precision = "bf16-mixed" if native_bf16(args.gpus > 0) else "32"
     if args.gpus == 0 and args.precision == "16-mixed":
         fail("--precision 16-mixed needs a CUDA GPU; on the CPU use --precision bf16-mixed or 32")
     return args
+
+
+def native_bf16(gpu: bool) -> bool:
+    """Whether bfloat16 autocast runs on hardware support (faster than float32) on this machine."""
+    import torch
+
+    if gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -157,7 +173,7 @@ def check_resume(ckpt: Path, model, say) -> None:
 
 def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput
@@ -168,7 +184,9 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
                                  save_last=not args.fast_dev_run,  # its on_train_end would write a one-step last.ckpt
                                  auto_insert_metric_name=False, enable_version_counter=False)
     interrupt, throughput = SaveOnInterrupt(out / "last.ckpt"), Throughput()
-    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), *callbacks]
+    # Redrawing the bar reads the step loss from the device; every 10 steps keeps a GPU from waiting on it.
+    bar = TQDMProgressBar(refresh_rate=10)
+    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]
     if args.patience > 0:
         cbs.append(EarlyStopping(monitor="val/loss", mode="min", patience=args.patience))
     loggers = [CSVLogger(out, name="logs")]
@@ -184,6 +202,7 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
         max_time=args.max_time,
         fast_dev_run=args.fast_dev_run,
         deterministic=args.deterministic,
+        benchmark=gpu and not args.deterministic,  # cuDNN picks the fastest conv algorithms for our fixed sizes
         callbacks=cbs,
         logger=loggers,
         default_root_dir=out,

@@ -1,0 +1,178 @@
+"""Boundary targets, watershed splitting, size-aware clean-up, TTA and tiling: tiny hand-made images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unet_pl.metrics import dsb_image_score
+from unet_pl.postprocess import (
+    components, fill_holes, probabilities_to_labels, relabel, remove_small, split_nuclei,
+)
+from unet_pl.targets import boundaries, head_channels, make_targets
+from unet_pl.tiling import pad_to_multiple, predict_whole
+from unet_pl.tta import forward_view, inverse_view, tta_predict, views
+
+
+def two_touching_discs(h: int = 40, w: int = 60, r: int = 10) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    lab = np.zeros((h, w), np.int32)
+    lab[(yy - 20) ** 2 + (xx - 20) ** 2 < r * r] = 1
+    lab[(yy - 20) ** 2 + (xx - 20 - 2 * r + 4) ** 2 < r * r] = 2  # overlaps disc 1's edge: they touch
+    return lab
+
+
+# ------------------------------------------------------------------ targets
+
+
+def test_boundary_is_each_nucleus_outer_ring_and_the_line_between_two():
+    lab = np.zeros((8, 10), np.int32)
+    lab[2:6, 1:5] = 1
+    lab[2:6, 5:9] = 2
+    expected = np.array([
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+        [0, 1, 0, 0, 1, 1, 0, 0, 1, 0],
+        [0, 1, 0, 0, 1, 1, 0, 0, 1, 0],
+        [0, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ], np.uint8)
+    assert (boundaries(lab) == expected).all()
+    # The image's own edge is not a boundary: a nucleus filling the image has none.
+    assert boundaries(np.ones((4, 4), np.int32)).sum() == 0
+
+
+def test_make_targets_channels_per_head():
+    lab = two_touching_discs()
+    assert make_targets(lab, "mask").shape == (1, *lab.shape)
+    t = make_targets(lab, "mask+boundary")
+    assert t.shape == (2, *lab.shape) and t.dtype == np.uint8
+    assert (t[0] == (lab > 0)).all() and (t[1] <= t[0]).all()
+    assert head_channels("mask") == 1 and head_channels("mask+boundary") == 2
+    with pytest.raises(ValueError, match="choose one of mask, mask\\+boundary"):
+        head_channels("contour")
+
+
+# ------------------------------------------------------------------ splitting nuclei
+
+
+def test_watershed_splits_touching_nuclei_that_components_merge():
+    lab = two_touching_discs()
+    fg, b = (lab > 0).astype(np.float32), boundaries(lab).astype(np.float32)
+    assert components(fg > 0.5).max() == 1  # the notebook's way: one blob
+    split = split_nuclei(fg, b)
+    assert split.max() == 2
+    assert dsb_image_score(lab, split).score == 1.0  # the rings grow back: exactly the truth
+    assert dsb_image_score(lab, components(fg > 0.5)).score < 0.1  # the merged blob matches one disc at IoU 0.5 at most
+
+
+def test_watershed_keeps_seedless_blobs():
+    fg = np.zeros((20, 20), np.float32)
+    fg[2:4, 2:4] = 1  # a 2x2 nucleus, all boundary: no seed (and a 1-pixel core would be under min_seed), still a nucleus
+    fg[10:18, 10:18] = 1
+    b = np.zeros_like(fg)
+    b[2:4, 2:4] = 1
+    b[10:18, 10] = b[10:18, 17] = b[10, 10:18] = b[17, 10:18] = 1
+    out = split_nuclei(fg, b)
+    small, big = np.unique(out[2:4, 2:4]), np.unique(out[10:18, 10:18])
+    assert out.max() == 2 and len(small) == len(big) == 1 and small[0] != big[0] and 0 not in (small[0], big[0])
+
+
+def test_probabilities_to_labels_dispatch_and_errors():
+    lab = two_touching_discs()
+    prob = np.stack([(lab > 0), boundaries(lab)]).astype(np.float32)
+    assert probabilities_to_labels(prob).max() == 2  # two channels: watershed by default
+    assert probabilities_to_labels(prob, split="components").max() == 1
+    assert probabilities_to_labels(prob[0]).max() == 1
+    with pytest.raises(ValueError, match="boundary channel"):
+        probabilities_to_labels(prob[:1], split="watershed")
+
+
+def test_remove_small_and_relabel():
+    lab = np.zeros((6, 6), np.int32)
+    lab[0, 0] = 3
+    lab[2:5, 2:5] = 7
+    out = remove_small(lab, 2)
+    assert out.max() == 1 and (out[2:5, 2:5] == 1).all() and out[0, 0] == 0
+    assert (relabel(lab) == np.where(lab == 3, 1, np.where(lab == 7, 2, 0))).all()
+
+
+def test_fill_holes_fills_background_only():
+    lab = np.zeros((9, 9), np.int32)
+    lab[1:8, 1:8] = 1
+    lab[3:6, 3:6] = 0  # a 3x3 hole
+    lab[4, 4] = 2  # with another nucleus inside it
+    out = fill_holes(lab)
+    assert out[4, 4] == 2 and (out[3:6, 3:6][lab[3:6, 3:6] == 0] == 1).all()
+    open_ring = lab.copy()
+    open_ring[4, 1:3] = 0  # a channel to the outside: not a hole
+    open_ring[4, 4] = 0
+    assert (fill_holes(open_ring) == open_ring).all()
+
+
+def test_min_size_and_hole_filling_through_probabilities_to_labels():
+    prob = np.zeros((12, 12), np.float32)
+    prob[1:8, 1:8] = 0.9
+    prob[3:5, 3:5] = 0.1  # hole
+    prob[10, 10] = 0.9  # speck
+    out = probabilities_to_labels(prob, min_size=4, holes=True)
+    assert out.max() == 1 and (out[1:8, 1:8] == 1).all() and out[10, 10] == 0
+
+
+# ------------------------------------------------------------------ TTA
+
+
+@pytest.mark.parametrize("tta", ["none", "flips", "d4"])
+def test_every_view_is_inverted(tta):
+    x = torch.arange(2 * 3 * 16 * 32, dtype=torch.float32).reshape(2, 3, 16, 32)
+    for k, flip in views(tta):
+        v = forward_view(x, k, flip)
+        assert (inverse_view(v, k, flip) == x).all()
+    # An equivariant per-pixel model: TTA changes nothing.
+    assert torch.allclose(tta_predict(lambda t: t.sigmoid(), x / 1000, tta), (x / 1000).sigmoid(), atol=1e-6)
+    assert len(views(tta)) == {"none": 1, "flips": 4, "d4": 8}[tta]
+
+
+def test_tta_averages_an_orientation_dependent_model():
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., 0, 0] = 1
+    # A model that shifts everything one pixel right: its TTA output smears over four directions.
+    shift = lambda t: torch.roll(t, 1, dims=-1)  # noqa: E731
+    y = tta_predict(shift, x, "d4")
+    assert y.sum().item() == pytest.approx(1.0) and y[..., 0, 1] > 0 and y[..., 1, 0] > 0
+    with pytest.raises(ValueError, match="none, flips, d4"):
+        views("rot45")
+
+
+# ------------------------------------------------------------------ tiling
+
+
+def test_pad_to_multiple_mirrors_and_keeps_size():
+    x = torch.arange(20, dtype=torch.float32).reshape(1, 1, 4, 5)
+    p, size = pad_to_multiple(x, 8)
+    assert p.shape[-2:] == (8, 8) and size == (4, 5) and (p[..., :4, :5] == x).all()
+    assert pad_to_multiple(torch.zeros(1, 1, 16, 32))[0].shape[-2:] == (16, 32)
+
+
+def test_tiles_agree_with_whole_image_for_a_pointwise_model():
+    x = torch.rand(1, 3, 300, 170)
+    f = lambda t: t.mean(1, keepdim=True).sigmoid()  # noqa: E731
+    whole = predict_whole(f, x, tile=1024)
+    tiled = predict_whole(f, x, tile=96, margin=16)
+    assert tiled.shape == (1, 1, 300, 170) and torch.equal(tiled, whole)
+
+
+def test_tiles_agree_with_whole_image_for_a_local_model():
+    # A 3x3 convolution sees one pixel beyond each output: with a 16-pixel margin every kept
+    # pixel has its full context, so tiles reproduce the whole image exactly.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    x = torch.rand(1, 3, 208, 176)
+    with torch.no_grad():
+        whole = predict_whole(conv, x, tile=1024)
+        tiled = predict_whole(conv, x, tile=96, margin=16)
+    assert torch.allclose(tiled, whole, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        predict_whole(conv, x, tile=100)
