@@ -130,10 +130,14 @@ class NativeCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict:
+        i, seed = i if isinstance(i, tuple) else (i, None)  # (index, augmentation seed) from AugmentSampler
         j = int(self.indices[i])
         image, labels = native_image(self.arrays, j)
-        self._seed_worker()
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        else:
+            self._seed_worker()
         out = self.transform(image=image, mask=(labels > 0).astype(np.uint8), masks=[labels])
         image, mask, labels = out["image"], out["mask"], out["masks"][0]
         item = {

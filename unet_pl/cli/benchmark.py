@@ -83,7 +83,7 @@ def run_train(cfg: dict) -> dict:
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision=cfg["precision"], max_steps=total,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0, benchmark=cuda,
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -103,6 +103,7 @@ def run_infer(cfg: dict) -> dict:
 
     cuda = cfg["device"] == "cuda"
     dev = torch.device(cfg["device"])
+    torch.backends.cudnn.benchmark = cuda
     model = LitUNet(channels_last=cfg["channels_last"]).eval().to(dev)
     batches = [model.prepare_images(b["image"].to(dev)) for b in _batches(cfg["batch_size"], cfg["size"], 2)]
     dtype = torch.bfloat16 if cfg["precision"].startswith("bf16") else (torch.float16 if cfg["precision"].startswith("16") else None)
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--keras", choices=["auto", "yes", "no"], default="auto",
                    help="also time the seed's Keras model on TensorFlow (auto: when tensorflow is installed)")
+    p.add_argument("--precisions", nargs="+", choices=["32-true", "bf16-mixed", "16-mixed"],
+                   help="training precisions (default: 32-true bf16-mixed, and 16-mixed on CUDA)")
+    p.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
+                   help="memory layouts for the training rows (default: both)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers for the loader row (default 2)")
     p.add_argument("--data-dir", default=None, help="data for the loader row (default: the bundled sample)")
@@ -260,21 +265,33 @@ def main(argv: list[str] | None = None) -> None:
     base = {"device": device, "size": args.img_size, "steps": args.steps, "warmup": args.warmup}
     rows: list[tuple[str, dict, dict | None]] = []
 
+    keras_ref: dict[int, float] = {}
+    print(f"Machine: {_machine(device)}; {args.img_size}x{args.img_size} images, {args.steps} timed steps after {args.warmup} warm-up")
+    mem_label = "peak GPU MiB" if device == "cuda" else "peak RSS growth MiB"
+    print(f"\n| what | images/s | {mem_label} | vs Keras/TF (same batch) |\n|---|---:|---:|---:|", flush=True)
+
     def measure(label: str, cfg: dict) -> dict | None:
-        print(f"measuring {label} ...", file=sys.stderr, flush=True)
+        # each row prints as soon as it is measured, so a run cut short keeps what it has
         res = _spawn({**base, **cfg})
         rows.append((label, cfg, res))
+        if res is None:
+            print(f"| {label} | failed | | |", flush=True)
+            return None
+        ref = keras_ref.get(cfg.get("batch_size"))
+        ratio = f"{res['img_s'] / ref:.2f}x" if ref and cfg["kind"] == "train" else ""
+        mem = "" if res["mem_mb"] != res["mem_mb"] else f"{res['mem_mb']:.0f}"
+        print(f"| {label} | {res['img_s']:.1f} | {mem} | {ratio} |", flush=True)
         return res
 
-    keras_ref: dict[int, float] = {}
     for bs in args.batch_sizes:
         if keras and "keras" in kinds:
             res = measure(f"Keras/TF seed model, fp32, batch {bs}", {"kind": "keras", "batch_size": bs})
             if res:
                 keras_ref[bs] = res["img_s"]
         if "train" in kinds:
-            for precision in ("32-true", "bf16-mixed") + (("16-mixed",) if device == "cuda" else ()):
-                for cl in (False, True):
+            precisions = args.precisions or ["32-true", "bf16-mixed"] + (["16-mixed"] if device == "cuda" else [])
+            for precision in precisions:
+                for cl in [layout == "channels_last" for layout in args.layouts]:
                     layout = "channels_last" if cl else "NCHW"
                     measure(f"train {precision} {layout}, batch {bs}",
                             {"kind": "train", "batch_size": bs, "precision": precision, "channels_last": cl})
@@ -289,18 +306,6 @@ def main(argv: list[str] | None = None) -> None:
     if "loader" in kinds:
         measure(f"loader alone ({args.loader_workers} workers, default augmentation), batch 16",
                 {"kind": "loader", "batch_size": 16, "num_workers": args.loader_workers, "data_dir": args.data_dir})
-
-    print(f"\nMachine: {_machine(device)}; {args.img_size}x{args.img_size} images, {args.steps} timed steps after {args.warmup} warm-up")
-    mem_label = "peak GPU MiB" if device == "cuda" else "peak RSS growth MiB"
-    print(f"\n| what | images/s | {mem_label} | vs Keras/TF (same batch) |\n|---|---:|---:|---:|")
-    for label, cfg, res in rows:
-        if res is None:
-            print(f"| {label} | failed | | |")
-            continue
-        ref = keras_ref.get(cfg.get("batch_size"))
-        ratio = f"{res['img_s'] / ref:.2f}x" if ref and cfg["kind"] == "train" else ""
-        mem = "" if res["mem_mb"] != res["mem_mb"] else f"{res['mem_mb']:.0f}"
-        print(f"| {label} | {res['img_s']:.1f} | {mem} | {ratio} |")
 
 
 if __name__ == "__main__":
