@@ -186,8 +186,8 @@ class AugmentSampler(Sampler):
     epoch; where a wrapper hides it (DDP's sampler wrapper), the epoch counts up by itself.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, epoch: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -306,7 +306,11 @@ class NucleiDataModule(pl.LightningDataModule):
         return self._locate()[0]
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed))
+        # A loader with workers draws its first indices when it is made, before Lightning's
+        # set_epoch: start at the epoch Lightning will pass (the epochs processed so far, which a
+        # resumed run restores before asking for the loader), so a resumed first epoch matches.
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed, epoch))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if len(self.val_set) else []

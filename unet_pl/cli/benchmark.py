@@ -129,9 +129,10 @@ def run_loader(cfg: dict) -> dict:
                           num_workers=cfg["num_workers"], augment="default")
     dm.prepare_data()
     dm.setup("fit")
+    loader = dm.train_dataloader()  # one loader: its persistent workers start once
     n, start, epochs = 0, None, 0
-    while n < cfg["steps"] * cfg["batch_size"] and epochs < 1000:
-        for i, batch in enumerate(dm.train_dataloader()):
+    while n < cfg["steps"] * cfg["batch_size"] * 10 and epochs < 1000:
+        for i, batch in enumerate(loader):
             if start is None:  # worker start-up is not throughput
                 start = time.perf_counter()
                 continue

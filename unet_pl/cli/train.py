@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per training process")
     hw.add_argument("--deterministic", action="store_true",
                     help="deterministic algorithms (Trainer(deterministic=True)): same seed, same weights; "
-                         "bit-exact across --resume too with --num-workers 0 --augment none")
+                         "bit-exact across --resume too (augmentation is seeded per epoch and image)")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None, help="stage1_train-style folder (<id>/images, <id>/masks). Default: the bundled sample")
     data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
