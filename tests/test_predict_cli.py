@@ -15,7 +15,7 @@ from PIL import Image
 from unet_pl.rle import decode_labels
 
 ROOT = Path(__file__).resolve().parents[1]
-DSB = ROOT.parent / "shared" / "data" / "dsb2018"
+from conftest import REAL_DATA_DIR as DSB  # noqa: E402
 # Real RGBA images: 256x256 (27 nuclei), 256x320 (70), 260x347 (125), as (H, W).
 REAL = ["00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
         "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e",

@@ -9,7 +9,7 @@ import pytest
 
 from unet_pl.rle import decode, decode_labels, encode, encode_labels
 
-DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+from conftest import REAL_DATA_DIR as DSB  # noqa: E402
 
 
 def test_encode_known_strings():

@@ -9,7 +9,7 @@ import torch
 
 from unet_pl.metrics import THRESHOLDS, DSBScore, dsb_image_score, dsb_score, instance_iou, label_components
 
-DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+from conftest import REAL_DATA_DIR as DSB  # noqa: E402
 
 
 def square(shape=(20, 20), *boxes):

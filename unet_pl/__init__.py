@@ -1,4 +1,9 @@
 """unet_pl: the Kaggle DSB 2018 Keras U-Net starter, rebuilt on PyTorch Lightning."""
+import os
+
+# albumentations asks the network for a newer release on import; training nodes are often offline.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 from .keras_import import load_keras_weights, unet_from_keras
 from .model import UNet
 
