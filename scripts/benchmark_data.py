@@ -1,0 +1,3 @@
+from unet_pl.cli.benchmark_data import main
+
+main()
