@@ -127,3 +127,23 @@ def test_no_l2_keys_without_l2(tmp_path):
     keys = set(t.callback_metrics)
     assert {"train/loss", "train/loss_epoch", "val/loss", "val/iou"} <= keys
     assert not {k for k in keys if "l2" in k}
+
+
+def test_checkpoint_records_the_data_modules_img_size(tmp_path):
+    from unet_pl import NucleiDataModule
+
+    dm = NucleiDataModule(img_size=32, batch_size=4, num_workers=0, augment="none", cache_dir=tmp_path / "cache", progress=False)
+    model = LitUNet()  # img_size left at its default, 128
+    trainer(tmp_path, max_steps=1, limit_val_batches=0, logger=False).fit(model, dm)
+    assert model.hparams.img_size == 32
+    trainer_ckpt = tmp_path / "m.ckpt"
+    model.trainer.save_checkpoint(trainer_ckpt)
+    assert LitUNet.load_from_checkpoint(trainer_ckpt).hparams.img_size == 32  # prediction resizes to 32 too
+
+
+def test_prediction_refuses_more_than_one_gpu():
+    from unet_pl.predict import choose_device
+
+    with pytest.raises(ValueError, match="one GPU"):
+        choose_device(2)
+    assert choose_device(0) == torch.device("cpu")

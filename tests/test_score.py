@@ -158,6 +158,16 @@ def test_lit_unet_logs_val_dsb_score():
               "id": str(i), "size": torch.tensor([32, 32])} for i in range(2)]
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    (metrics,) = trainer.validate(LitUNet(img_size=32), dataloaders=torch.utils.data.DataLoader(items, batch_size=2), verbose=False)
-    assert 0.0 <= metrics["val/dsb_score"] <= 1.0
-    assert "val/iou" in metrics
+    loader = torch.utils.data.DataLoader(items, batch_size=2)
+
+    def validate_with(logits: torch.Tensor) -> dict:
+        model = LitUNet(img_size=32)
+        model.forward = lambda x: logits.to(x.device)  # a model that predicts exactly these logits
+        (metrics,) = trainer.validate(model, dataloaders=loader, verbose=False)
+        return metrics
+
+    perfect = validate_with(torch.where(labels[:, None] > 0, 10.0, -10.0))
+    assert perfect["val/dsb_score"] == pytest.approx(1.0)  # both nuclei found; the empty image predicted empty
+    nothing = validate_with(torch.full((2, 1, 32, 32), -10.0))
+    assert nothing["val/dsb_score"] == pytest.approx(0.5)  # image 0: 2 missed -> 0; image 1: empty, empty -> 1
+    assert "val/iou" in perfect

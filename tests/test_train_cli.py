@@ -196,3 +196,25 @@ def test_bf16_mixed_on_cuda(tmp_path, cache_dir):
     # weights stay float32 under autocast; the checkpoint loads on a CPU
     model = LitUNet.load_from_checkpoint(out / "best.ckpt", map_location="cpu")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_fast_dev_run_trains_one_batch_and_writes_nothing(tmp_path, cache_dir):
+    out = tmp_path / "smoke"
+    proc = run(train_cmd("--gpus", "0", "--fast-dev-run", *TINY, "--out", str(out), cache=cache_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fast dev run" in proc.stdout
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
+    from unet_pl.cli import train as cli
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert cli.native_bf16(gpu=False) is False  # AVX512 without BF16: emulated bf16 is slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cli.native_bf16(gpu=False) is True
+    args = cli.parse_args(["--gpus", "0"])
+    assert args.precision == "bf16-mixed"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert cli.parse_args(["--gpus", "0"]).precision == "32"

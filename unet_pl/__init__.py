@@ -8,9 +8,9 @@ from .keras_import import load_keras_weights, unet_from_keras
 from .model import UNet
 
 # Lightning-backed names load on first use, so that `import unet_pl.model` (pure torch) stays light.
-_LAZY = {"LitUNet": ".lit", "NucleiDataModule": ".data"}
+_LAZY = {"LitUNet": ".lit", "NucleiDataModule": ".data", "NativeNucleiDataModule": ".native_data"}
 
-__all__ = ["UNet", "LitUNet", "NucleiDataModule", "load_keras_weights", "unet_from_keras"]
+__all__ = ["UNet", "LitUNet", "NucleiDataModule", "NativeNucleiDataModule", "load_keras_weights", "unet_from_keras"]
 __version__ = "0.1.0"
 
 

@@ -38,7 +38,9 @@ from .images import (  # noqa: F401  (list_images, read_labels_csv: re-exported 
     TrainItem, decode_sample, list_images, read_image, read_labels_csv, resize_image, resolve_labels_csv,
     resolve_train_dir, scan_train_dir,
 )
+from .holdout import HOLDOUTS, holdout_ids, keep_ids
 from .model import DIVISOR, nearest_valid_size
+from .targets import head_channels, make_targets
 from .transforms import build_augment
 
 log = logging.getLogger(__name__)
@@ -131,16 +133,19 @@ class NucleiDataset(Dataset):
 
     Item: ``image`` uint8 (3, S, S), ``mask`` uint8 (1, S, S) in {0, 1}, ``id`` str, ``size`` int64
     (2,) original (H, W), and with ``with_labels`` ``labels`` int32 (S, S). ``transform`` (train
-    only) is called as ``transform(image=(S, S, 3), mask=(S, S))`` in the DataLoader worker.
+    only) is called as ``transform(image=(S, S, 3), mask=(S, S))`` in the DataLoader worker; for
+    the ``mask+boundary`` head also with ``masks=[labels (S, S)]``, moved with the image, and
+    the item gets ``boundary`` uint8 (1, S, S) from the moved labels (``unet_pl.targets``).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None = None,
-                 transform: Callable | None = None, with_labels: bool = False) -> None:
+                 transform: Callable | None = None, with_labels: bool = False, head: str = "mask") -> None:
         self.arrays = arrays
         self.indices = np.arange(len(arrays["ids"])) if indices is None else np.asarray(indices, dtype=np.int64)
         self.ids = [str(i) for i in arrays["ids"]]
         self.transform = transform
         self.with_labels = with_labels
+        self.boundary = head_channels(head) > 1
         self._seeded_pid: int | None = None
 
     def __len__(self) -> int:
@@ -150,21 +155,26 @@ class NucleiDataset(Dataset):
         i, seed = i if isinstance(i, tuple) else (i, None)  # (index, augmentation seed) from AugmentSampler
         j = int(self.indices[i])
         image, mask = self.arrays["images"][j], self.arrays["masks"][j]
+        labels = self.arrays["labels"][j]
         if self.transform is not None:
             if seed is not None and hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(seed)
             else:
                 self._seed_worker()
-            out = self.transform(image=image, mask=mask)
+            # The labels move with the image only when a target is made from them.
+            out = self.transform(image=image, mask=mask, **({"masks": [labels]} if self.boundary else {}))
             image, mask = out["image"], out["mask"]
+            labels = out["masks"][0] if self.boundary else labels
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
             "id": self.ids[j],
             "size": torch.from_numpy(self.arrays["sizes"][j].copy()),
         }
+        if self.boundary:
+            item["boundary"] = torch.from_numpy(make_targets(labels, "mask+boundary")[1:])
         if self.with_labels:
-            item["labels"] = torch.from_numpy(self.arrays["labels"][j].astype(np.int32))
+            item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
         return item
 
     def _seed_worker(self) -> None:
@@ -206,15 +216,25 @@ class ImageFolderDataset(Dataset):
     """Images without masks (``list_images`` layouts), decoded and resized up front so a bad file fails here.
 
     Item: ``image`` uint8 (3, S, S) resized as in training, ``id`` str, ``size`` int64 (2,) original (H, W).
+    ``ids``: only these images of the folder (in its id order).
     """
 
-    def __init__(self, folder: str | Path, img_size: int, workers: int = 2, progress: bool = True) -> None:
+    def __init__(self, folder: str | Path, img_size: int, workers: int = 2, progress: bool = True,
+                 ids: Sequence[str] | None = None) -> None:
         self.entries = list_images(folder)
+        if ids is not None:
+            wanted = set(ids)
+            self.entries = [(i, p) for i, p in self.entries if i in wanted]
+        def decode(path: Path) -> tuple[tuple[int, int], np.ndarray]:
+            # resized as soon as decoded: a folder of large images never sits in memory at full size
+            image = read_image(path)
+            return image.shape[:2], resize_image(image, img_size)
+
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            decoded = list(tqdm(pool.map(read_image, [p for _, p in self.entries]), total=len(self.entries),
+            decoded = list(tqdm(pool.map(decode, [p for _, p in self.entries]), total=len(self.entries),
                                 desc=f"decoding {len(self.entries)} images", unit="img", disable=not progress))
-        self.sizes = np.array([im.shape[:2] for im in decoded], dtype=np.int64).reshape(-1, 2)
-        self.images = np.stack([resize_image(im, img_size) for im in decoded])
+        self.sizes = np.array([size for size, _ in decoded], dtype=np.int64).reshape(-1, 2)
+        self.images = np.stack([im for _, im in decoded])
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -241,6 +261,10 @@ class NucleiDataModule(pl.LightningDataModule):
         labels_csv: None: masks from ``masks/`` folders; a path, or True for the
             ``stage1_train_labels.csv`` beside ``stage1_train``: masks from its runs.
         empty_masks: "error" (an image without masks is a mistake) or "background" (train it as all background).
+        head: "mask" (batches carry the mask, the notebook) or "mask+boundary" (also each nucleus'
+            boundary, ``unet_pl.targets``, computed after augmentation).
+        holdout: "none" or "stratified": the images ``unet_pl.holdout`` holds out are in neither
+            split (the split is drawn from the rest).
         predict_dir: images to predict (``list_images`` layouts); None: the validation images.
         decode_workers: threads decoding in ``prepare_data``; progress: show the decoding bar.
 
@@ -251,8 +275,11 @@ class NucleiDataModule(pl.LightningDataModule):
     def __init__(self, data_dir: str | Path | None = None, img_size: int = 128, val_split: float = 0.1, batch_size: int = 16,
                  num_workers: int = 2, seed: int = 42, augment="default", cache_dir: str | Path | None = None,
                  labels_csv: str | Path | bool | None = None, empty_masks: str = "error", predict_dir: str | Path | None = None,
-                 decode_workers: int = 2, progress: bool = True) -> None:
+                 decode_workers: int = 2, progress: bool = True, head: str = "mask", holdout: str = "none") -> None:
         super().__init__()
+        head_channels(head)  # a bad head name fails here
+        if holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")
         if not isinstance(img_size, int) or img_size < DIVISOR or img_size % DIVISOR:
             raise ValueError(f"img_size must be a positive multiple of {DIVISOR} (the U-Net pools four times), got {img_size}; "
                              f"try {nearest_valid_size(max(int(img_size), 1))}")
@@ -263,6 +290,9 @@ class NucleiDataModule(pl.LightningDataModule):
         self.transform = build_augment(augment)  # a bad preset name fails here, not in a worker
         self.save_hyperparameters(ignore=["augment"])
         self.hparams["augment"] = augment if isinstance(augment, str) or augment is None else type(augment).__name__
+        for key, value in self.hparams.items():  # checkpoints hold these: plain types load with weights_only
+            if isinstance(value, os.PathLike):
+                self.hparams[key] = os.fspath(value)
         self.data_dir = SAMPLE_DIR if data_dir is None else Path(data_dir)
         self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
         self.arrays: dict[str, np.ndarray] | None = None
@@ -282,16 +312,14 @@ class NucleiDataModule(pl.LightningDataModule):
             # Reuse prepare_data's scan of the folders in this process; other ranks scan here.
             path, job = self._located or self._locate()
             try:
-                self.arrays = load_cache(path)
+                self.arrays = self._load_arrays(path)
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
                 # No prepare_data (a plain script), or another node's cache_dir: build it here.
                 if path.is_file():
                     log.warning("cache %s is unreadable (%s); rebuilding it", path, e)
                 job()
-                self.arrays = load_cache(path)
-            train, val = split_indices(len(self.arrays["ids"]), self.hparams.val_split, self.hparams.seed)
-            self.train_set = NucleiDataset(self.arrays, train, self.transform)
-            self.val_set = NucleiDataset(self.arrays, val, with_labels=True)
+                self.arrays = self._load_arrays(path)
+            self._make_datasets(*self._split())
         if stage in (None, "predict") and self.predict_set is None:
             if self.hparams.predict_dir is None:
                 self.setup("validate")
@@ -299,6 +327,23 @@ class NucleiDataModule(pl.LightningDataModule):
             else:
                 self.predict_set = ImageFolderDataset(self.hparams.predict_dir, self.hparams.img_size,
                                                       self.hparams.decode_workers, self.hparams.progress)
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices into the cache: the seeded split of every image not held out."""
+        ids = self.arrays["ids"]
+        keep = np.arange(len(ids))
+        if self.hparams.holdout != "none":
+            keep = keep_ids(ids, holdout_ids(resolve_train_dir(self.data_dir), self.hparams.holdout))
+        train, val = split_indices(len(keep), self.hparams.val_split, self.hparams.seed)
+        return keep[train], keep[val]
+
+    def _load_arrays(self, path: Path) -> dict[str, np.ndarray]:
+        return load_cache(path)
+
+    def _make_datasets(self, train: np.ndarray, val: np.ndarray) -> None:
+        head = self.hparams.head
+        self.train_set = NucleiDataset(self.arrays, train, self.transform, head=head)
+        self.val_set = NucleiDataset(self.arrays, val, with_labels=True, head=head)
 
     @property
     def cache_path(self) -> Path:
@@ -348,6 +393,12 @@ class NucleiDataModule(pl.LightningDataModule):
                     where = f"{csv_path} has no runs for {it.id}" if rles is not None else f"{it.image.parent.parent / 'masks'} has no mask images"
                     raise ValueError(f"{where}: add its masks, remove {it.image.parent.parent}, or pass "
                                      "empty_masks='background' to train on it as all background")
+        return self._cache_job(train_dir, items, rles, csv_path)
+
+    def _cache_job(self, train_dir: Path, items: Sequence[TrainItem], rles: dict | None,
+                   csv_path: Path | None) -> tuple[Path, Callable[[], None]]:
+        """The cache file for these images and settings, and the function that writes it."""
+        h = self.hparams
         key = _fingerprint(train_dir, items, csv_path, h.img_size, h.empty_masks)
         path = self.cache_dir / f"dsb2018-{h.img_size}px-{key}.npz"
 

@@ -35,7 +35,10 @@ def pixel_confusion(prob: torch.Tensor, target: torch.Tensor, thresholds=THRESHO
     n_t = t.numel()
     truth = (target > 0.5).reshape(-1).long()
     bucket = torch.bucketize(prob.reshape(-1), t)  # prob > t[j] exactly when bucket > j
-    hist = torch.bincount(truth * (n_t + 1) + bucket, minlength=2 * (n_t + 1)).reshape(2, n_t + 1)
+    idx = truth * (n_t + 1) + bucket
+    # index_add_, not bincount: CUDA's bincount reads the input's max back to the host (a sync per step)
+    hist = torch.zeros(2 * (n_t + 1), dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    hist = hist.reshape(2, n_t + 1)
     above = hist.flip(-1).cumsum(-1).flip(-1)[:, 1:]  # (2, T): pixels predicted foreground at each t
     fp, tp = above[0], above[1]
     tn, fn = hist[0].sum() - fp, hist[1].sum() - tp
@@ -56,6 +59,28 @@ def mean_iou_from_confusion(confmat: torch.Tensor) -> torch.Tensor:
 def pixel_mean_iou(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The notebook's ``mean_iou`` over one set of predictions (a 0-dim tensor in [0, 1])."""
     return mean_iou_from_confusion(pixel_confusion(prob, target))
+
+
+class RunningMean(Metric):
+    """Mean of values weighted by batch size, over an epoch and across DDP ranks.
+
+    torchmetrics' ``MeanMetric`` checks every value for NaN with a host-side ``if``: on a GPU that
+    is a sync per step, which this avoids (a NaN loss shows up in the mean anyway).
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int = 1) -> None:
+        self.total += value.detach().double() * weight
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).float()
 
 
 class PixelMeanIoU(Metric):

@@ -117,11 +117,27 @@ def _empty_from_image(d: Path) -> TruthLoader:
     return load
 
 
-def evaluate(pred_csv: str | Path, truth: str | Path) -> tuple[list[dict], list[str], list[str]]:
-    """Scores every truth image: ``(per-image rows, missing ids, extra ids)``. Images without
-    prediction rows are scored as empty predictions."""
+def holdout_truth_ids(truth: str | Path, holdout: str) -> list[str]:
+    """The hold-out ids (``unet_pl.holdout``) of the images a truth folder or labels CSV describes."""
+    from ..holdout import holdout_ids
+
+    truth = Path(truth)
+    if truth.is_dir():
+        return holdout_ids(truth, holdout)
+    rles, _, _ = read_rle_csv(truth)
+    return holdout_ids(_image_folder_for(truth, list(rles)), holdout)
+
+
+def evaluate(pred_csv: str | Path, truth: str | Path, ids: list[str] | None = None) -> tuple[list[dict], list[str], list[str]]:
+    """Scores every truth image (only ``ids`` when given): ``(per-image rows, missing ids, extra ids)``.
+    Images without prediction rows are scored as empty predictions."""
     preds, _, _ = read_rle_csv(Path(pred_csv))
     truths = load_truth(truth)
+    if ids is not None:
+        unknown = sorted(set(ids) - set(truths))
+        if unknown:
+            raise ValueError(f"{truth}: {len(unknown)} hold-out images are not in the truth (first: {unknown[0]})")
+        truths = {i: truths[i] for i in sorted(ids)}
     missing = [i for i in truths if i not in preds]
     extra = sorted(i for i in preds if i not in truths)
     rows = []
@@ -144,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="submission CSV (ImageId,EncodedPixels)")
     p.add_argument("--truth", required=True, help="solution CSV, stage1_train_labels.csv, or stage1_train-like folder")
     p.add_argument("--out", help="per-image CSV to write (image, score, counts, score at each threshold)")
+    p.add_argument("--holdout", choices=("none", "stratified"), default="none",
+                   help="stratified: score only the fixed hold-out of the truth's images (unet_pl.holdout); "
+                        "predictions for other images are reported as extra")
     return p
 
 
@@ -153,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{args.pred}: no such file; pass the CSV that predict.py wrote")
     t0 = time.perf_counter()
     try:
-        rows, missing, extra = evaluate(args.pred, args.truth)
+        ids = None if args.holdout == "none" else holdout_truth_ids(args.truth, args.holdout)
+        rows, missing, extra = evaluate(args.pred, args.truth, ids)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     took = time.perf_counter() - t0

@@ -20,6 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv", help="submission CSV to write (ImageId,EncodedPixels)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is nucleus")
     p.add_argument("--min-size", type=int, default=0, help="drop predicted nuclei smaller than this many pixels")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes inside each predicted nucleus")
+    p.add_argument("--tta", choices=("none", "flips", "d4"), default="none",
+                   help="test-time augmentation: average 4 flips or all 8 flips and 90-degree rotations (none: the notebook)")
+    p.add_argument("--split", choices=("auto", "components", "watershed"), default="auto",
+                   help="how foreground becomes nuclei: components (the notebook), watershed (needs a --head mask+boundary "
+                        "checkpoint); auto: watershed when the checkpoint has a boundary output")
+    p.add_argument("--seed-threshold", type=float, default=0.5,
+                   help="watershed seeds: foreground pixels whose boundary probability is below this")
+    p.add_argument("--holdout", choices=("none", "stratified"), default="none",
+                   help="stratified: predict only the fixed hold-out of a stage1_train --data-dir (unet_pl.holdout)")
+    p.add_argument("--tile", type=int, default=1024,
+                   help="native-resolution checkpoints: images with a side above this go through in overlapping tiles")
     p.add_argument("--masks-dir", help="also write a 16-bit label PNG per image (original size) here")
     p.add_argument("--overlays-dir", help="also write each image with predicted outlines here")
     p.add_argument("--img-size", type=int, help="square side the model sees (default: the checkpoint's img_size; 128 for .h5)")
@@ -42,14 +54,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.img_size is not None and (args.img_size < DIVISOR or args.img_size % DIVISOR):
         _fail(f"--img-size {args.img_size} must be a multiple of {DIVISOR}; try {nearest_valid_size(args.img_size)}")
 
+    if args.tile < 128 or args.tile % DIVISOR:
+        _fail(f"--tile {args.tile} must be a multiple of {DIVISOR}, at least 128")
+    if not 0.0 <= args.seed_threshold <= 1.0:
+        _fail(f"--seed-threshold {args.seed_threshold} must lie in [0, 1]")
+
     try:
         device = choose_device(args.gpus)
         model = load_model(args.ckpt, args.keras_h5, args.img_size, device)
+        if args.split == "watershed" and model.hparams.out_channels < 2:
+            raise ValueError("--split watershed needs a boundary output: a checkpoint trained with --head mask+boundary")
+        ids = None
+        if args.holdout != "none":
+            from ..holdout import holdout_ids
+
+            ids = holdout_ids(args.data_dir, args.holdout)
         t0 = time.perf_counter()
         stats = predict_folder(model, args.data_dir, args.out, device=device, threshold=args.threshold,
                                min_size=args.min_size, batch_size=args.batch_size, num_workers=args.num_workers,
                                masks_dir=args.masks_dir, overlays_dir=args.overlays_dir,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, tta=args.tta, holes=args.fill_holes,
+                               split=None if args.split == "auto" else args.split, seed_threshold=args.seed_threshold,
+                               tile=args.tile, ids=ids)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     took = time.perf_counter() - t0

@@ -22,6 +22,11 @@ from pathlib import Path
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
 PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
+#: --mode presets: what --resolution and --head default to (each flag given explicitly wins).
+MODES = {
+    "notebook": {"resolution": "resize", "head": "mask"},  # the 2018 notebook: 128x128 squares, one output
+    "instance": {"resolution": "native", "head": "mask+boundary"},  # native-resolution crops, boundary head, watershed
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--augment", choices=("default", "none"), default="default",
                       help="training augmentation: default = flips/rotations (unet_pl.transforms); none = the notebook")
     data.add_argument("--cache-dir", default=None, help="where decoded, resized images are cached. Default: the per-user cache")
+    data.add_argument("--holdout", choices=("none", "stratified"), default="none",
+                      help="stratified: never train or validate on the fixed, modality-stratified 10%% hold-out "
+                           "(unet_pl.holdout); predict.py and evaluate.py --holdout stratified score it")
+    beyond = p.add_argument_group("beyond the notebook")
+    beyond.add_argument("--mode", choices=tuple(MODES), default="notebook",
+                        help="notebook: resized squares, one output, connected components (the 2018 notebook); "
+                             "instance: native-resolution crops and a boundary output split by a watershed")
+    beyond.add_argument("--resolution", choices=("resize", "native"), default=None,
+                        help="resize: images squashed to --img-size squares (the notebook); native: random --crop-size "
+                             "crops of the full-size images, prediction on whole images. Default: from --mode")
+    beyond.add_argument("--crop-size", type=int, default=256, help="--resolution native: side of the random training crops")
+    beyond.add_argument("--head", choices=("mask", "mask+boundary"), default=None,
+                        help="mask: one output, the foreground (the notebook); mask+boundary: a second output, each "
+                             "nucleus' boundary, which predict.py uses to split touching nuclei. Default: from --mode")
     fit = p.add_argument_group("optimisation")
     fit.add_argument("--epochs", type=int, default=50, help="maximum epochs (the notebook: 50)")
     fit.add_argument("--batch-size", type=int, default=16, help="images per step per process (the notebook: 16)")
@@ -80,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import torch
 
     args = build_parser().parse_args(argv)
+    for key, value in MODES[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.crop_size < 32 or args.crop_size % 16:
+        fail(f"--crop-size must be a multiple of 16, at least 32, got {args.crop_size}")
     for name in ("epochs", "batch_size", "img_size", "num_nodes", "cpu_processes"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -116,10 +140,10 @@ def native_bf16(gpu: bool) -> bool:
 
     if gpu:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    # mkldnn's own "bf16 supported" only asks for AVX512-BW, where bf16 is emulated and slower:
+    # ask for the instructions that compute it (AVX512-BF16, or AMX tiles).
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -147,15 +171,21 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def make_datamodule(args: argparse.Namespace):
     from ..data import NucleiDataModule
+    from ..native_data import NativeNucleiDataModule
 
-    return NucleiDataModule(data_dir=args.data_dir, img_size=args.img_size, val_split=args.val_split, batch_size=args.batch_size,
-                            num_workers=args.num_workers, seed=args.seed, augment=args.augment, cache_dir=args.cache_dir)
+    common = dict(data_dir=args.data_dir, val_split=args.val_split, batch_size=args.batch_size, num_workers=args.num_workers,
+                  seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, head=args.head, holdout=args.holdout)
+    if args.resolution == "native":
+        return NativeNucleiDataModule(crop_size=args.crop_size, **common)
+    return NucleiDataModule(img_size=args.img_size, **common)
 
 
 def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
-    return LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=args.img_size)
+    native = args.resolution == "native"
+    return LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=args.crop_size if native else args.img_size,
+                   head=args.head, resolution=args.resolution)
 
 
 def check_resume(ckpt: Path, model, say) -> None:
@@ -314,9 +344,9 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
             datamodule.prepare_data()
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not args.fast_dev_run:  # a smoke test leaves nothing behind
         write_run_files(out, args, argv, model)
-    say(f"run folder {out}" + (f", resuming from {ckpt}" if ckpt else ""))
+        say(f"run folder {out}" + (f", resuming from {ckpt}" if ckpt else ""))
     start = time.perf_counter()
     exit_code = 0
     try:
@@ -328,7 +358,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     wall = time.perf_counter() - start
     if not trainer.is_global_zero:
         raise SystemExit(exit_code)
-    pictures = _draw(out, datamodule, checkpoint, model, say)
+    pictures = [] if args.fast_dev_run else _draw(out, datamodule, checkpoint, model, say)
     say(summarise(out, args, trainer, checkpoint, interrupt, throughput, wall, pictures))
     if exit_code:
         raise SystemExit(exit_code)
