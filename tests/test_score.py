@@ -171,3 +171,29 @@ def test_lit_unet_logs_val_dsb_score():
     nothing = validate_with(torch.full((2, 1, 32, 32), -10.0))
     assert nothing["val/dsb_score"] == pytest.approx(0.5)  # image 0: 2 missed -> 0; image 1: empty, empty -> 1
     assert "val/iou" in perfect
+
+
+def test_huge_label_values_are_renumbered_not_histogrammed():
+    true = np.zeros((256, 256), np.int64)
+    true[10:20, 10:20] = 200_000
+    pred = true.copy()
+    pred[100:110, 100:110] = 199_999  # an extra nucleus
+    s = dsb_image_score(true, pred)  # a dense histogram would need 200001**2 cells
+    assert s.score == pytest.approx(0.5) and (s.n_true, s.n_pred) == (1, 2)
+
+
+def test_evaluate_reads_a_masks_folder_as_training_does(make_train_dir, tmp_path):
+    from conftest import write_png
+
+    from unet_pl.cli.evaluate import load_truth
+
+    root = make_train_dir(n=2)
+    rgba = np.zeros((40, 48, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque alpha everywhere: only the colour channels say where the nucleus is
+    rgba[30:34, 2:6, :3] = 255
+    write_png(root / "img00" / "masks" / "m9.png", rgba)
+    (root / "img00" / "masks" / "._m0.png").write_bytes(b"macOS resource fork, not a PNG")
+    truth = load_truth(tmp_path)  # the parent of stage1_train, as training accepts
+    labels = truth["img00"][0]()
+    assert sorted(truth) == ["img00", "img01"]
+    assert labels.max() == 3 and (labels == 3).sum() == 16  # the RGBA mask is its 4x4 square, not the whole image

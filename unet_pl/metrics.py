@@ -130,9 +130,9 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
     top = int(labels.max(initial=0))
     if int(labels.min(initial=0)) < 0:
         raise ValueError("label images must be >= 0 (0 background, 1..k one per nucleus)")
-    if top <= 4 * labels.size + 256:
+    if top < 1024:  # the histogram has (true bins) x (predicted bins) cells: keep each side small
         return labels, top + 1
-    # Sparse label values (e.g. hashes): renumber so the histogram stays small.
+    # Large or sparse label values (e.g. hashes): renumber 1..k so the histogram stays small.
     values, inverse = np.unique(labels, return_inverse=True)
     if values[0] != 0:
         inverse = inverse + 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..metrics import THRESHOLDS, dsb_image_score
+from ..images import decode_masks, image_size, resolve_train_dir, scan_train_dir
 from ..rle import decode_labels
 
 #: A way to build one image's true label image: called only when that image is scored.
@@ -56,41 +57,15 @@ def _image_folder_for(csv_path: Path, ids: list[str]) -> Path:
     )
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:  # reads the header only
-        return im.height, im.width
-
-
-def _mask_folder_loader(masks: list[Path]) -> TruthLoader:
-    def load() -> np.ndarray:
-        from PIL import Image
-
-        labels = None
-        for i, m in enumerate(masks, 1):
-            a = np.asarray(Image.open(m))
-            a = a.max(-1) if a.ndim == 3 else a
-            if labels is None:
-                labels = np.zeros(a.shape, np.int32)
-            labels[a > 0] = i
-        return labels
-
-    return load
-
-
 def load_truth(truth: str | Path) -> dict[str, tuple[TruthLoader, tuple[int, int] | None]]:
     """``{id: (loader of the int32 label image, (H, W) if known without loading)}``."""
     truth = Path(truth)
     if truth.is_dir():
-        out = {}
-        for d in sorted(p for p in truth.iterdir() if p.is_dir()):
-            masks = sorted((d / "masks").glob("*.png"))
-            if (d / "masks").is_dir():
-                out[d.name] = (_mask_folder_loader(masks) if masks else _empty_from_image(d), None)
-        if not out:
-            raise FileNotFoundError(f"{truth}: no <id>/masks/ folders; pass a stage1_train-like folder or a CSV")
-        return out
+        # the data module's own reading: a parent of stage1_train, RGBA or {0,1} masks and stray
+        # files (._x.png, .DS_Store) are handled as in training
+        items = scan_train_dir(resolve_train_dir(truth))
+        return {it.id: (lambda it=it: decode_masks(image_size(it.image), list(it.masks)).astype(np.int32), None)
+                for it in items}
     if not truth.is_file():
         raise FileNotFoundError(f"{truth}: no such file or folder")
     rles, sizes, _ = read_rle_csv(truth)
@@ -98,23 +73,13 @@ def load_truth(truth: str | Path) -> dict[str, tuple[TruthLoader, tuple[int, int
         raise ValueError(f"{truth}: no rows")
     if not sizes:
         folder = _image_folder_for(truth, list(rles))
-        sizes = {i: _png_size(folder / i / "images" / f"{i}.png") for i in rles}
+        sizes = {i: image_size(folder / i / "images" / f"{i}.png") for i in rles}
     out = {}
     for image_id, rows in rles.items():
         shape = sizes[image_id]
         # Truth nuclei may touch or, in a few hand-drawn masks, overlap: later rows win there.
         out[image_id] = (lambda rows=rows, shape=shape: decode_labels(rows, shape, allow_overlap=True), shape)
     return out
-
-
-def _empty_from_image(d: Path) -> TruthLoader:
-    def load() -> np.ndarray:
-        img = next(iter(sorted((d / "images").glob("*.png"))), None)
-        if img is None:
-            raise FileNotFoundError(f"{d}: masks/ is empty and there is no images/*.png to take the size from")
-        return np.zeros(_png_size(img), np.int32)
-
-    return load
 
 
 def holdout_truth_ids(truth: str | Path, holdout: str) -> list[str]:
