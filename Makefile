@@ -1,20 +1,23 @@
 # Two commands do all the set-up:  `make train`  and  `make test`.
-# Both create .venv on first use. TORCH picks the torch build: the default is the CPU wheel;
-# on a CUDA machine use e.g. `make train TORCH=torch` (a CUDA build from PyPI).
+# Both create .venv on first use. TORCH is what pip installs for PyTorch (default torch==2.13.0;
+# e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU-only
+# build on a machine without a GPU). Changing TORCH reinstalls.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH)' | md5sum | cut -c1-8)
 ARGS   ?=
 
 .PHONY: install train test bench clean
-install: $(VENV)/.installed
+install: $(STAMP)
 
-$(VENV)/.installed: pyproject.toml
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test,tensorboard]"
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 # Without ARGS: the demo on the bundled 30-image sample. It has 2 batches an epoch, so it gets
