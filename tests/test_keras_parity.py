@@ -329,3 +329,33 @@ def test_litunet_trains_like_keras_and_reports_keras_loss(l2_start, keras_adam, 
     reported = (m["train/loss_epoch"] + m["train/l2_penalty"]).item()
     assert abs(reported - float(np.mean(keras_losses))) < 1e-5
     assert abs(m["train/loss_with_l2"].item() - reported) < 1e-6
+
+
+def test_predict_cli_runs_the_notebooks_h5_like_the_same_weights_in_a_checkpoint(tmp_path):
+    """`predict.py --keras-h5 model.h5` and `--ckpt` of the same weights write the same submission."""
+    import lightning.pytorch as pl
+    from pathlib import Path
+
+    model = seed_model(128)
+    randomize_biases(model)
+    h5 = tmp_path / "model-dsbowl2018-1.h5"
+    model.save(h5)
+    lit = LitUNet(img_size=128)
+    load_keras_weights(lit.unet, h5)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=0, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(lit)
+    trainer.save_checkpoint(tmp_path / "same.ckpt")
+    sample = Path(__file__).resolve().parents[1] / "unet_pl" / "sample" / "stage1_train"
+    images = tmp_path / "test"
+    for d in sorted(sample.iterdir())[:3]:
+        (images / d.name / "images").mkdir(parents=True)
+        (images / d.name / "images" / f"{d.name}.png").write_bytes((d / "images" / f"{d.name}.png").read_bytes())
+    outs = {}
+    for flag, path in (("--keras-h5", h5), ("--ckpt", tmp_path / "same.ckpt")):
+        outs[flag] = tmp_path / f"{flag.strip('-')}.csv"
+        proc = subprocess.run([sys.executable, "-m", "unet_pl.cli.predict", flag, str(path), "--data-dir", str(images),
+                               "--out", str(outs[flag]), "--gpus", "0", "--threshold", "0.3", "--no-progress"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = outs["--keras-h5"].read_text().splitlines()
+    assert len(rows) >= 4 and rows == outs["--ckpt"].read_text().splitlines()
