@@ -169,7 +169,7 @@ class NativeNucleiDataModule(NucleiDataModule):
     each image's full (H, W). Whole-image prediction is ``unet_pl.predict``'s job.
     """
 
-    def __init__(self, data_dir: str | Path | None = None, crop_size: int = 256, **kwargs) -> None:
+    def __init__(self, data_dir: str | Path | None = None, crop_size: int = 128, **kwargs) -> None:
         if "img_size" in kwargs:
             raise TypeError("NativeNucleiDataModule takes crop_size, not img_size: images keep their own size")
         super().__init__(data_dir, img_size=crop_size, **kwargs)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import ImageFolderDataset
 from .images import list_images, read_image
 from .lit import LitUNet
-from .postprocess import probabilities_to_labels
+from .postprocess import SEED_THRESHOLDS, probabilities_to_labels
 from .rle import encode_labels
 from .tiling import predict_whole
 from .tta import tta_predict
@@ -172,14 +172,18 @@ def predict_folder(model: LitUNet, data_dir: str | Path, out_csv: str | Path, *,
                    threshold: float = 0.5, min_size: int = 0, batch_size: int = 8, num_workers: int = 2,
                    masks_dir: str | Path | None = None, overlays_dir: str | Path | None = None,
                    progress: bool = True, tta: str = "none", holes: bool = False, split: str | None = None,
-                   seed_threshold: float = 0.5, tile: int = 1024, ids: list[str] | None = None) -> dict:
+                   seed_threshold: float | None = None, tile: int = 1024, ids: list[str] | None = None) -> dict:
     """Predict every image of ``data_dir`` (only ``ids`` when given) and write the submission CSV
     (and PNGs if asked). ``num_workers``: threads decoding the images up front (resized models).
-    ``tta``, ``holes``, ``split``, ``seed_threshold``: see the module docstring; ``tile``: the
+    ``tta``, ``holes``, ``split``, ``seed_threshold`` (None: ``SEED_THRESHOLDS`` of the checkpoint's
+    resolution): see the module docstring; ``tile``: the
     largest side a native-resolution model sees whole.
 
     Returns ``{"images": n, "nuclei": n, "empty": n}``.
     """
+    resolution = model.hparams.get("resolution", "resize")
+    if seed_threshold is None:
+        seed_threshold = SEED_THRESHOLDS[resolution]
     entries = list_images(data_dir)
     if ids is not None:
         wanted = set(ids)
@@ -189,7 +193,7 @@ def predict_folder(model: LitUNet, data_dir: str | Path, out_csv: str | Path, *,
             raise FileNotFoundError(f"{data_dir}: {len(missing)} of the {len(wanted)} requested images are not there "
                                     f"(first: {missing[0]}); pass the stage1_train folder the hold-out was drawn from")
     paths = dict(entries)
-    if model.hparams.get("resolution", "resize") == "native":
+    if resolution == "native":
         results = ((i, p, (p.shape[-2], p.shape[-1]), im) for i, p, im in
                    predict_native(model, entries, device, progress, tta, tile))
     else:

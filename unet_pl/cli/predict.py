@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("auto", "components", "watershed"), default="auto",
                    help="how foreground becomes nuclei: components (the notebook), watershed (needs a --head mask+boundary "
                         "checkpoint); auto: watershed when the checkpoint has a boundary output")
-    p.add_argument("--seed-threshold", type=float, default=0.5,
-                   help="watershed seeds: foreground pixels whose boundary probability is below this")
+    p.add_argument("--seed-threshold", type=float, default=None,
+                   help="watershed seeds: foreground pixels whose boundary probability is below this. Default: 0.15 for "
+                        "native-resolution checkpoints, 0.5 for resized ones (each chosen on the training images' validation split)")
     p.add_argument("--holdout", choices=("none", "stratified"), default="none",
                    help="stratified: predict only the fixed hold-out of a stage1_train --data-dir (unet_pl.holdout)")
     p.add_argument("--tile", type=int, default=1024,
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.tile < 128 or args.tile % DIVISOR:
         _fail(f"--tile {args.tile} must be a multiple of {DIVISOR}, at least 128")
-    if not 0.0 <= args.seed_threshold <= 1.0:
+    if args.seed_threshold is not None and not 0.0 <= args.seed_threshold <= 1.0:
         _fail(f"--seed-threshold {args.seed_threshold} must lie in [0, 1]")
 
     try:

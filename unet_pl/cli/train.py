@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--resolution", choices=("resize", "native"), default=None,
                         help="resize: images squashed to --img-size squares (the notebook); native: random --crop-size "
                              "crops of the full-size images, prediction on whole images. Default: from --mode")
-    beyond.add_argument("--crop-size", type=int, default=256, help="--resolution native: side of the random training crops")
+    beyond.add_argument("--crop-size", type=int, default=128,
+                        help="--resolution native: side of the random training crops (the same pixels per step as the notebook's 128 squares)")
     beyond.add_argument("--head", choices=("mask", "mask+boundary"), default=None,
                         help="mask: one output, the foreground (the notebook); mask+boundary: a second output, each "
                              "nucleus' boundary, which predict.py uses to split touching nuclei. Default: from --mode")

@@ -1,0 +1,153 @@
+"""Beyond the notebook: native-resolution crops, the boundary head, the hold-out flags, and the
+train -> predict -> evaluate chain on the bundled sample in subprocesses."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unet_pl import LitUNet, NucleiDataModule
+from unet_pl.holdout import holdout_ids
+from unet_pl.native_data import NativeNucleiDataModule, native_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize("crop", [32, 64])  # smaller and larger than the 40x48 images
+def test_native_crops_keep_image_mask_labels_and_boundary_aligned(make_train_dir, tmp_path, crop):
+    root = make_train_dir(n=3, h=40, w=48)
+    dm = NativeNucleiDataModule(root, crop_size=crop, val_split=0.34, batch_size=2, num_workers=0, cache_dir=tmp_path / "c",
+                                head="mask+boundary", progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.cache_path.name.startswith("dsb2018-native-")
+    image, labels = native_image(dm.arrays, 0)
+    assert image.shape == (40, 48, 3) and labels.shape == (40, 48) and labels.max() == 2  # full size, two nuclei
+    torch.manual_seed(0)
+    for k in range(6):
+        item = dm.train_set[k % len(dm.train_set)]
+        img, mask, bnd = item["image"], item["mask"][0], item["boundary"][0]
+        assert img.shape == (3, crop, crop) and mask.shape == bnd.shape == (crop, crop)
+        # The synthetic nuclei are 200 on a background below 30: after any crop, flip, rotation
+        # or jitter, bright pixels are exactly the mask.
+        assert torch.equal(img[0] > 110, mask.bool())
+        assert bnd.bool().logical_and(~mask.bool()).sum() == 0 and (bnd.sum() > 0) == (mask.sum() > 0)
+        assert tuple(item["size"].tolist()) == (40, 48)
+    val = dm.val_set[0]
+    assert torch.equal(val["image"], dm.val_set[0]["image"]) and val["labels"].shape == (crop, crop)
+
+
+def test_holdout_images_are_never_trained_or_validated(sample_dir, tmp_path):
+    held = set(holdout_ids(sample_dir))
+    dm = NucleiDataModule(sample_dir, img_size=32, num_workers=0, cache_dir=tmp_path, holdout="stratified", progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    seen = {dm.train_set.ids[j] for j in dm.train_set.indices} | {dm.val_set.ids[j] for j in dm.val_set.indices}
+    assert len(held) == 4 and not seen & held and len(seen) == 26
+    # Without the flag the split is the one the notebook mode always made.
+    dm0 = NucleiDataModule(sample_dir, img_size=32, num_workers=0, cache_dir=tmp_path, progress=False)
+    dm0.setup("fit")
+    from unet_pl.data import split_indices
+
+    assert np.array_equal(dm0.val_set.indices, split_indices(30, 0.1, 42)[1])
+
+
+# ------------------------------------------------------------------ model
+
+
+def test_head_sets_the_output_channels_and_checkpoints_remember_it(tmp_path):
+    import lightning.pytorch as pl
+
+    model = LitUNet(head="mask+boundary", resolution="native", img_size=32)
+    assert model.unet.head.out_channels == 2 and model.hparams.out_channels == 2
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "mask": torch.zeros(2, 1, 32, 32, dtype=torch.uint8), "boundary": torch.zeros(2, 1, 32, 32, dtype=torch.uint8),
+             "labels": torch.zeros(2, 32, 32, dtype=torch.int32)}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(2)], batch_size=2))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = LitUNet.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.hparams.head == "mask+boundary" and loaded.hparams.resolution == "native" and loaded.unet.head.out_channels == 2
+    with pytest.raises(ValueError, match="out_channels"):
+        LitUNet(head="mask+boundary", out_channels=3)
+    # A checkpoint written before these options existed loads as the notebook's model.
+    trainer.strategy.connect(LitUNet(img_size=32))
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    ckpt = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    for k in ("head", "resolution"):
+        ckpt["hyper_parameters"].pop(k)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = LitUNet.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert (old.hparams.head, old.hparams.resolution, old.unet.head.out_channels) == ("mask", "resize", 1)
+
+
+def test_boundary_positives_are_weighted_and_the_boundary_is_required():
+    logits = torch.zeros(1, 2, 4, 4)  # p = 0.5 everywhere: BCE is log 2 per pixel
+    y = torch.zeros(1, 2, 4, 4)
+    y[:, 1, 0, 0] = 1  # one boundary pixel
+    log2 = float(np.log(2))
+    for w in (1.0, 5.0):
+        loss = LitUNet(head="mask+boundary", boundary_weight=w)._loss(logits, y)
+        assert loss.item() == pytest.approx(log2 * (32 - 1 + w) / 32)
+    assert LitUNet()._loss(logits[:, :1], y[:, :1]).item() == pytest.approx(log2)  # the notebook: plain BCE
+    with pytest.raises(ValueError, match="boundary"):
+        LitUNet(head="mask+boundary")._targets({"mask": y[:, :1]})
+
+
+def test_notebook_prediction_is_unchanged_by_the_new_options(sample_dir):
+    """predict_folder's notebook path = sigmoid, resize back, 8-connected components, as before."""
+    from skimage.measure import label
+
+    from unet_pl.images import read_image, resize_image
+    from unet_pl.predict import resize_back, to_labels
+
+    torch.manual_seed(0)
+    model = LitUNet(img_size=64).eval()
+    image = read_image(next(iter(sorted(sample_dir.glob("*/images/*.png")))))
+    x = torch.from_numpy(resize_image(image, 64).transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        logits = model(model.prepare_images(x))
+        model.unet.head.bias -= torch.quantile(logits.flatten(), 0.8)
+        prob = torch.sigmoid(model(model.prepare_images(x)))[:, 0].numpy()[0]
+    old = label(resize_back(prob, image.shape[:2]) > 0.5)
+    new = to_labels(resize_back(prob[None], image.shape[:2]), 0.5)
+    assert old.max() > 0 and np.array_equal(old, new)
+
+
+# ------------------------------------------------------------------ the CLIs, as users run them
+
+
+def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    assert p.returncode == 0, f"{args} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_instance_mode_train_predict_evaluate_on_the_holdout(sample_dir, tmp_path):
+    out = tmp_path / "run"
+    _run("-m", "unet_pl.cli.train", "--gpus", "0", "--mode", "instance", "--crop-size", "64", "--epochs", "1",
+         "--batch-size", "8", "--num-workers", "0", "--holdout", "stratified", "--precision", "32",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    hp = torch.load(out / "best.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert (hp["head"], hp["resolution"], hp["out_channels"], hp["img_size"]) == ("mask+boundary", "native", 2, 64)
+    sub = tmp_path / "sub.csv"
+    p = _run("scripts/predict.py", "--ckpt", str(out / "best.ckpt"), "--data-dir", str(sample_dir), "--out", str(sub),
+             "--holdout", "stratified", "--tta", "d4", "--fill-holes", "--min-size", "5", "--gpus", "0",
+             "--masks-dir", str(tmp_path / "masks"), "--no-progress", "--tile", "512")
+    assert "4 images" in p.stdout
+    held = holdout_ids(sample_dir)
+    from PIL import Image
+
+    for i in held:  # whole images at their own size, the 1024x1024 brightfield one in tiles
+        png = np.asarray(Image.open(tmp_path / "masks" / f"{i}.png"))
+        assert png.shape == Image.open(sample_dir / i / "images" / f"{i}.png").size[::-1]
+    p = _run("scripts/evaluate.py", "--pred", str(sub), "--truth", str(sample_dir), "--holdout", "stratified")
+    assert "over 4 images" in p.stdout and "not in the truth" not in p.stdout
