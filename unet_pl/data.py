@@ -104,6 +104,11 @@ def build_cache(items: Sequence[TrainItem], img_size: int, path: Path, rles: dic
         except BaseException:
             pool.shutdown(cancel_futures=True)  # fail fast: the first bad file is the message
             raise
+    write_npz_atomically(path, arrays)
+
+
+def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to a temp file beside ``path``, then ``os.replace``: never a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -118,14 +123,19 @@ def build_cache(items: Sequence[TrainItem], img_size: int, path: Path, rles: dic
         raise
 
 
-def load_cache(path: Path) -> dict[str, np.ndarray]:
-    """The arrays ``build_cache`` wrote, in memory. ``ValueError`` if the file is not such a cache."""
+def load_npz(path: Path, keys: Sequence[str], what: str = "unet_pl cache") -> dict[str, np.ndarray]:
+    """Every array of ``path`` in memory; ``ValueError`` when one of ``keys`` is missing."""
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    missing = {"images", "masks", "labels", "sizes", "ids"} - set(arrays)
+    missing = set(keys) - set(arrays)
     if missing:
-        raise ValueError(f"{path} is not a unet_pl cache (no {', '.join(sorted(missing))})")
+        raise ValueError(f"{path} is not a {what} (no {', '.join(sorted(missing))})")
     return arrays
+
+
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    """The arrays ``build_cache`` wrote, in memory. ``ValueError`` if the file is not such a cache."""
+    return load_npz(path, ("images", "masks", "labels", "sizes", "ids"))
 
 
 class NucleiDataset(Dataset):

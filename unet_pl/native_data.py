@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .data import NucleiDataModule, _fingerprint
+from .data import NucleiDataModule, _fingerprint, load_npz, write_npz_atomically
 from .images import TrainItem, decode_masks, image_size, read_image
 from .targets import head_channels, make_targets
 
@@ -76,28 +75,13 @@ def build_native_cache(items: Sequence[TrainItem], path: Path, rles: dict | None
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels, shapes=shapes, offsets=offsets, ids=np.array([it.id for it in items]))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_npz_atomically(path, dict(images=images, labels=labels, shapes=shapes, offsets=offsets,
+                                    ids=np.array([it.id for it in items])))
 
 
 def load_native_cache(path: Path) -> dict[str, np.ndarray]:
     """The arrays ``build_native_cache`` wrote. ``ValueError`` if the file is not such a cache."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    missing = set(NATIVE_KEYS) - set(arrays)
-    if missing:
-        raise ValueError(f"{path} is not a unet_pl native-resolution cache (no {', '.join(sorted(missing))})")
-    return arrays
+    return load_npz(path, NATIVE_KEYS, "unet_pl native-resolution cache")
 
 
 def native_image(arrays: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
