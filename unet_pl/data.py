@@ -138,7 +138,39 @@ def load_cache(path: Path) -> dict[str, np.ndarray]:
     return load_npz(path, ("images", "masks", "labels", "sizes", "ids"))
 
 
-class NucleiDataset(Dataset):
+class CachedDataset(Dataset):
+    """Items ``indices`` of a decoded cache (``arrays``), augmented by ``self.transform``.
+
+    ``__getitem__`` takes an index, or ``(index, seed)`` from ``AugmentSampler``; subclasses call
+    ``seed_transform(seed)`` before augmenting.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None) -> None:
+        self.arrays = arrays
+        self.indices = np.arange(len(arrays["ids"])) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.ids = [str(i) for i in arrays["ids"]]
+        self.transform: Callable | None = None
+        self._seeded_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def seed_transform(self, seed: int | None) -> None:
+        """The sampler's seed for this item; without one, a seed per worker process (once)."""
+        if not hasattr(self.transform, "set_random_seed"):
+            return
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        elif self._seeded_pid != os.getpid():
+            # albumentations keeps its own generator, copied into every forked worker: without a
+            # reseed all workers would draw the same augmentations. torch's seed (per worker in a
+            # worker) is distinct per worker and reproducible under seed_everything.
+            info = get_worker_info()
+            self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
+            self._seeded_pid = os.getpid()
+
+
+class NucleiDataset(CachedDataset):
     """Decoded images (a ``load_cache`` dict) at ``indices``, as the batch contract's dicts.
 
     Item: ``image`` uint8 (3, S, S), ``mask`` uint8 (1, S, S) in {0, 1}, ``id`` str, ``size`` int64
@@ -150,16 +182,10 @@ class NucleiDataset(Dataset):
 
     def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None = None,
                  transform: Callable | None = None, with_labels: bool = False, head: str = "mask") -> None:
-        self.arrays = arrays
-        self.indices = np.arange(len(arrays["ids"])) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.ids = [str(i) for i in arrays["ids"]]
+        super().__init__(arrays, indices)
         self.transform = transform
         self.with_labels = with_labels
         self.boundary = head_channels(head) > 1
-        self._seeded_pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def __getitem__(self, i: int | tuple[int, int]) -> dict:
         i, seed = i if isinstance(i, tuple) else (i, None)  # (index, augmentation seed) from AugmentSampler
@@ -167,10 +193,7 @@ class NucleiDataset(Dataset):
         image, mask = self.arrays["images"][j], self.arrays["masks"][j]
         labels = self.arrays["labels"][j]
         if self.transform is not None:
-            if seed is not None and hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(seed)
-            else:
-                self._seed_worker()
+            self.seed_transform(seed)
             # The labels move with the image only when a target is made from them.
             out = self.transform(image=image, mask=mask, **({"masks": [labels]} if self.boundary else {}))
             image, mask = out["image"], out["mask"]
@@ -186,15 +209,6 @@ class NucleiDataset(Dataset):
         if self.with_labels:
             item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
         return item
-
-    def _seed_worker(self) -> None:
-        # albumentations keeps its own generator, copied into every forked worker: without a
-        # reseed all workers would draw the same augmentations. torch's seed (per worker in a
-        # worker) is distinct per worker and reproducible under seed_everything.
-        if self._seeded_pid != os.getpid() and hasattr(self.transform, "set_random_seed"):
-            info = get_worker_info()
-            self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
-            self._seeded_pid = os.getpid()
 
 
 class AugmentSampler(Sampler):
@@ -311,7 +325,10 @@ class NucleiDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Decode and cache once (rank 0 of each node under DDP). Raises on bad input, before training."""
-        path, job = self._located = self._locate()
+        # The CLI calls this before the Trainer does: scan (stat ~30k mask files) once per instance.
+        if self._located is None:
+            self._located = self._locate()
+        path, job = self._located
         if path.is_file():
             log.info("using cached %s", path)
             return

@@ -12,7 +12,6 @@ is comparable from epoch to epoch. Prediction runs on whole images (``unet_pl.ti
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,10 +20,9 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .data import NucleiDataModule, _fingerprint, load_npz, write_npz_atomically
+from .data import CachedDataset, NucleiDataModule, _fingerprint, load_npz, write_npz_atomically
 from .images import TrainItem, decode_masks, image_size, read_image
 from .targets import head_channels, make_targets
 
@@ -91,7 +89,7 @@ def native_image(arrays: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.
     return arrays["images"][a:b].reshape(h, w, 3), arrays["labels"][a:b].reshape(h, w)
 
 
-class NativeCropDataset(Dataset):
+class NativeCropDataset(CachedDataset):
     """Crops of full-resolution images (a ``load_native_cache`` dict) at ``indices``.
 
     Item (docs/design.md's batch): ``image`` uint8 (3, S, S), ``mask`` uint8 (1, S, S) in {0, 1},
@@ -102,26 +100,17 @@ class NativeCropDataset(Dataset):
     def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None, crop_size: int,
                  augment: A.BaseCompose | None = None, train: bool = True, head: str = "mask",
                  with_labels: bool = False) -> None:
-        self.arrays = arrays
-        self.indices = np.arange(len(arrays["ids"])) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.ids = [str(i) for i in arrays["ids"]]
+        super().__init__(arrays, indices)
         self.transform: Callable = crop_transform(crop_size, augment, train)
         self.head = head
         head_channels(head)
         self.with_labels = with_labels
-        self._seeded_pid: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def __getitem__(self, i: int | tuple[int, int]) -> dict:
         i, seed = i if isinstance(i, tuple) else (i, None)  # (index, augmentation seed) from AugmentSampler
         j = int(self.indices[i])
         image, labels = native_image(self.arrays, j)
-        if seed is not None:
-            self.transform.set_random_seed(seed)
-        else:
-            self._seed_worker()
+        self.seed_transform(seed)
         out = self.transform(image=image, mask=(labels > 0).astype(np.uint8), masks=[labels])
         image, mask, labels = out["image"], out["mask"], out["masks"][0]
         item = {
@@ -135,13 +124,6 @@ class NativeCropDataset(Dataset):
         if self.with_labels:
             item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
         return item
-
-    def _seed_worker(self) -> None:
-        # As NucleiDataset: albumentations' own generator is copied into every forked worker.
-        if self._seeded_pid != os.getpid():
-            info = get_worker_info()
-            self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
-            self._seeded_pid = os.getpid()
 
 
 class NativeNucleiDataModule(NucleiDataModule):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .data import ImageFolderDataset
 from .images import list_images, read_image
@@ -74,14 +74,6 @@ def load_model(ckpt: str | Path | None = None, keras_h5: str | Path | None = Non
         model = LitUNet(img_size=int(img_size or 128))
         load_keras_weights(model.unet, path)
     return model.to(device).eval()
-
-
-def predict_dataset(data_dir: str | Path, img_size: int, workers: int = 2, progress: bool = True,
-                    ids: list[str] | None = None) -> Dataset:
-    """The data module's ``ImageFolderDataset``: items ``{"image": uint8 (3, S, S), "id", "size": (H, W)}``,
-    for the ``stage1_test`` layout (``<id>/images/<id>.png``) or a plain folder of images
-    (only ``ids`` when given)."""
-    return ImageFolderDataset(data_dir, img_size, workers=workers, progress=progress, ids=ids)
 
 
 def model_probabilities(model: LitUNet, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -197,7 +189,7 @@ def predict_folder(model: LitUNet, data_dir: str | Path, out_csv: str | Path, *,
         results = ((i, p, (p.shape[-2], p.shape[-1]), im) for i, p, im in
                    predict_native(model, entries, device, progress, tta, tile))
     else:
-        dataset = predict_dataset(data_dir, int(model.hparams.img_size), workers=max(1, num_workers), progress=progress, ids=ids)
+        dataset = ImageFolderDataset(data_dir, int(model.hparams.img_size), workers=max(1, num_workers), progress=progress, ids=ids)
         # The dataset holds decoded, resized images already: no worker processes needed.
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
         results = ((i, resize_back(p, size), size, None) for i, p, size in
