@@ -86,3 +86,58 @@ def test_wrong_channel_count_and_rank_are_refused():
 def test_model_module_does_not_import_lightning():
     code = "import sys, unet_pl.model; sys.exit('lightning' in sys.modules or 'pytorch_lightning' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _up_reference(up: nn.ConvTranspose2d, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    return torch.cat([up(x), skip], dim=1)
+
+
+@pytest.mark.parametrize("c_in,c_out,size", [(16, 8, 8), (128, 64, 4)])
+def test_1x1_upsampling_equals_the_transposed_convolution(c_in, c_out, size):
+    """The bf16 CPU path's 1x1-convolution + pixel-shuffle view against ConvTranspose2d + cat:
+    same values and same gradients for the input, the skip, the kernel and the bias (fp32)."""
+    from unet_pl.model import up_concat_1x1
+
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+    nn.init.normal_(up.bias)  # a zero bias would hide a bias laid out in the wrong order
+    x = torch.randn(2, c_in, size, size).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, c_out, 2 * size, 2 * size).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 2 * c_out, 2 * size, 2 * size)
+    results = []
+    for fn in (_up_reference, up_concat_1x1):
+        xs, ss = x.clone().requires_grad_(), skip.clone().requires_grad_()
+        up.zero_grad()
+        out = fn(up, xs, ss)
+        out.backward(grad)
+        results.append((out.detach(), xs.grad, ss.grad, up.weight.grad.clone(), up.bias.grad.clone()))
+    for name, ref, got in zip(("output", "d input", "d skip", "d kernel", "d bias"), *results):
+        assert got.shape == ref.shape, name
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_autocast_on_cpu_takes_the_1x1_path_and_agrees_with_fp32():
+    from unet_pl import model as model_module
+
+    torch.manual_seed(0)
+    net = UNet().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls = []
+    original = model_module.up_concat_1x1
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    model_module.up_concat_1x1 = spy
+    try:
+        fp32 = net(x)
+        assert not calls  # fp32 keeps ConvTranspose2d
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = net(x)
+    finally:
+        model_module.up_concat_1x1 = original
+    assert len(calls) == 4  # the four up-steps
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), fp32, rtol=0.05, atol=0.02)

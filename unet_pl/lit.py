@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
+from .perf import keep_freed_memory
 from .targets import head_channels
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class LitUNet(pl.LightningModule):
         return self.unet(x)
 
     def setup(self, stage: str) -> None:
+        keep_freed_memory()  # no page faults on every activation (see unet_pl.perf)
         # Prediction resizes images to the checkpoint's img_size: record the size the data module
         # really feeds, so LitUNet() + NucleiDataModule(img_size=256) does not save 128.
         dm = self.trainer.datamodule if self._trainer is not None else None

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from .data import ImageFolderDataset
 from .images import list_images, read_image
 from .lit import LitUNet
+from .perf import keep_freed_memory
 from .postprocess import SEED_THRESHOLDS, probabilities_to_labels
 from .rle import encode_labels
 from .tiling import predict_whole
@@ -87,6 +88,8 @@ def predict_probabilities(model: LitUNet, loader: DataLoader, device: torch.devi
     """Yields ``(id, prob float32 (C, S, S) in [0, 1], (H, W))`` per image, batch by batch."""
     from tqdm.auto import tqdm
 
+    keep_freed_memory()
+
     bar = tqdm(total=len(loader.dataset), unit="img", desc="predict", disable=not progress)
     for batch in loader:
         x = model.prepare_images(batch["image"].to(device, non_blocking=True))
@@ -103,6 +106,8 @@ def predict_native(model: LitUNet, paths: list[tuple[str, Path]], device: torch.
     """Yields ``(id, prob float32 (C, H, W) in [0, 1], image uint8 (H, W, 3))`` per image: each image
     whole at its own size (padded to a multiple of 16; tiled when a side exceeds ``tile``)."""
     from tqdm.auto import tqdm
+
+    keep_freed_memory()
 
     for image_id, path in tqdm(paths, unit="img", desc="predict", disable=not progress):
         image = read_image(path)

@@ -100,10 +100,12 @@ def run_infer(cfg: dict) -> dict:
     import torch
 
     from unet_pl.lit import LitUNet
+    from unet_pl.perf import keep_freed_memory
 
     cuda = cfg["device"] == "cuda"
     dev = torch.device(cfg["device"])
     torch.backends.cudnn.benchmark = cuda
+    keep_freed_memory()  # as prediction does
     model = LitUNet(channels_last=cfg["channels_last"]).eval().to(dev)
     batches = [model.prepare_images(b["image"].to(dev)) for b in _batches(cfg["batch_size"], cfg["size"], 2)]
     dtype = torch.bfloat16 if cfg["precision"].startswith("bf16") else (torch.float16 if cfg["precision"].startswith("16") else None)

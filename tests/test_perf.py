@@ -1,0 +1,43 @@
+"""unet_pl.perf.keep_freed_memory: a training step's freed activations are reused, not faulted in again."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Forward + backward of the seed's U-Net at batch 16, counting the minor page faults of each step.
+PROBE = r"""
+import json, resource, torch
+from unet_pl.perf import keep_freed_memory
+from unet_pl.model import UNet
+on = keep_freed_memory()
+torch.manual_seed(0)
+net = UNet().to(memory_format=torch.channels_last)
+x = torch.rand(16, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    net(x).mean().backward()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"on": on, "faults": faults}))
+"""
+
+
+def _probe(setting: str) -> dict:
+    env = {**os.environ, "UNET_PL_KEEP_FREED_MEMORY": setting}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt, Linux page-fault counts")
+def test_training_steps_stop_page_faulting_once_memory_is_kept():
+    off, on = _probe("0"), _probe("1")
+    assert off["on"] is False and on["on"] is True
+    # Seen on the project's machine: off ~20,000-29,000 faults every step (activations mmap'd and
+    # zero-filled again), on 0 from the third step.
+    steady_off, steady_on = off["faults"][2:], on["faults"][2:]
+    assert min(steady_off) > 5000, off
+    assert max(steady_on) < 500, on
