@@ -92,7 +92,7 @@ def test_help_documents_every_flag():
     assert {a.option_strings[0] for a in flags} >= {
         "--gpus", "--num-nodes", "--data-dir", "--epochs", "--batch-size", "--lr", "--l2", "--optimizer", "--img-size",
         "--val-split", "--augment", "--seed", "--patience", "--precision", "--num-workers", "--out", "--resume",
-        "--max-time", "--fast-dev-run", "--deterministic", "--cache-dir"}
+        "--max-time", "--fast-dev-run", "--deterministic", "--cache-dir", "--compile"}
     assert all(a.help for a in flags)
 
 
@@ -114,6 +114,7 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "0", "--data-dir", "/does/not/exist"], "is not a folder"),
     (["--gpus", "0", "--optimizer", "rmsprop"], "invalid choice"),
     (["--gpus", "-1"], "--gpus must be >= 0"),
+    (["--gpus", "0", "--compile", "default", "--mode", "instance"], "--compile needs fixed image sizes"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     from unet_pl.cli.train import resolve_run_dir
@@ -196,6 +197,24 @@ def test_bf16_mixed_on_cuda(tmp_path, cache_dir):
     # weights stay float32 under autocast; the checkpoint loads on a CPU
     model = LitUNet.load_from_checkpoint(out / "best.ckpt", map_location="cpu")
     assert next(model.parameters()).dtype == torch.float32
+
+
+@gpu
+@needs_cuda
+def test_compile_reduce_overhead_trains_and_saves_plain_checkpoints(tmp_path, cache_dir):
+    """--compile reduce-overhead (CUDA graphs) through training and validation; the checkpoint keeps
+    the parameter names, so it loads into an uncompiled LitUNet and predicts the same."""
+    out = tmp_path / "compiled"
+    proc = run(train_cmd("--gpus", "1", "--compile", "reduce-overhead", "--epochs", "3", "--patience", "0", *TINY,
+                         "--out", str(out), cache=cache_dir), cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = read_epoch_metrics(out)
+    assert sorted(epochs) == [0, 1, 2]
+    assert epochs[2]["val/loss"] < epochs[0]["val/loss"]
+    state = weights(out / "best.ckpt")
+    assert not any("_orig_mod" in k for k in state)
+    model = LitUNet.load_from_checkpoint(out / "best.ckpt", map_location="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_fast_dev_run_trains_one_batch_and_writes_nothing(tmp_path, cache_dir):

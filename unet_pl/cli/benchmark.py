@@ -77,8 +77,8 @@ def run_train(cfg: dict) -> dict:
 
     torch.manual_seed(0)
     model = LitUNet(channels_last=cfg["channels_last"], img_size=cfg["size"])
-    if cfg.get("compile"):
-        model.unet = torch.compile(model.unet)
+    if cfg.get("compile"):  # as train.py --compile MODE does it
+        model.unet.compile(mode=None if cfg["compile"] == "default" else cfg["compile"])
     clock = Clock()
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision=cfg["precision"], max_steps=total,
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="training precisions (default: 32-true bf16-mixed, and 16-mixed on CUDA)")
     p.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
                    help="memory layouts for the training rows (default: both)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    p.add_argument("--compile", nargs="*", choices=["default", "reduce-overhead", "max-autotune"], default=None,
+                   help="add torch.compile rows (bf16-mixed channels_last) in these modes (no mode given: default)")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers for the loader row (default 2)")
     p.add_argument("--data-dir", default=None, help="data for the loader row (default: the bundled sample)")
     p.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these kinds of rows")
@@ -298,9 +299,9 @@ def main(argv: list[str] | None = None) -> None:
                     layout = "channels_last" if cl else "NCHW"
                     measure(f"train {precision} {layout}, batch {bs}",
                             {"kind": "train", "batch_size": bs, "precision": precision, "channels_last": cl})
-            if args.compile:
-                measure(f"train bf16-mixed channels_last + torch.compile, batch {bs}",
-                        {"kind": "train", "batch_size": bs, "precision": "bf16-mixed", "channels_last": True, "compile": True})
+            for mode in ([] if args.compile is None else args.compile or ["default"]):
+                measure(f"train bf16-mixed channels_last + torch.compile {mode}, batch {bs}",
+                        {"kind": "train", "batch_size": bs, "precision": "bf16-mixed", "channels_last": True, "compile": mode})
     if "infer" in kinds:
         bs = max(args.batch_sizes)
         for precision in ("32-true", "bf16-mixed"):

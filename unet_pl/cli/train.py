@@ -21,6 +21,8 @@ from pathlib import Path
 #: Exit statuses: bad usage (as argparse), and the shell's 128 + signal for an interrupted run.
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
 PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+#: torch.compile modes --compile offers ("default" is torch's default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
 #: --mode presets: what --resolution and --head default to (each flag given explicitly wins).
 MODES = {
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "CPUs with AVX512-BF16 or AMX), else 32; 32: float32 as the notebook; bf16-mixed: autocast to "
                          "bfloat16; 16-mixed: float16 + loss scaling (GPU only)")
     hw.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per training process")
+    hw.add_argument("--compile", choices=("off", *COMPILE_MODES), default="off",
+                    help="torch.compile the U-Net. GPU: reduce-overhead (CUDA graphs) removes the kernel-launch cost "
+                         "that bounds small batches (see the README's performance section); CPU: slower, leave off")
     hw.add_argument("--deterministic", action="store_true",
                     help="deterministic algorithms (Trainer(deterministic=True)): same seed, same weights; "
                          "bit-exact across --resume too (augmentation is seeded per epoch and image)")
@@ -108,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "img_size", "num_nodes", "cpu_processes"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.compile != "off" and args.resolution == "native":
+        fail("--compile needs fixed image sizes: use it with --resolution resize (native validation images vary in size)")
     if args.num_workers < 0 or args.patience < 0 or args.lr <= 0 or args.l2 < 0:
         fail("--num-workers, --patience and --l2 must be >= 0 and --lr > 0")
     if not 0.0 < args.val_split < 1.0:
@@ -185,8 +192,12 @@ def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     native = args.resolution == "native"
-    return LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=args.crop_size if native else args.img_size,
-                   head=args.head, resolution=args.resolution)
+    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=args.crop_size if native else args.img_size,
+                    head=args.head, resolution=args.resolution)
+    if args.compile != "off":
+        # in place: the parameters keep their names, so checkpoints load without torch.compile
+        model.unet.compile(mode=None if args.compile == "default" else args.compile)
+    return model
 
 
 def check_resume(ckpt: Path, model, say) -> None:
