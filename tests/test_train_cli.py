@@ -237,3 +237,13 @@ def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
     assert args.precision == "bf16-mixed"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert cli.parse_args(["--gpus", "0"]).precision == "32"
+
+
+def test_cpu_training_loads_in_process_by_default(monkeypatch):
+    """On the CPU the step uses every core: loader workers would only compete with it (README)."""
+    from unet_pl.cli import train as cli
+
+    assert parse_args(["--gpus", "0"]).num_workers == 0
+    assert parse_args(["--gpus", "0", "--num-workers", "3"]).num_workers == 3
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    assert cli.default_workers(1) == 8 and cli.default_workers(2) == 7 and cli.default_workers(16) == 1

@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto (default): bf16-mixed where the hardware computes bfloat16 natively (Ampere+ GPUs; "
                          "CPUs with AVX512-BF16 or AMX), else 32; 32: float32 as the notebook; bf16-mixed: autocast to "
                          "bfloat16; 16-mixed: float16 + loss scaling (GPU only)")
-    hw.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per training process")
+    hw.add_argument("--num-workers", type=int, default=None,
+                    help="DataLoader processes per training process. Default: 0 on the CPU (loading in the training "
+                         "process: 9%% faster on 2 cores, where workers compete with the training threads), "
+                         "min(8, cores per GPU - 1) with GPUs")
     hw.add_argument("--compile", choices=("off", *COMPILE_MODES), default="off",
                     help="torch.compile the U-Net. GPU: reduce-overhead (CUDA graphs) removes the kernel-launch cost "
                          "that bounds small batches (see the README's performance section); CPU: slower, leave off")
@@ -115,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.compile != "off" and args.resolution == "native":
         fail("--compile needs fixed image sizes: use it with --resolution resize (native validation images vary in size)")
-    if args.num_workers < 0 or args.patience < 0 or args.lr <= 0 or args.l2 < 0:
+    if args.num_workers is not None and args.num_workers < 0 or args.patience < 0 or args.lr <= 0 or args.l2 < 0:
         fail("--num-workers, --patience and --l2 must be >= 0 and --lr > 0")
     if not 0.0 < args.val_split < 1.0:
         fail(f"--val-split must lie strictly between 0 and 1, got {args.val_split}")
@@ -137,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail("--cpu-processes is for --gpus 0 (DDP on the CPU); with GPUs, --gpus N sets the processes")
     if args.precision == "auto":
         args.precision = "bf16-mixed" if native_bf16(args.gpus > 0) else "32"
+    if args.num_workers is None:
+        args.num_workers = default_workers(args.gpus)
     if args.gpus == 0 and args.precision == "16-mixed":
         fail("--precision 16-mixed needs a CUDA GPU; on the CPU use --precision bf16-mixed or 32")
     return args
@@ -175,6 +180,19 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
     if out is None:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return out, ckpt
+
+
+def default_workers(gpus: int) -> int:
+    """Loader processes when --num-workers is not given.
+
+    CPU training uses every core for the step and the loader needs ~5% of one (5,000 images/s
+    per worker against ~250 trained): workers only compete with the training threads (2-core
+    EPYC, full set, 8 epochs: 257 images/s with 0 workers, 233 with 2). A GPU step is ~50x
+    faster, so there the loader needs processes of its own: up to 8, one core left per GPU.
+    """
+    if gpus == 0:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // gpus - 1))
 
 
 def make_datamodule(args: argparse.Namespace):
