@@ -117,12 +117,13 @@ def test_1x1_upsampling_equals_the_transposed_convolution(c_in, c_out, size):
     assert results[1][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_bf16_autocast_on_cpu_takes_the_1x1_path_and_agrees_with_fp32():
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 16, 48)])  # 16 px: the deepest level is 1 pixel high
+def test_bf16_autocast_on_cpu_takes_the_1x1_path_and_agrees_with_fp32(shape):
     from unet_pl import model as model_module
 
     torch.manual_seed(0)
     net = UNet().to(memory_format=torch.channels_last)
-    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
     calls = []
     original = model_module.up_concat_1x1
 

@@ -83,7 +83,7 @@ def up_concat_1x1(up: nn.ConvTranspose2d, x: torch.Tensor, skip: torch.Tensor) -
     kernel = up.weight.permute(2, 3, 1, 0).reshape(4 * out, up.in_channels, 1, 1)  # rows (a, b, out)
     bias = up.bias.repeat(4) if up.bias is not None else None
     y = F.conv2d(x, kernel, bias).permute(0, 2, 3, 1)  # NHWC (n, h, w, 4 * out), no copy
-    y = y.view(n, h, w, 2, 2, out).permute(0, 1, 3, 2, 4, 5)  # (n, h, a, w, b, out)
+    y = y.reshape(n, h, w, 2, 2, out).permute(0, 1, 3, 2, 4, 5)  # (n, h, a, w, b, out); a view when NHWC
     s = skip.permute(0, 2, 3, 1).reshape(n, h, 2, w, 2, skip.shape[1])  # a view of the NHWC skip
     z = torch.cat([y, s.to(y.dtype)], dim=-1)  # contiguous (n, h, a, w, b, out + skip)
     return z.view(n, 2 * h, 2 * w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
