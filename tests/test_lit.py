@@ -147,3 +147,15 @@ def test_prediction_refuses_more_than_one_gpu():
     with pytest.raises(ValueError, match="one GPU"):
         choose_device(2)
     assert choose_device(0) == torch.device("cpu")
+
+
+def test_adam_is_fused_except_under_float16_loss_scaling():
+    """Fused Adam by default; under 16-mixed GradScaler would call step() on overflowed steps that
+    the fused kernel skips inside, and KerasAdam's epsilon would count them."""
+    from types import SimpleNamespace
+
+    model = LitUNet()
+    assert model.configure_optimizers().defaults["fused"] is True
+    for precision, fused in (("bf16-mixed", True), ("32-true", True), ("16-mixed", None)):
+        model._trainer = SimpleNamespace(precision=precision)
+        assert model.configure_optimizers().defaults["fused"] is fused, precision

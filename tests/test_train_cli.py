@@ -245,5 +245,6 @@ def test_cpu_training_loads_in_process_by_default(monkeypatch):
 
     assert parse_args(["--gpus", "0"]).num_workers == 0
     assert parse_args(["--gpus", "0", "--num-workers", "3"]).num_workers == 3
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
     assert cli.default_workers(1) == 8 and cli.default_workers(2) == 7 and cli.default_workers(16) == 1

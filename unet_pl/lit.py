@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
-from .perf import keep_freed_memory
+from .perf import keep_freed_memory, release_freed_memory
 from .targets import head_channels
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class LitUNet(pl.LightningModule):
         return self.unet(x)
 
     def setup(self, stage: str) -> None:
-        keep_freed_memory()  # no page faults on every activation (see unet_pl.perf)
+        if self._trainer is not None and self.trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()  # no page faults on every activation (see unet_pl.perf)
         # Prediction resizes images to the checkpoint's img_size: record the size the data module
         # really feeds, so LitUNet() + NucleiDataModule(img_size=256) does not save 128.
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -107,6 +108,9 @@ class LitUNet(pl.LightningModule):
         if size is not None and size != self.hparams.img_size:
             log.info("img_size: the data module feeds %s px, not %s; the checkpoint records %s", size, self.hparams.img_size, size)
             self.hparams.img_size = size
+
+    def teardown(self, stage: str) -> None:
+        release_freed_memory()  # the run's peak goes back to the system (see unet_pl.perf)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if isinstance(batch, dict):
@@ -140,7 +144,10 @@ class LitUNet(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         h = self.hparams
-        return build_optimizer(self.unet, h.optimizer, lr=h.lr, l2=h.l2, betas=tuple(h.betas), eps=h.eps, momentum=h.momentum)
+        # float16 loss scaling skips overflowed steps inside a fused kernel, unseen by KerasAdam
+        fp16 = self._trainer is not None and str(self._trainer.precision).startswith("16")
+        return build_optimizer(self.unet, h.optimizer, lr=h.lr, l2=h.l2, betas=tuple(h.betas), eps=h.eps, momentum=h.momentum,
+                               fused=False if fp16 else None)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         x, y = batch["image"], self._targets(batch)

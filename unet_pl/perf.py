@@ -9,8 +9,13 @@ batch 16) dozens of times, so every step page-faults and zero-fills them again: 
 With ``mallopt`` this process keeps freed blocks in its heap instead (as TensorFlow's pool does);
 resident memory then stays near the peak between steps, which it reaches every step anyway.
 
+The setting is process-wide and stays: memory freed later is kept too. ``release_freed_memory()``
+(``malloc_trim``) hands what is free back to the system; ``LitUNet.teardown`` and the prediction
+functions call it when they finish, so a notebook or a service does not keep a run's peak.
+``LitUNet`` turns it on for CPU runs only (a GPU step allocates no host activations).
+
 Off with the environment variable ``UNET_PL_KEEP_FREED_MEMORY=0``. No effect (and ``False``) on
-platforms without glibc.
+platforms without glibc, or with jemalloc/tcmalloc preloaded (they pool freed memory already).
 """
 from __future__ import annotations
 
@@ -41,21 +46,40 @@ def keep_freed_memory() -> bool:
     if os.environ.get("UNET_PL_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
         _done = False
         return _done
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl, macOS, Windows: their allocators differ
+    if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        _done = False  # glibc's mallopt would answer 1 and change nothing
+        return _done
+    libc = _glibc()
+    if libc is None:
         _done = False
         return _done
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = all(
-        mallopt(param, value) == 1
+    answers = [
+        mallopt(param, value)
         for param, value in (
             (_M_MMAP_MAX, 0),  # large blocks come from the heap, so they can be reused...
             (_M_TRIM_THRESHOLD, 2**31 - 1),  # ...and the heap is not trimmed back after each step
             (_M_TOP_PAD, 64 << 20),  # grow the heap in 64 MiB steps
         )
-    )
-    log.debug("glibc mallopt (keep freed memory): %s", "on" if ok else "refused")
-    _done = ok
+    ]
+    _done = all(a == 1 for a in answers)
+    log.debug("glibc mallopt (keep freed memory): %s", "on" if _done else f"refused ({answers})")
     return _done
+
+
+def release_freed_memory() -> None:
+    """Give free heap memory back to the system (glibc ``malloc_trim``); nothing if never kept."""
+    if _done:
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist: glibc
+    except (OSError, AttributeError):  # musl, macOS, Windows: their allocators differ
+        return None
+    return libc

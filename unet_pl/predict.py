@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from .data import ImageFolderDataset
 from .images import list_images, read_image
 from .lit import LitUNet
-from .perf import keep_freed_memory
+from .perf import keep_freed_memory, release_freed_memory
 from .postprocess import SEED_THRESHOLDS, probabilities_to_labels
 from .rle import encode_labels
 from .tiling import predict_whole
@@ -88,16 +88,19 @@ def predict_probabilities(model: LitUNet, loader: DataLoader, device: torch.devi
     """Yields ``(id, prob float32 (C, S, S) in [0, 1], (H, W))`` per image, batch by batch."""
     from tqdm.auto import tqdm
 
-    keep_freed_memory()
-
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # no page faults per batch (unet_pl.perf); released when done
     bar = tqdm(total=len(loader.dataset), unit="img", desc="predict", disable=not progress)
-    for batch in loader:
-        x = model.prepare_images(batch["image"].to(device, non_blocking=True))
-        prob = model_probabilities(model, x, tta).cpu().numpy()
-        for image_id, p, size in zip(batch["id"], prob, batch["size"].tolist(), strict=True):
-            yield image_id, p, (int(size[0]), int(size[1]))
-        bar.update(len(prob))
-    bar.close()
+    try:
+        for batch in loader:
+            x = model.prepare_images(batch["image"].to(device, non_blocking=True))
+            prob = model_probabilities(model, x, tta).cpu().numpy()
+            for image_id, p, size in zip(batch["id"], prob, batch["size"].tolist(), strict=True):
+                yield image_id, p, (int(size[0]), int(size[1]))
+            bar.update(len(prob))
+    finally:
+        bar.close()
+        release_freed_memory()
 
 
 @torch.inference_mode()
@@ -107,13 +110,16 @@ def predict_native(model: LitUNet, paths: list[tuple[str, Path]], device: torch.
     whole at its own size (padded to a multiple of 16; tiled when a side exceeds ``tile``)."""
     from tqdm.auto import tqdm
 
-    keep_freed_memory()
-
-    for image_id, path in tqdm(paths, unit="img", desc="predict", disable=not progress):
-        image = read_image(path)
-        x = model.prepare_images(torch.from_numpy(image.transpose(2, 0, 1).copy())[None].to(device))
-        prob = predict_whole(lambda v: model_probabilities(model, v, tta), x, tile=tile)
-        yield image_id, prob[0].cpu().numpy(), image
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # no page faults per image (unet_pl.perf); released when done
+    try:
+        for image_id, path in tqdm(paths, unit="img", desc="predict", disable=not progress):
+            image = read_image(path)
+            x = model.prepare_images(torch.from_numpy(image.transpose(2, 0, 1).copy())[None].to(device))
+            prob = predict_whole(lambda v: model_probabilities(model, v, tta), x, tile=tile)
+            yield image_id, prob[0].cpu().numpy(), image
+    finally:
+        release_freed_memory()
 
 
 def resize_back(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -187,12 +187,14 @@ def default_workers(gpus: int) -> int:
 
     CPU training uses every core for the step and the loader needs ~5% of one (5,000 images/s
     per worker against ~250 trained): workers only compete with the training threads (2-core
-    EPYC, full set, 8 epochs: 257 images/s with 0 workers, 233 with 2). A GPU step is ~50x
+    EPYC, full set: 257 images/s with 0 workers against 233 with 2 in --mode notebook, 214-244
+    against 204 in --mode instance, whose crops cost more to load). A GPU step is ~50x
     faster, so there the loader needs processes of its own: up to 8, one core left per GPU.
     """
     if gpus == 0:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // gpus - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)  # a job's share
+    return max(1, min(8, cores // gpus - 1))
 
 
 def make_datamodule(args: argparse.Namespace):
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     # conversion lives in LitUNet.on_after_batch_transfer by design (docs/design.md).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
+    if args.gpus == 0 and args.num_workers == 0:  # on purpose: see default_workers
+        warnings.filterwarnings("ignore", message=r".*does not have many workers")
     out, ckpt = resolve_run_dir(args)
     if args.gpus_defaulted:
         say("no --gpus given: " + ("CUDA is visible, training on 1 GPU (--gpus 0 for the CPU)" if args.gpus else "no CUDA device visible, training on the CPU"))
