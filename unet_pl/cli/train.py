@@ -11,12 +11,13 @@ import argparse
 import importlib.util
 import os
 import re
-import shlex
 import sys
 import time
 import warnings
 from datetime import datetime
 from pathlib import Path
+
+from .run_folder import draw, summarise, write_run_files
 
 #: Exit statuses: bad usage (as argparse), and the shell's 128 + signal for an interrupted run.
 EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
@@ -273,71 +274,6 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     return trainer, checkpoint, interrupt, throughput
 
 
-def write_run_files(out: Path, args: argparse.Namespace, argv: list[str], model) -> None:
-    """command.txt (appended: a resumed folder keeps every command) and hparams.yaml (CLI, model, versions)."""
-    import lightning
-    import torch
-    import yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "command.txt", "a") as f:
-        f.write(shlex.join([*_program(), *argv]) + "\n")
-    cli = {k: v for k, v in vars(args).items() if k != "gpus_defaulted"}
-    info = {"cli": cli, "model": dict(model.hparams), "versions": {"torch": str(torch.__version__), "lightning": str(lightning.__version__)}}
-    with open(out / "hparams.yaml", "w") as f:
-        yaml.safe_dump(_plain(info), f, sort_keys=False)
-
-
-def _program() -> list[str]:
-    """How this process was started: ``python scripts/train.py`` or ``python -m unet_pl.cli.train``."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:
-        return ["python", "-m", spec.name]
-    return ["python", sys.argv[0]] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else ["train.py"]
-
-
-def _plain(value):
-    """Tuples to lists, recursively, so yaml.safe_dump takes the hyperparameters."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall: float, pictures: list[Path]) -> str:
-    """The lines printed at the end: best epoch, why it stopped, speed, where the files are."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
-    from ..plots import best_epoch, read_epoch_metrics
-
-    lines = []
-    epochs = read_epoch_metrics(out)
-    best = best_epoch(epochs)
-    if best is not None:
-        m = epochs[best]
-        lines.append(f"best epoch {best}: val/loss {m['val/loss']:.4f}, val/iou {m.get('val/iou', float('nan')):.4f}")
-    early = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
-    if interrupt.signal:
-        how = "mid-epoch state" if interrupt.saved_mid_epoch else "end of the last complete epoch"
-        lines.append(f"interrupted by {interrupt.signal} in epoch {trainer.current_epoch}: last.ckpt holds the {how}; "
-                     f"continue with --resume last --out {out}")
-    elif args.fast_dev_run:
-        lines.append("fast dev run: one training and one validation batch; no checkpoints or logs written")
-    elif early is not None and early.stopped_epoch > 0:
-        lines.append(f"early stopping after epoch {early.stopped_epoch} ({args.patience} epochs without a lower val/loss)")
-    else:
-        lines.append(f"stopped after {trainer.current_epoch} epoch{'s' if trainer.current_epoch != 1 else ''} (--epochs {args.epochs}{', --max-time ' + args.max_time if args.max_time else ''})")
-    where = f"{trainer.world_size} CPU process{'es' if trainer.world_size > 1 else ''}" if args.gpus == 0 else f"{trainer.world_size} GPU{'s' if trainer.world_size > 1 else ''}"
-    lines.append(f"wall time {wall:.1f} s; training {throughput.images_per_second:.1f} images/s on {where}")
-    files = [p.name for p in (out / "best.ckpt", out / "last.ckpt", out / "hparams.yaml", out / "command.txt", *pictures) if p.exists()]
-    logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
-    lines.append(f"run folder {out}: {' '.join(files + logs)}")
-    if checkpoint.best_model_path:
-        lines.append(f"predict: python scripts/predict.py --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out submission.csv")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     """Train from ``argv`` (default ``sys.argv[1:]``). ``callbacks``: extra Lightning callbacks (tests).
 
@@ -392,31 +328,10 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     wall = time.perf_counter() - start
     if not trainer.is_global_zero:
         raise SystemExit(exit_code)
-    pictures = [] if args.fast_dev_run else _draw(out, datamodule, checkpoint, model, say)
+    pictures = [] if args.fast_dev_run else draw(out, datamodule, checkpoint, model, say)
     say(summarise(out, args, trainer, checkpoint, interrupt, throughput, wall, pictures))
     if exit_code:
         raise SystemExit(exit_code)
-
-
-def _draw(out: Path, datamodule, checkpoint, model, say) -> list[Path]:
-    """curves.png and val_predictions.png; a failure here must not hide a finished training."""
-    from ..lit import LitUNet
-    from ..plots import plot_curves, plot_val_predictions, predict_val_images, read_epoch_metrics
-
-    pictures = []
-    try:
-        epochs = read_epoch_metrics(out)
-        if epochs:
-            pictures.append(plot_curves(epochs, out / "curves.png", title=out.name))
-        best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else out / "best.ckpt"
-        if best.is_file():  # the picture shows the model the run keeps
-            model = LitUNet.load_from_checkpoint(best, map_location="cpu")
-        images, masks, probs, ids = predict_val_images(model, datamodule.val_dataloader())
-        if ids:
-            pictures.append(plot_val_predictions(images, masks, probs, ids, out / "val_predictions.png"))
-    except Exception as e:  # noqa: BLE001 -- report and go on: the checkpoints are what matter
-        say(f"warning: could not draw the run's pictures: {type(e).__name__}: {e}")
-    return pictures
 
 
 if __name__ == "__main__":
