@@ -11,6 +11,7 @@ import torch
 from conftest import write_png
 from torch.utils.data import DataLoader
 
+import unet_pl.cache as cache
 import unet_pl.data as data
 from unet_pl import NucleiDataModule
 from unet_pl.data import SAMPLE_DIR, ImageFolderDataset, NucleiDataset, split_indices
@@ -106,7 +107,7 @@ def test_cache_is_reused_and_rebuilt_when_stale(make_train_dir, tmp_path, monkey
     assert dm_for(root, tmp_path, img_size=32).cache_path != dm_for(root, tmp_path).cache_path
     assert dm_for(root, tmp_path, empty_masks="background").cache_path != dm_for(root, tmp_path).cache_path
     with monkeypatch.context() as m:
-        m.setattr(data, "CACHE_VERSION", data.CACHE_VERSION + 1)
+        m.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION + 1)
         bumped = dm_for(root, tmp_path).cache_path
     assert bumped != dm_for(root, tmp_path).cache_path
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import CachedDataset, NucleiDataModule, _fingerprint, load_npz, write_npz_atomically
+from .cache import fingerprint, load_npz, write_npz_atomically
+from .data import CachedDataset, NucleiDataModule
 from .images import TrainItem, decode_masks, image_size, read_image
 from .targets import head_channels, make_targets
 
@@ -147,7 +148,7 @@ class NativeNucleiDataModule(NucleiDataModule):
 
     def _cache_job(self, train_dir, items, rles, csv_path) -> tuple[Path, Callable[[], None]]:
         h = self.hparams
-        key = _fingerprint(train_dir, items, csv_path, "native", h.empty_masks)  # no size: one cache for every crop_size
+        key = fingerprint(train_dir, items, csv_path, "native", h.empty_masks)  # no size: one cache for every crop_size
         path = self.cache_dir / f"dsb2018-native-{key}.npz"
 
         def job() -> None:
