@@ -18,7 +18,7 @@ torch.manual_seed(0)
 net = UNet().to(memory_format=torch.channels_last)
 x = torch.rand(16, 3, 128, 128).contiguous(memory_format=torch.channels_last)
 faults = []
-for _ in range(5):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     net(x).mean().backward()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -49,9 +49,10 @@ def test_training_steps_stop_page_faulting_once_memory_is_kept():
     off, on = _probe("0"), _probe("1")
     assert off["on"] is False and on["on"] is True
     # Seen on the project's machine: off ~20,000-29,000 faults every step (activations mmap'd and
-    # zero-filled again), on 0 from the third step.
+    # zero-filled again); on, 0 once the heap has grown to the step's peak (from the third step),
+    # with an occasional 2,048 (one 8 MiB block placed in fresh heap).
     steady_off, steady_on = off["faults"][2:], on["faults"][2:]
     assert min(steady_off) > 5000, off
-    assert max(steady_on) < 500, on
+    assert sum(steady_on) < 0.05 * sum(steady_off), (on, off)
     # what was kept goes back to the system on release (LitUNet.teardown, end of prediction)
     assert on["kept_mib"] - on["released_mib"] > 100, on
