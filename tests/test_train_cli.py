@@ -168,6 +168,38 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     assert sorted(read_epoch_metrics(cut)) == [0, 1, 2, 3]
 
 
+def test_resume_from_a_checkpoint_path_continues_in_its_folder(tmp_path, cache_dir):
+    """--resume PATH (not 'last'): the run folder defaults to the checkpoint's, epochs carry on."""
+    out = tmp_path / "first"
+    short = ["--gpus", "0", "--patience", "0", *TINY]
+    first = run(train_cmd(*short, "--epochs", "2", "--out", str(out), cache=cache_dir), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "elsewhere.ckpt"
+    saved.write_bytes((out / "last.ckpt").read_bytes())
+    more = run(train_cmd(*short, "--epochs", "3", "--resume", str(out / "last.ckpt"), cache=cache_dir), cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"resuming from {out / 'last.ckpt'}" in more.stdout
+    assert sorted(read_epoch_metrics(out)) == [0, 1, 2]  # epoch 2 added to the same folder
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
+    assert len((out / "command.txt").read_text().splitlines()) == 2
+    # a checkpoint outside any run folder: its folder becomes the run folder
+    again = run(train_cmd(*short, "--epochs", "3", "--resume", str(saved), cache=cache_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "last.ckpt").is_file() and (tmp_path / "command.txt").is_file()
+
+
+def test_max_time_stops_a_long_run_and_says_so(tmp_path, cache_dir):
+    out = tmp_path / "timed"
+    start = time.monotonic()
+    proc = run(train_cmd("--gpus", "0", "--epochs", "100000", "--patience", "0", "--max-time", "00:00:00:04", *TINY,
+                         "--out", str(out), cache=cache_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < 90
+    assert "--max-time 00:00:00:04" in proc.stdout and (out / "last.ckpt").is_file()
+    last_epoch = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    assert 0 <= last_epoch < 100000
+
+
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 
 
