@@ -168,6 +168,20 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     assert sorted(read_epoch_metrics(cut)) == [0, 1, 2, 3]
 
 
+def test_ctrl_c_keeps_last_ckpt_and_exits_130(tmp_path, cache_dir):
+    out = tmp_path / "cc"
+    proc = subprocess.Popen(train_cmd("--gpus", "0", "--epochs", "1000", "--patience", "0", *TINY, "--out", str(out), cache=cache_dir),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-3000:]
+    assert "interrupted by SIGINT" in stdout and "--resume last" in stdout
+    assert LitUNet.load_from_checkpoint(out / "last.ckpt", map_location="cpu") is not None
+
+
 def test_resume_from_a_checkpoint_path_continues_in_its_folder(tmp_path, cache_dir):
     """--resume PATH (not 'last'): the run folder defaults to the checkpoint's, epochs carry on."""
     out = tmp_path / "first"
