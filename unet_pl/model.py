@@ -76,7 +76,8 @@ def up_concat_1x1(up: nn.ConvTranspose2d, x: torch.Tensor, skip: torch.Tensor) -
     view that ``cat`` reads while it writes ``[upsampled, skip]``. Same parameters, same result
     (to rounding). Used for bf16 on CPUs, where oneDNN's bf16 transposed-convolution backward is
     4-6x slower than this (2 ms of a 50 ms step at batch 16); fp32 keeps ``ConvTranspose2d``.
-    ``x`` and ``skip`` must be channels_last.
+    ``x`` should be channels_last (else the views become copies); ``skip`` is cast to the
+    up-step's dtype (inside the UNet both are already bf16).
     """
     n, _, h, w = x.shape
     out = up.out_channels

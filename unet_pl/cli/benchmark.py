@@ -105,7 +105,8 @@ def run_infer(cfg: dict) -> dict:
     cuda = cfg["device"] == "cuda"
     dev = torch.device(cfg["device"])
     torch.backends.cudnn.benchmark = cuda
-    keep_freed_memory()  # as prediction does
+    if not cuda:
+        keep_freed_memory()  # as prediction on the CPU does
     model = LitUNet(channels_last=cfg["channels_last"]).eval().to(dev)
     batches = [model.prepare_images(b["image"].to(dev)) for b in _batches(cfg["batch_size"], cfg["size"], 2)]
     dtype = torch.bfloat16 if cfg["precision"].startswith("bf16") else (torch.float16 if cfg["precision"].startswith("16") else None)
