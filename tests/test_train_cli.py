@@ -135,6 +135,17 @@ def test_img_size_not_multiple_of_16_is_a_usage_error(tmp_path, cache_dir):
 # ---------------------------------------------------------------- interrupt and resume
 
 
+def signal_once_checkpointed(cmd: list[str], out: Path, sig: int, cwd: Path) -> tuple[int, str]:
+    """Start a training run, send ``sig`` once its first ``last.ckpt`` exists; its exit status and output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, _ = proc.communicate(timeout=120)
+    return proc.returncode, stdout
+
+
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     """Cut by SIGTERM after the first epoch, resumed with --resume last: same epochs, same weights."""
     det = ["--gpus", "0", "--epochs", "4", "--deterministic", *TINY[:-1], "1"]  # one loader worker: seeds travel with the indices
@@ -142,14 +153,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(train_cmd(*det, "--out", str(cut), cache=cache_dir), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while not (cut / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stdout[-3000:]
+    returncode, stdout = signal_once_checkpointed(train_cmd(*det, "--out", str(cut), cache=cache_dir), cut, signal.SIGTERM, tmp_path)
+    assert returncode == 143, stdout[-3000:]
     assert "interrupted by SIGTERM" in stdout and "--resume last" in stdout
     cut_epoch = torch.load(cut / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
     assert cut_epoch < 3  # stopped part way
@@ -170,14 +175,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
 
 def test_ctrl_c_keeps_last_ckpt_and_exits_130(tmp_path, cache_dir):
     out = tmp_path / "cc"
-    proc = subprocess.Popen(train_cmd("--gpus", "0", "--epochs", "1000", "--patience", "0", *TINY, "--out", str(out), cache=cache_dir),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while not (out / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stdout[-3000:]
+    cmd = train_cmd("--gpus", "0", "--epochs", "1000", "--patience", "0", *TINY, "--out", str(out), cache=cache_dir)
+    returncode, stdout = signal_once_checkpointed(cmd, out, signal.SIGINT, tmp_path)
+    assert returncode == 130, stdout[-3000:]
     assert "interrupted by SIGINT" in stdout and "--resume last" in stdout
     assert LitUNet.load_from_checkpoint(out / "last.ckpt", map_location="cpu") is not None
 
