@@ -217,6 +217,28 @@ def test_loader_workers_draw_different_augmentations():
     assert worker0 != worker1
 
 
+def test_default_workers_follow_the_trainers_device(sample_dm, monkeypatch):
+    """num_workers=None: none on the CPU (the step uses every core), up to 8 per GPU, pinned only for GPUs."""
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+
+    dm = NucleiDataModule(cache_dir=sample_dm.cache_dir, progress=False)
+    dm.setup("fit")
+    dm.trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    loader = dm.train_dataloader()
+    assert (loader.num_workers, loader.pin_memory) == (0, False)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    dm.trainer = SimpleNamespace(num_devices=2, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    loader = dm.val_dataloader()
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (7, True, True)
+    dm.trainer = None  # no Trainer: as if on the GPU when CUDA is there
+    assert dm.val_dataloader().num_workers == (8 if torch.cuda.is_available() else 0)
+    explicit = NucleiDataModule(cache_dir=sample_dm.cache_dir, progress=False, num_workers=3)
+    explicit.setup("fit")
+    assert explicit.train_dataloader().num_workers == 3
+
+
 # --- prediction folders ----------------------------------------------------------------------------
 
 def test_predict_dir_yields_resized_images_ids_and_original_sizes(tmp_path):

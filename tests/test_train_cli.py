@@ -287,10 +287,10 @@ def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
 
 def test_cpu_training_loads_in_process_by_default(monkeypatch):
     """On the CPU the step uses every core: loader workers would only compete with it (README)."""
-    from unet_pl.cli import train as cli
+    from unet_pl import data
 
     assert parse_args(["--gpus", "0"]).num_workers == 0
     assert parse_args(["--gpus", "0", "--num-workers", "3"]).num_workers == 3
-    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
-    assert cli.default_workers(1) == 8 and cli.default_workers(2) == 7 and cli.default_workers(16) == 1
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 16)
+    assert data.default_workers(1) == 8 and data.default_workers(2) == 7 and data.default_workers(16) == 1

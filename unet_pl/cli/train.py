@@ -142,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.precision == "auto":
         args.precision = "bf16-mixed" if native_bf16(args.gpus > 0) else "32"
     if args.num_workers is None:
+        from ..data import default_workers
+
         args.num_workers = default_workers(args.gpus)
     if args.gpus == 0 and args.precision == "16-mixed":
         fail("--precision 16-mixed needs a CUDA GPU; on the CPU use --precision bf16-mixed or 32")
@@ -181,21 +183,6 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
     if out is None:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return out, ckpt
-
-
-def default_workers(gpus: int) -> int:
-    """Loader processes when --num-workers is not given.
-
-    CPU training uses every core for the step and the loader needs ~5% of one (5,000 images/s
-    per worker against ~250 trained): workers only compete with the training threads (2-core
-    EPYC, full set: 257 images/s with 0 workers against 233 with 2 in --mode notebook, 214-244
-    against 204 in --mode instance, whose crops cost more to load). A GPU step is ~50x
-    faster, so there the loader needs processes of its own: up to 8, one core left per GPU.
-    """
-    if gpus == 0:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)  # a job's share
-    return max(1, min(8, cores // gpus - 1))
 
 
 def make_datamodule(args: argparse.Namespace):
