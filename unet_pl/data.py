@@ -188,7 +188,7 @@ class ImageFolderDataset(Dataset):
 
 
 def default_workers(gpus: int) -> int:
-    """Loader processes when --num-workers is not given.
+    """Loader processes when none are asked for (`--num-workers`, `num_workers=None`).
 
     CPU training uses every core for the step and the loader needs ~5% of one (5,000 images/s
     per worker against ~250 trained): workers only compete with the training threads (2-core
