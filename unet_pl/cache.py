@@ -29,7 +29,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unet_pl"
 
 
-def fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | None, img_size: int, empty_masks: str) -> str:
+def fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | None, img_size: int | str, empty_masks: str) -> str:
+    """The cache's name: a hash of its inputs (``img_size`` is "native" for the full-size cache)."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, img_size, empty_masks, "csv" if csv_path else "masks"]).encode())
     lines = []
     for it in items:

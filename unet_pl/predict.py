@@ -197,13 +197,12 @@ def predict_folder(model: LitUNet, data_dir: str | Path, out_csv: str | Path, *,
                                     f"(first: {missing[0]}); pass the stage1_train folder the hold-out was drawn from")
     paths = dict(entries)
     if resolution == "native":
-        results = ((i, p, (p.shape[-2], p.shape[-1]), im) for i, p, im in
-                   predict_native(model, entries, device, progress, tta, tile))
+        results = predict_native(model, entries, device, progress, tta, tile)
     else:
         dataset = ImageFolderDataset(data_dir, int(model.hparams.img_size), workers=max(1, num_workers), progress=progress, ids=ids)
         # The dataset holds decoded, resized images already: no worker processes needed.
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
-        results = ((i, resize_back(p, size), size, None) for i, p, size in
+        results = ((i, resize_back(p, size), None) for i, p, size in
                    predict_probabilities(model, loader, device, progress, tta))
     for d in (masks_dir, overlays_dir):
         if d:
@@ -214,7 +213,7 @@ def predict_folder(model: LitUNet, data_dir: str | Path, out_csv: str | Path, *,
     with open(out_csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["ImageId", "EncodedPixels"])
-        for image_id, prob, _, image in results:
+        for image_id, prob, image in results:  # image: the decoded image where at hand (native), else None
             labels = to_labels(prob, threshold, min_size, split=split, seed_threshold=seed_threshold, holes=holes)
             writer.writerows(submission_rows(image_id, labels))
             n = int(labels.max())

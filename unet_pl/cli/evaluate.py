@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metrics import THRESHOLDS, dsb_image_score
 from ..images import decode_masks, image_size, resolve_train_dir, scan_train_dir
+from ..metrics import THRESHOLDS, dsb_image_score
 from ..rle import decode_labels
 
 #: A way to build one image's true label image: called only when that image is scored.
