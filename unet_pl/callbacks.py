@@ -8,6 +8,11 @@
   when a run resumes, so a resumed ``--deterministic`` run draws the same shuffles and dropout
   masks as an uninterrupted one.
 - ``Throughput``: training images per second (forward + backward + data), for the summary.
+- ``KeepFreedMemory``: on CPU runs, glibc keeps freed memory for reuse (``unet_pl.perf``), and
+  gives it back when the run ends; logged when it takes effect.
+- ``TunePostprocessing``: at the end of fit, the post-processing is chosen on the validation
+  images with the best weights (``unet_pl.inference.tune``) and stored in the model and its
+  checkpoints, so prediction uses it by default.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .perf import keep_freed_memory, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +133,57 @@ class Throughput(Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+class KeepFreedMemory(Callback):
+    """Keep freed memory for reuse during a CPU run (no page faults per activation, ``unet_pl.perf``);
+    give the run's peak back to the system when it ends. A GPU step allocates no host activations."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.strategy.root_device.type == "cpu" and keep_freed_memory():
+            self.active = True
+            log.info("keeping freed memory for reuse during this CPU run (unet_pl.perf; UNET_PL_KEEP_FREED_MEMORY=0 turns it off)")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.active:
+            release_freed_memory()
+
+
+class TunePostprocessing(Callback):
+    """At the end of fit, choose the threshold, watershed seed threshold and minimum nucleus size on
+    the data module's validation images at full size (``NucleiDataModule.validation_images``) by
+    the competition score, with the weights of the best checkpoint; store the choice in the model
+    (``LitUNet.set_postprocess``) and in ``best.ckpt`` and ``last.ckpt``.
+
+    After fit: ``chosen`` (the dict) and ``score`` (its mean validation score), or None when there
+    was nothing to tune on (no validation images, a fast dev run, no data module).
+    """
+
+    def __init__(self) -> None:
+        self.chosen: dict | None = None
+        self.score: float | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .inference.checkpoint import load_model, update_hyperparameters
+        from .inference.tune import tune_postprocessing
+
+        dm = trainer.datamodule
+        if trainer.fast_dev_run or not trainer.is_global_zero or dm is None or not hasattr(dm, "validation_images"):
+            return
+        if dm.val_set is None or not len(dm.val_set):
+            log.warning("no validation images: the post-processing keeps its defaults")
+            return
+        cb = trainer.checkpoint_callback
+        best = Path(cb.best_model_path) if cb is not None and cb.best_model_path else None
+        net = load_model(best) if best is not None and best.is_file() else pl_module.unet.eval()
+        settings = pl_module.settings
+        samples = ((image, labels) for _, image, labels in dm.validation_images())
+        self.chosen, self.score = tune_postprocessing(net, samples, settings)
+        pl_module.set_postprocess(self.chosen)
+        last = Path(cb.last_model_path) if cb is not None and cb.last_model_path else None
+        for path in {best, last} - {None}:
+            if path.is_file():
+                update_hyperparameters(path, postprocess=self.chosen)

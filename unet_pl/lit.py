@@ -18,15 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .geometry import SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
+from .inference.predict import labels_from_probabilities, network_probabilities
+from .inference.settings import TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
-from .perf import keep_freed_memory, release_freed_memory
-from .targets import head_channels
 
 log = logging.getLogger(__name__)
-
-RESOLUTIONS = ("resize", "native")
 
 
 class LitUNet(pl.LightningModule):
@@ -40,18 +39,25 @@ class LitUNet(pl.LightningModule):
             a different regulariser).
         betas, eps, momentum: optimizer settings (Keras' Adam defaults; SGD momentum).
         in_channels, out_channels, base_filters: the UNet's shape (the seed: 3, 1, 8).
-        img_size: the square side images are resized to for training, kept so that prediction
-            from a checkpoint resizes the same way (with ``resolution="native"``: the crop side).
+        img_size: the side of the squares the network trains on (resize: every image squashed to
+            it; native: the crop side), kept so that prediction from a checkpoint does the same.
+            None: the data module's (``unet_pl.geometry.reconcile``; 128 without one).
         channels_last: run convolutions in NHWC memory layout (much faster on CPUs and GPUs).
         head: "mask" (one output, the notebook) or "mask+boundary" (a second output, nucleus
             boundaries, trained from the batch's "boundary"; prediction splits touching nuclei
             with a watershed on it). Sets ``out_channels`` (leave that at 1).
         resolution: "resize" (images squashed to ``img_size`` squares, the notebook) or "native"
             (trained on crops of full-size images; prediction runs whole images at their size).
+            None: the data module's ("resize" without one). A data module with other values
+            than these three (``head`` too) is a ``ValueError`` before the first step.
         boundary_weight: BCE ``pos_weight`` of the boundary output (its positives count this
             many times). Boundaries are a few percent of the pixels: with a plain BCE the output
             stayed under 0.4 everywhere and the watershed split almost nothing (hold-out score
             0.374 against 0.433 with 5, both at seed threshold 0.5). The notebook head ignores it.
+        postprocess: ``{"threshold", "seed_threshold", "min_size"}`` chosen on the validation split
+            at the end of training (``unet_pl.callbacks.TunePostprocessing``); prediction's defaults.
+
+    ``settings`` is what inference needs (``unet_pl.inference.Settings``): ``segment(model, image)``.
     """
 
     def __init__(
@@ -65,17 +71,20 @@ class LitUNet(pl.LightningModule):
         in_channels: int = 3,
         out_channels: int = 1,
         base_filters: int = 8,
-        img_size: int = 128,
+        img_size: int | None = None,
         channels_last: bool = True,
         head: str = "mask",
-        resolution: str = "resize",
+        resolution: str | None = None,
         boundary_weight: float = 5.0,
+        postprocess: dict | None = None,
     ) -> None:
         super().__init__()
         if optimizer.lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if resolution not in RESOLUTIONS:
-            raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(RESOLUTIONS)}")
+        if resolution is not None:
+            check_resolution(resolution)
+        if img_size is not None:
+            check_side(img_size)
         if out_channels != head_channels(head):
             if out_channels != 1:  # an explicit choice that contradicts the head
                 raise ValueError(f"head {head!r} has {head_channels(head)} output channels but out_channels={out_channels}; "
@@ -83,6 +92,7 @@ class LitUNet(pl.LightningModule):
             out_channels = head_channels(head)
         self.save_hyperparameters()
         self.hparams.out_channels = out_channels  # what the checkpoint must rebuild
+        self.settings  # noqa: B018 - bad postprocess values fail here, not at the end of training
         self.unet = UNet(in_channels, out_channels, base_filters)
         if channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
@@ -94,23 +104,43 @@ class LitUNet(pl.LightningModule):
         self.val_dsb_score = DSBScore()
         self.test_dsb_score = DSBScore()
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool = True, **kwargs) -> LitUNet:
+        """Lightning's ``load_from_checkpoint``, but ``weights_only=True`` unless asked otherwise:
+        our checkpoints hold tensors and plain values only, and a file that holds code is refused."""
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, out_channels, H, W)`` for images ``x`` float32 ``(N, C, H, W)`` in [0, 1]."""
         return self.unet(x)
 
-    def setup(self, stage: str) -> None:
-        if self._trainer is not None and self.trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()  # no page faults on every activation (see unet_pl.perf)
-        # Prediction resizes images to the checkpoint's img_size: record the size the data module
-        # really feeds, so LitUNet() + NucleiDataModule(img_size=256) does not save 128.
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        size = dm.hparams.get("img_size") if dm is not None and hasattr(dm, "hparams") else None
-        if size is not None and size != self.hparams.img_size:
-            log.info("img_size: the data module feeds %s px, not %s; the checkpoint records %s", size, self.hparams.img_size, size)
-            self.hparams.img_size = size
+    @property
+    def settings(self) -> Settings:
+        """How inference uses this model: its geometry and post-processing (``unet_pl.inference.Settings``)."""
+        return Settings.from_hparams(self.hparams)
 
-    def teardown(self, stage: str) -> None:
-        release_freed_memory()  # the run's peak goes back to the system (see unet_pl.perf)
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "hparams"):
+            self.take_from_datamodule(dm.hparams)
+
+    def take_from_datamodule(self, data: dict) -> None:
+        """Adopt the data module's side and resolution where this model has none; ``ValueError`` on a
+        disagreement (``unet_pl.geometry.reconcile``). Both the checkpoint and the logged
+        hyperparameters get the adopted values, so Lightning's merge of the two sees no clash."""
+        taken = reconcile(self.hparams, {k: data[k] for k in SHARED_KEYS if k in data})
+        for key, value in taken.items():
+            log.info("%s: taken from the data module: %s", key, value)
+            self.hparams[key] = value
+            self._hparams_initial[key] = value
+
+    def set_postprocess(self, chosen: dict) -> None:
+        """Store the post-processing prediction will use by default (keys ``TUNED_KEYS``)."""
+        chosen = {k: chosen[k] for k in TUNED_KEYS if k in chosen}
+        Settings.from_hparams({**self.hparams, "postprocess": chosen})  # validates
+        self.hparams["postprocess"] = chosen
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if isinstance(batch, dict):
@@ -139,7 +169,7 @@ class LitUNet(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Probabilities ``(N, out_channels, H, W)`` float32 in [0, 1], with the batch's ids and sizes."""
-        prob = torch.sigmoid(self(batch["image"]).float())
+        prob = network_probabilities(self.unet, batch["image"])
         return {"prob": prob, **{k: v for k, v in batch.items() if k not in ("image", "mask", "labels")}}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -193,13 +223,14 @@ class LitUNet(pl.LightningModule):
                              f"none; build the data module with head={self.hparams.head!r}")
         return torch.cat([batch["mask"], batch["boundary"]], 1)
 
-    def _nuclei(self, logits: torch.Tensor):
-        """Predicted nuclei (int labels (N, H, W), on the CPU) as prediction makes them at this resolution."""
-        if self.hparams.out_channels == 1:
-            # The notebook: nuclei = connected components of prob > 0.5.
-            return label_components(logits[:, 0] > 0)
-        from .postprocess import SEED_THRESHOLDS, split_nuclei
-
+    def _nuclei(self, logits: torch.Tensor) -> np.ndarray:
+        """Predicted nuclei (int labels (N, H, W), on the CPU) as prediction makes them at this resolution:
+        ``labels_from_probabilities`` with the model's settings (sizes in pixels at the image's own
+        size mean nothing on resized squares, so resized validation keeps every nucleus)."""
+        s = self.settings
+        if s.resolution == "resize":
+            s = s.replace(min_size=0, fill_holes=False)
+        if not s.watershed and s.threshold == 0.5 and not s.min_size and not s.fill_holes:
+            return label_components(logits[:, 0] > 0)  # the notebook's rule, without computing the sigmoid
         prob = torch.sigmoid(logits.float()).cpu().numpy()
-        seed = SEED_THRESHOLDS[self.hparams.resolution]
-        return np.stack([split_nuclei(p[0], p[1], seed_threshold=seed) for p in prob])
+        return np.stack([labels_from_probabilities(p, s) for p in prob])

@@ -100,7 +100,8 @@ def plot_val_predictions(
     """Write ``val_predictions.png``: each image with its true mask (green) and ``prob > threshold`` (magenta) outlined.
 
     Args:
-        images: uint8 (N, H, W, 3); masks: (N, H, W) foreground > 0.5; probs: float (N, H, W) in [0, 1].
+        images: uint8 (N, H, W, 3); masks: (N, H, W) foreground > 0.5; probs: float (N, H, W) in [0, 1]
+            (arrays, or lists of images of different sizes).
         ids: the N image ids, shown with each image's foreground IoU.
     """
     import matplotlib
@@ -133,23 +134,22 @@ def plot_val_predictions(
     return Path(out_png)
 
 
-def predict_val_images(model, loader, n: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """The first ``n`` images of ``loader`` (batches as in docs/design.md) through ``model`` (a LitUNet) on the CPU.
+def predict_val_images(net, samples, n: int = 8, settings=None) -> tuple[list, list, list, list[str]]:
+    """The first ``n`` of ``samples`` (``(id, image uint8 (H, W, 3), labels (H, W))``, as
+    ``NucleiDataModule.validation_images`` yields them) through ``unet_pl.inference.probabilities``:
+    each image at its own size, as prediction sees it.
 
-    Returns ``plot_val_predictions``' inputs: images uint8 (n, H, W, 3), masks (n, H, W), probs (n, H, W), ids.
+    Returns ``plot_val_predictions``' inputs as lists: images, masks (labels > 0), foreground
+    probabilities (H, W), ids.
     """
-    import torch
+    from itertools import islice
 
-    model = model.to("cpu").eval()
+    from .inference.predict import probabilities
+
     images, masks, probs, ids = [], [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            probs.append(torch.sigmoid(model(model.prepare_images(batch["image"])).float())[:, 0])
-            images.append(batch["image"].permute(0, 2, 3, 1))
-            masks.append(batch["mask"][:, 0].float())
-            ids.extend(batch["id"])
-            if len(ids) >= n:
-                break
-    if not ids:
-        return np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 1, 1)), np.zeros((0, 1, 1)), []
-    return tuple(torch.cat(xs)[:n].numpy() for xs in (images, masks, probs)) + (ids[:n],)
+    for image_id, image, labels in islice(samples, n):
+        probs.append(probabilities(net, image, settings)[0])
+        images.append(image)
+        masks.append(np.asarray(labels) > 0)
+        ids.append(image_id)
+    return images, masks, probs, ids

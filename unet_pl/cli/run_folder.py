@@ -65,6 +65,10 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
         lines.append(f"stopped after {trainer.current_epoch} epoch{'s' if trainer.current_epoch != 1 else ''} (--epochs {args.epochs}{', --max-time ' + args.max_time if args.max_time else ''})")
     where = f"{trainer.world_size} CPU process{'es' if trainer.world_size > 1 else ''}" if args.gpus == 0 else f"{trainer.world_size} GPU{'s' if trainer.world_size > 1 else ''}"
     lines.append(f"wall time {wall:.1f} s; training {throughput.images_per_second:.1f} images/s on {where}")
+    tuned = next((c for c in trainer.callbacks if getattr(c, "chosen", None)), None)
+    if tuned is not None:
+        lines.append(f"post-processing chosen on the validation images (score {tuned.score:.3f}), saved in the checkpoints: "
+                     + ", ".join(f"{k} {v:g}" for k, v in tuned.chosen.items()))
     files = [p.name for p in (out / "best.ckpt", out / "last.ckpt", out / "hparams.yaml", out / "command.txt", *pictures) if p.exists()]
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")
@@ -74,8 +78,9 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
 
 
 def draw(out: Path, datamodule, checkpoint, model, say) -> list[Path]:
-    """curves.png and val_predictions.png; a failure here must not hide a finished training."""
-    from ..lit import LitUNet
+    """curves.png and val_predictions.png (the kept model on validation images at their own size,
+    as prediction sees them); a failure here must not hide a finished training."""
+    from ..inference.checkpoint import load_model
     from ..plots import plot_curves, plot_val_predictions, predict_val_images, read_epoch_metrics
 
     pictures = []
@@ -84,11 +89,12 @@ def draw(out: Path, datamodule, checkpoint, model, say) -> list[Path]:
         if epochs:
             pictures.append(plot_curves(epochs, out / "curves.png", title=out.name))
         best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else out / "best.ckpt"
-        if best.is_file():  # the picture shows the model the run keeps
-            model = LitUNet.load_from_checkpoint(best, map_location="cpu")
-        images, masks, probs, ids = predict_val_images(model, datamodule.val_dataloader())
+        # the picture shows the model the run keeps, with the settings prediction will use
+        net = load_model(best) if best.is_file() else model.unet.to("cpu").eval()
+        settings = net.settings if best.is_file() else model.settings
+        images, masks, probs, ids = predict_val_images(net, datamodule.validation_images(), settings=settings)
         if ids:
-            pictures.append(plot_val_predictions(images, masks, probs, ids, out / "val_predictions.png"))
+            pictures.append(plot_val_predictions(images, masks, probs, ids, out / "val_predictions.png", settings.threshold))
     except Exception as e:  # noqa: BLE001 -- report and go on: the checkpoints are what matter
         say(f"warning: could not draw the run's pictures: {type(e).__name__}: {e}")
     return pictures

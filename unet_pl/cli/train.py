@@ -17,33 +17,28 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+from ..data.holdout import HOLDOUTS
+from ..data.transforms import PRESETS
+from ..geometry import HEADS, RESOLUTIONS
+from ..optim import OPTIMIZERS
+from .common import EXIT_USAGE, Parser, fail
 from .run_folder import draw, summarise, write_run_files
 
-#: Exit statuses: bad usage (as argparse), and the shell's 128 + signal for an interrupted run.
-EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 2, 130, 143
+#: Exit statuses: the shell's 128 + signal for an interrupted run (bad usage: EXIT_USAGE, 2).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 #: torch.compile modes --compile offers ("default" is torch's default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
-#: --mode presets: what --resolution and --head default to (each flag given explicitly wins).
+#: --mode presets: what --resolution, --head and --tune default to (each flag given explicitly wins).
 MODES = {
-    "notebook": {"resolution": "resize", "head": "mask"},  # the 2018 notebook: 128x128 squares, one output
-    "instance": {"resolution": "native", "head": "mask+boundary"},  # native-resolution crops, boundary head, watershed
+    "notebook": {"resolution": "resize", "head": "mask", "tune": "off"},  # the 2018 notebook: 128x128 squares, one output
+    "instance": {"resolution": "native", "head": "mask+boundary", "tune": "on"},  # native crops, boundary head, watershed
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block: the same shape as our own checks
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str):
-    print(f"train.py: error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="train.py", description=__doc__.split("\n\n")[1])
     hw = p.add_argument_group("hardware")
     hw.add_argument("--gpus", type=int, default=None,
                     help="0: the CPU; 1: one CUDA GPU; N > 1: DDP on N GPUs per node. Default: 1 when CUDA is visible, else 0")
@@ -67,31 +62,35 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default=None, help="stage1_train-style folder (<id>/images, <id>/masks). Default: the bundled sample")
     data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
-    data.add_argument("--augment", choices=("default", "none"), default="default",
+    data.add_argument("--augment", choices=PRESETS, default="default",
                       help="training augmentation: default = flips/rotations (unet_pl.transforms); none = the notebook")
     data.add_argument("--cache-dir", default=None, help="where decoded, resized images are cached. Default: the per-user cache")
-    data.add_argument("--holdout", choices=("none", "stratified"), default="none",
+    data.add_argument("--holdout", choices=HOLDOUTS, default="none",
                       help="stratified: never train or validate on the fixed, modality-stratified 10%% hold-out "
                            "(unet_pl.holdout); predict.py and evaluate.py --holdout stratified score it")
     beyond = p.add_argument_group("beyond the notebook")
     beyond.add_argument("--mode", choices=tuple(MODES), default="notebook",
                         help="notebook: resized squares, one output, connected components (the 2018 notebook); "
                              "instance: native-resolution crops and a boundary output split by a watershed")
-    beyond.add_argument("--resolution", choices=("resize", "native"), default=None,
+    beyond.add_argument("--resolution", choices=RESOLUTIONS, default=None,
                         help="resize: images squashed to --img-size squares (the notebook); native: random --crop-size "
                              "crops of the full-size images, prediction on whole images. Default: from --mode")
     beyond.add_argument("--crop-size", type=int, default=128,
                         help="--resolution native: side of the random training crops (the same pixels per step as the notebook's 128 squares)")
-    beyond.add_argument("--head", choices=("mask", "mask+boundary"), default=None,
+    beyond.add_argument("--head", choices=tuple(HEADS), default=None,
                         help="mask: one output, the foreground (the notebook); mask+boundary: a second output, each "
                              "nucleus' boundary, which predict.py uses to split touching nuclei. Default: from --mode")
+    beyond.add_argument("--tune", choices=("on", "off"), default=None,
+                        help="on: at the end, choose the threshold, watershed seed threshold and minimum nucleus size "
+                             "on the validation images by the competition score and store them in the checkpoints "
+                             "(predict.py's defaults); off: the notebook's 0.5, no size filter. Default: from --mode")
     fit = p.add_argument_group("optimisation")
     fit.add_argument("--epochs", type=int, default=50, help="maximum epochs (the notebook: 50)")
     fit.add_argument("--batch-size", type=int, default=16, help="images per step per process (the notebook: 16)")
     fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (Keras Adam's default)")
     fit.add_argument("--l2", type=float, default=0.0,
                      help="Keras l2(w) coefficient on every conv kernel; applied as weight_decay = 2*w (0: the notebook)")
-    fit.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam",
+    fit.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                      help="adam: coupled (exactly Keras' L2); adamw: decoupled decay; sgd: momentum 0.9")
     fit.add_argument("--patience", type=int, default=5, help="early stopping after this many epochs without a lower val/loss; 0: off")
     fit.add_argument("--seed", type=int, default=42, help="seeds torch, numpy, python and DataLoader workers")
@@ -185,23 +184,24 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return out, ckpt
 
 
+def side(args: argparse.Namespace) -> int:
+    """The side the network trains on: --crop-size for native resolution, --img-size for resized squares."""
+    return args.crop_size if args.resolution == "native" else args.img_size
+
+
 def make_datamodule(args: argparse.Namespace):
     from ..data import NucleiDataModule
-    from ..native_data import NativeNucleiDataModule
 
-    common = dict(data_dir=args.data_dir, val_split=args.val_split, batch_size=args.batch_size, num_workers=args.num_workers,
-                  seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, head=args.head, holdout=args.holdout)
-    if args.resolution == "native":
-        return NativeNucleiDataModule(crop_size=args.crop_size, **common)
-    return NucleiDataModule(img_size=args.img_size, **common)
+    return NucleiDataModule(data_dir=args.data_dir, resolution=args.resolution, img_size=side(args), head=args.head,
+                            val_split=args.val_split, batch_size=args.batch_size, num_workers=args.num_workers,
+                            seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, holdout=args.holdout)
 
 
 def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
-    native = args.resolution == "native"
-    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=args.crop_size if native else args.img_size,
-                    head=args.head, resolution=args.resolution)
+    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=side(args), head=args.head,
+                    resolution=args.resolution)
     if args.compile != "off":
         # in place: the parameters keep their names, so checkpoints load without torch.compile
         model.unet.compile(mode=None if args.compile == "default" else args.compile)
@@ -209,14 +209,21 @@ def make_model(args: argparse.Namespace):
 
 
 def check_resume(ckpt: Path, model, say) -> None:
-    """Refuse a checkpoint of another shape; say which flags differ from the checkpoint's."""
-    import torch
+    """Refuse a checkpoint of another shape (saying which flags would fit it); note the flags that
+    differ from the checkpoint's. The file is read with weights_only: it cannot run code."""
+    from ..inference.checkpoint import read_checkpoint
 
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v}
+    try:
+        saved = read_checkpoint(ckpt).get("hyper_parameters", {})
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--resume: {e}")
+    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k != "postprocess"}
     shape = {"in_channels", "out_channels", "base_filters"} & set(differ)
     if shape:
-        fail(f"--resume {ckpt}: the checkpoint's model has a different {', '.join(sorted(shape))}")
+        hint = ""
+        if "out_channels" in shape and saved.get("head"):
+            hint = f"; it was trained with --head {saved['head']}" + (" (--mode instance)" if saved["head"] == "mask+boundary" else "")
+        fail(f"--resume {ckpt}: the checkpoint's model has a different {', '.join(sorted(shape))}{hint}")
     for k, (was, now) in differ.items():
         say(f"note: {k} is {now} now but {was} in {ckpt.name}; the checkpoint's optimizer state (its learning rate too) is restored")
 
@@ -226,7 +233,7 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput
+    from ..callbacks import KeepFreedMemory, RngStateInCheckpoint, SaveOnInterrupt, Throughput, TunePostprocessing
 
     gpu = args.gpus > 0
     devices = args.gpus if gpu else args.cpu_processes
@@ -236,7 +243,9 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     interrupt, throughput = SaveOnInterrupt(out / "last.ckpt"), Throughput()
     # Redrawing the bar reads the step loss from the device; every 10 steps keeps a GPU from waiting on it.
     bar = TQDMProgressBar(refresh_rate=10)
-    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]
+    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, KeepFreedMemory(), *callbacks]
+    if args.tune == "on":
+        cbs.append(TunePostprocessing())
     if args.patience > 0:
         cbs.append(EarlyStopping(monitor="val/loss", mode="min", patience=args.patience))
     loggers = [CSVLogger(out, name="logs")]

@@ -7,22 +7,13 @@ the nucleus boundary, the outermost ring of pixels of every nucleus (``find_boun
 boundary then leaves one core per nucleus, the seeds ``unet_pl.postprocess.split_nuclei``
 grows back into the foreground with a watershed.
 
-Heads (the U-Net body is the seed's; only the 1x1 head's channel count changes):
-    "mask"           1 channel: foreground (the notebook)
-    "mask+boundary"  2 channels: foreground, boundary
+The heads themselves (names, channel counts) are ``unet_pl.geometry``'s.
 """
 from __future__ import annotations
 
 import numpy as np
 
-HEADS = {"mask": 1, "mask+boundary": 2}
-
-
-def head_channels(head: str) -> int:
-    """The output channels of ``head``; ``ValueError`` naming the choices otherwise."""
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    return HEADS[head]
+from ..geometry import HEADS, head_channels  # noqa: F401  (the heads are the network's: unet_pl.geometry)
 
 
 def boundaries(labels: np.ndarray) -> np.ndarray:

@@ -10,12 +10,7 @@ Pixel rules (the same for every file, never data-dependent):
         itself applies to 16-bit colour PNGs, so 16-bit grey and colour files agree.
     mask:  bool (H, W), foreground where any colour channel is > 0 ({0, 255} and {0, 1} both work).
 
-Resizing (the notebook's, on the scikit-image of early 2018, whose ``resize`` did not blur first):
-    ``resize(x, (S, S), order=1, mode="constant", preserve_range=True, anti_aliasing=False)``;
-    images are then cast to uint8 by truncation (the notebook assigned floats into a uint8 array),
-    masks keep every pixel > 0. Today's default blurs before downsampling, and the blurred mask
-    cast to bool dilates every nucleus (15.0% foreground at full resolution becomes 24.7% at
-    128x128, against 16.5% without the blur), so ``anti_aliasing=False`` is not optional here.
+Resizing to the network's squares lives in ``unet_pl.geometry`` with its inverse.
 """
 from __future__ import annotations
 
@@ -27,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from skimage.transform import resize
 
 # Files that operating systems drop into folders; never images, never errors.
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -102,33 +96,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return h, w
 
 
-def _notebook_resize(x: np.ndarray, size: int) -> np.ndarray:
-    return resize(x, (size, size), order=1, mode="constant", preserve_range=True, anti_aliasing=False)
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` -> uint8 ``(size, size, 3)``: bilinear, no blur, truncated (the notebook)."""
-    return _notebook_resize(image, size).astype(np.uint8)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """bool ``(H, W)`` -> bool ``(size, size)``: bilinear without blur, any value > 0 is foreground.
-
-    Resizing the union once equals the notebook's resize-each-mask-then-max: bilinear weights
-    are non-negative, so a pixel is > 0 exactly when some mask has a foreground pixel under it.
-    """
-    return _notebook_resize(mask.astype(np.uint8), size) > 0
-
-
-def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
-    """int ``(H, W)`` instance labels -> same dtype ``(size, size)``, nearest neighbour.
-
-    Nuclei smaller than a resized pixel can vanish; the score computed on these labels is the
-    score at training resolution, not the competition's full-resolution one.
-    """
-    return resize(labels, (size, size), order=0, mode="constant", preserve_range=True, anti_aliasing=False)
-
-
 def decode_masks(image_shape: tuple[int, int], masks: list[Path] | None = None, rles: list[tuple[int, str]] | None = None,
                  csv_path: Path | None = None) -> np.ndarray:
     """Full-resolution instance labels uint16 ``(H, W)`` from mask PNGs or ``(csv line, rle)`` pairs.
@@ -137,7 +104,7 @@ def decode_masks(image_shape: tuple[int, int], masks: list[Path] | None = None, 
     overlap the later one wins. Raises ``ValueError`` for a mask whose size is not the image's and
     for a malformed run-length string (naming the CSV line).
     """
-    from .rle import decode as rle_decode
+    from ..rle import decode as rle_decode
 
     labels = np.zeros(image_shape, dtype=np.uint16)
     items = masks if masks is not None else rles or []
@@ -159,23 +126,6 @@ def decode_masks(image_shape: tuple[int, int], masks: list[Path] | None = None, 
                 raise ValueError(f"{csv_path}, line {line}: {e}. Fix or delete that row") from None
         labels[m] = k
     return labels
-
-
-def decode_sample(image: Path, masks: list[Path] | None, rles: list[tuple[int, str]] | None, size: int,
-                  csv_path: Path | None = None) -> dict[str, np.ndarray]:
-    """One training image, decoded and resized (runs in a worker process of ``prepare_data``).
-
-    Returns ``image`` uint8 (S, S, 3), ``mask`` uint8 (S, S) in {0, 1}, ``labels`` uint16 (S, S),
-    ``size`` int64 (2,) the original (H, W).
-    """
-    img = read_image(image)
-    labels = decode_masks(img.shape[:2], masks, rles, csv_path)
-    return {
-        "image": resize_image(img, size),
-        "mask": resize_mask(labels > 0, size).astype(np.uint8),
-        "labels": resize_labels(labels, size),
-        "size": np.array(img.shape[:2], dtype=np.int64),
-    }
 
 
 # The competition's folder layout.

@@ -10,11 +10,6 @@ import numpy as np
 from scipy import ndimage as ndi
 
 SPLITS = ("components", "watershed")
-#: Watershed seed thresholds by the checkpoint's training resolution, each chosen on the
-#: validation split of the training images (never the hold-out). Native: 0.1 to 0.3 score within
-#: 0.003 of each other, 0.5 about 0.03 lower (the x5-weighted boundary output runs high).
-#: Resized: boundaries drawn at 128 px and scaled up are thick, and only 0.5 leaves cores.
-SEED_THRESHOLDS = {"native": 0.15, "resize": 0.5}
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:

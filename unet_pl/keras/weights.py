@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import UNet, conv_layers
+from ..model import UNet, conv_layers
 
 log = logging.getLogger(__name__)
 

@@ -74,18 +74,31 @@ def folder_modalities(train_dir: str | Path, workers: int = 2) -> dict[str, str]
     return {it.id: m for it, m in zip(items, mods)}
 
 
+def holdout_from_modalities(ids: Sequence[str], modalities: Sequence[str], holdout: str = "stratified",
+                            fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> list[str]:
+    """The ids ``holdout`` names among ``ids`` of known modality: "none" -> ``[]``; "stratified" -> ``stratified_split``."""
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"unknown hold-out {holdout!r}; choose one of {', '.join(HOLDOUTS)}")
+    if holdout == "none":
+        return []
+    ids, modalities = [str(i) for i in ids], [str(m) for m in modalities]
+    held = stratified_split(ids, modalities, fraction, seed)
+    mods = dict(zip(ids, modalities))
+    counts = {m: sum(mods[i] == m for i in held) for m in MODALITIES}
+    log.info("hold-out: %d of %d images (%s)", len(held), len(ids), ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return held
+
+
 def holdout_ids(train_dir: str | Path, holdout: str = "stratified", fraction: float = HOLDOUT_FRACTION,
                 seed: int = HOLDOUT_SEED, workers: int = 2) -> list[str]:
-    """The ids ``--holdout`` names: "none" -> ``[]``; "stratified" -> the modality-stratified hold-out."""
+    """The ids ``--holdout`` names in a ``stage1_train`` folder (decodes every image; a training run's
+    data module and checkpoint have them without that: ``NucleiDataModule.holdout_ids``)."""
     if holdout not in HOLDOUTS:
         raise ValueError(f"unknown hold-out {holdout!r}; choose one of {', '.join(HOLDOUTS)}")
     if holdout == "none":
         return []
     mods = folder_modalities(train_dir, workers)
-    ids = stratified_split(list(mods), list(mods.values()), fraction, seed)
-    counts = {m: sum(mods[i] == m for i in ids) for m in MODALITIES}
-    log.info("hold-out: %d of %d images (%s)", len(ids), len(mods), ", ".join(f"{v} {k}" for k, v in counts.items()))
-    return ids
+    return holdout_from_modalities(list(mods), list(mods.values()), holdout, fraction, seed)
 
 
 def keep_ids(all_ids: Iterable[str], excluded: Iterable[str]) -> np.ndarray:

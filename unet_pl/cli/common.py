@@ -1,0 +1,29 @@
+"""What every command line shares: one way to fail (one line on stderr, exit status 2) and a parser
+that fails that way too."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+#: Exit status for bad usage or bad input (as argparse's own).
+EXIT_USAGE = 2
+_prog = "unet_pl"
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with our error shape: ``PROG: error: MESSAGE (see --help)``, no usage block."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        global _prog
+        _prog = self.prog
+
+    def error(self, message: str):
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str):
+    """Print ``PROG: error: MESSAGE`` on stderr and exit with status 2 (PROG: the last parser built)."""
+    print(f"{_prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)

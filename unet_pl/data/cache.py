@@ -1,0 +1,155 @@
+"""The decoded-data caches: one ``.npz`` per (file list, resolution, side, mask source, version), written atomically.
+
+Two kinds, one builder (``build_cache``: a thread pool, one progress bar, one atomic write):
+
+    resize  every image squashed to ``size`` squares as the notebook did (``unet_pl.geometry``):
+            ``images`` uint8 (N, S, S, 3), ``masks`` uint8 (N, S, S) in {0, 1}, ``labels`` uint16
+            (N, S, S), ``sizes`` int64 (N, 2) each original (H, W)
+    native  every image at its own size, stored flat: ``images`` uint8 (P, 3) and ``labels``
+            uint16 (P,), the images' pixels one after another (row-major); ``shapes`` int64
+            (N, 2) each (H, W); ``offsets`` int64 (N + 1,) where image k starts
+Both: ``ids`` str (N,) and ``modalities`` str (N,) (``unet_pl.data.holdout``, from the full-size
+image, so the hold-out needs no second decoding).
+
+``fingerprint`` names a cache by everything it depends on (the files' sizes and mtimes, the
+resolution and side, the mask source, ``empty_masks`` and ``CACHE_VERSION``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..geometry import resize_image, resize_labels, resize_mask
+from .holdout import image_modality
+from .images import TrainItem, decode_masks, image_size, read_image
+
+#: Bump when the cache's content changes meaning: every cache is rebuilt. 2: modalities stored.
+CACHE_VERSION = 2
+KEYS = {
+    "resize": ("images", "masks", "labels", "sizes", "ids", "modalities"),
+    "native": ("images", "labels", "shapes", "offsets", "ids", "modalities"),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/unet_pl``, or ``~/.cache/unet_pl``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unet_pl"
+
+
+def fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | None, img_size: int | str, empty_masks: str) -> str:
+    """The cache's name: a hash of its inputs (``img_size`` is "native" for the full-size cache)."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, img_size, empty_masks, "csv" if csv_path else "masks"]).encode())
+    lines = []
+    for it in items:
+        for p in (it.image, *it.masks):
+            st = os.stat(p)
+            lines.append(f"{it.id}/{p.parent.name}/{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    if csv_path is not None:
+        st = os.stat(csv_path)
+        lines.append(f"{csv_path.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    h.update("".join(lines).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_name(resolution: str, size: int, key: str) -> str:
+    return f"dsb2018-native-{key}.npz" if resolution == "native" else f"dsb2018-{size}px-{key}.npz"
+
+
+def decode_item(item: TrainItem, rles: dict | None, csv_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """One training image at full size: (uint8 (H, W, 3), uint16 labels (H, W)), masks from files or runs."""
+    image = read_image(item.image)
+    labels = decode_masks(image.shape[:2], None if rles is not None else list(item.masks),
+                          None if rles is None else rles.get(item.id, []), csv_path)
+    return image, labels
+
+
+def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Path, rles: dict | None = None,
+                csv_path: Path | None = None, workers: int = 2, progress: bool = True) -> None:
+    """Decode ``items`` in ``workers`` threads into the arrays of ``resolution`` (module docstring) and write ``path`` atomically.
+
+    With ``rles`` (from the labels CSV) masks come from the runs, else from each item's mask files.
+    The first bad file stops the build with its error; nothing is written then.
+    """
+    n = len(items)
+    ids = np.array([it.id for it in items])
+    modalities = np.empty(n, dtype="<U12")
+    if resolution == "native":
+        shapes = np.array([image_size(it.image) for it in items], dtype=np.int64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(shapes[:, 0] * shapes[:, 1])]).astype(np.int64)
+        arrays = dict(images=np.zeros((offsets[-1], 3), np.uint8), labels=np.zeros(offsets[-1], np.uint16),
+                      shapes=shapes, offsets=offsets)
+
+        def store(k: int, image: np.ndarray, labels: np.ndarray) -> None:
+            arrays["images"][offsets[k]:offsets[k + 1]] = image.reshape(-1, 3)
+            arrays["labels"][offsets[k]:offsets[k + 1]] = labels.ravel()
+        desc = f"decoding {n} images at full size"
+    else:
+        arrays = dict(images=np.zeros((n, size, size, 3), np.uint8), masks=np.zeros((n, size, size), np.uint8),
+                      labels=np.zeros((n, size, size), np.uint16), sizes=np.zeros((n, 2), np.int64))
+
+        def store(k: int, image: np.ndarray, labels: np.ndarray) -> None:
+            arrays["images"][k] = resize_image(image, size)
+            arrays["masks"][k] = resize_mask(labels > 0, size)
+            arrays["labels"][k] = resize_labels(labels, size)
+            arrays["sizes"][k] = image.shape[:2]
+        desc = f"decoding {n} images at {size}px"
+
+    def work(k: int) -> None:  # in a thread: decoding, inflating and resizing release the GIL
+        image, labels = decode_item(items[k], rles, csv_path)
+        modalities[k] = image_modality(image)
+        store(k, image, labels)
+
+    _run_pool(work, n, workers, desc, progress)
+    write_npz_atomically(path, {**arrays, "ids": ids, "modalities": modalities})
+
+
+def _run_pool(work: Callable[[int], None], n: int, workers: int, desc: str, progress: bool) -> None:
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(work, k) for k in range(n)]
+        try:
+            for fut in tqdm(futures, desc=desc, unit="img", disable=not progress):
+                fut.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # fail fast: the first bad file is the message
+            raise
+
+
+def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to a temp file beside ``path``, then ``os.replace``: never a half-written cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache_dir from other users
+        os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: Path, resolution: str = "resize") -> dict[str, np.ndarray]:
+    """Every array of the cache at ``path`` in memory; ``ValueError`` when it is not a cache of ``resolution``."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    missing = set(KEYS[resolution]) - set(arrays)
+    if missing:
+        raise ValueError(f"{path} is not a unet_pl {resolution} cache (no {', '.join(sorted(missing))})")
+    return arrays
+
+
+def native_image(arrays: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``k`` of a native cache: (uint8 (H, W, 3), uint16 labels (H, W)), views, no copies."""
+    h, w = (int(v) for v in arrays["shapes"][k])
+    a, b = arrays["offsets"][k], arrays["offsets"][k + 1]
+    return arrays["images"][a:b].reshape(h, w, 3), arrays["labels"][a:b].reshape(h, w)

@@ -1,0 +1,155 @@
+"""Datasets over the decoded caches (``unet_pl.data.cache``) and over folders of images, and the
+sampler that seeds each item's augmentation.
+
+Items follow docs/design.md's batch: ``image`` uint8 (3, S, S), ``mask`` uint8 (1, S, S) in
+{0, 1}, ``id`` str, ``size`` int64 (2,) the image's own (H, W); ``labels`` int32 (S, S) with
+``with_labels``; ``boundary`` uint8 (1, S, S) for the ``mask+boundary`` head, made after
+augmentation from the moved labels (``unet_pl.data.targets``).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from ..geometry import check_resolution, head_channels, resize_image
+from .cache import native_image
+from .images import list_images, read_image
+from .targets import make_targets
+
+
+def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool) -> A.Compose:
+    """Native resolution. Train: pad to ``crop_size`` (mirrored), a random ``crop_size`` crop, then
+    ``augment``. Eval: the same padding and the centre crop, so the validation loss is comparable
+    from epoch to epoch. Called as ``t(image=, mask=, masks=[labels])``."""
+    pad = A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_REFLECT_101, p=1.0)
+    if not train:
+        return A.Compose([pad, A.CenterCrop(crop_size, crop_size, p=1.0)])
+    steps: list = [pad, A.RandomCrop(crop_size, crop_size, p=1.0)]
+    if augment is not None:
+        steps.append(augment)
+    return A.Compose(steps)
+
+
+class NucleiDataset(Dataset):
+    """Items ``indices`` of a decoded cache (``arrays`` of ``resolution``), through ``transform``.
+
+    resize: the cached squares, ``transform`` the augmentation (train) or None. native: the
+    full-size images, ``transform`` a ``crop_transform`` (random crop + augmentation, or the
+    centre crop). The transform is called as ``transform(image=(H, W, 3), mask=(H, W))``, with
+    ``masks=[labels]`` too when labels or boundaries are wanted, so they move with the image.
+    ``__getitem__`` takes an index, or ``(index, seed)`` from ``AugmentSampler``.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None = None, transform: Callable | None = None,
+                 with_labels: bool = False, head: str = "mask", resolution: str = "resize") -> None:
+        self.resolution = check_resolution(resolution)
+        self.boundary = head_channels(head) > 1
+        self.with_labels = with_labels
+        self.arrays = arrays
+        self.indices = np.arange(len(arrays["ids"])) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.ids = [str(i) for i in arrays["ids"]]
+        self.transform = transform
+        self._seeded_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def seed_transform(self, seed: int | None) -> None:
+        """The sampler's seed for this item; without one, a seed per worker process (once)."""
+        if not hasattr(self.transform, "set_random_seed"):
+            return
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        elif self._seeded_pid != os.getpid():
+            # albumentations keeps its own generator, copied into every forked worker: without a
+            # reseed all workers would draw the same augmentations. torch's seed (per worker in a
+            # worker) is distinct per worker and reproducible under seed_everything.
+            info = get_worker_info()
+            self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
+            self._seeded_pid = os.getpid()
+
+    def _raw(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Cached image j: (image (H, W, 3), mask (H, W) {0, 1}, labels (H, W), its original (H, W))."""
+        if self.resolution == "native":
+            image, labels = native_image(self.arrays, j)
+            return image, (labels > 0).astype(np.uint8), labels, self.arrays["shapes"][j]
+        a = self.arrays
+        return a["images"][j], a["masks"][j], a["labels"][j], a["sizes"][j]
+
+    def __getitem__(self, i: int | tuple[int, int]) -> dict:
+        i, seed = i if isinstance(i, tuple) else (i, None)  # (index, augmentation seed) from AugmentSampler
+        j = int(self.indices[i])
+        image, mask, labels, size = self._raw(j)
+        if self.transform is not None:
+            self.seed_transform(seed)
+            moved = self.boundary or self.with_labels  # labels travel with the image only when used
+            out = self.transform(image=image, mask=mask, **({"masks": [labels]} if moved else {}))
+            image, mask = out["image"], out["mask"]
+            labels = out["masks"][0] if moved else labels
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None],
+            "id": self.ids[j],
+            "size": torch.from_numpy(np.array(size, dtype=np.int64)),
+        }
+        if self.boundary:
+            item["boundary"] = torch.from_numpy(make_targets(labels, "mask+boundary")[1:])
+        if self.with_labels:
+            item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
+        return item
+
+
+class AugmentSampler(Sampler):
+    """Shuffles like ``RandomSampler`` and hands each index its own augmentation seed.
+
+    Order and seeds both come from ``(seed, epoch)``, so an epoch's batches and their
+    augmentations are the same whichever worker draws them, and a run resumed at epoch ``e``
+    draws exactly what the uninterrupted run drew. Lightning calls ``set_epoch`` before every
+    epoch; where a wrapper hides it (DDP's sampler wrapper), the epoch counts up by itself.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order, seeds = rng.permutation(self.n), rng.integers(0, 2**32, self.n)
+        self.epoch += 1
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+class ImageFolderDataset(Dataset):
+    """Images without masks (``list_images`` layouts), squashed to ``img_size`` squares (the data
+    module's predict stage with a resize model). Decoded one by one in ``__getitem__``.
+
+    Item: ``image`` uint8 (3, S, S), ``id`` str, ``size`` int64 (2,) original (H, W).
+    """
+
+    def __init__(self, folder: str | Path, img_size: int) -> None:
+        self.entries = list_images(folder)
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id, path = self.entries[i]
+        image = read_image(path)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(resize_image(image, self.img_size).transpose(2, 0, 1))),
+            "id": image_id,
+            "size": torch.tensor(image.shape[:2], dtype=torch.int64),
+        }

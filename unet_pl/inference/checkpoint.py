@@ -1,0 +1,96 @@
+"""Checkpoints in, networks out, without Lightning and without running code from the file.
+
+``load_model(path)`` reads a ``LitUNet`` checkpoint (``best.ckpt``, ``last.ckpt``) with
+``torch.load(weights_only=True)``: tensors and plain Python values only, so a crafted pickle
+cannot execute anything. It returns the seed's ``UNet`` with the checkpoint's weights and its
+``Settings`` attached as ``net.settings``, which ``segment`` and ``predict.py`` use by default.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model import UNet
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: What a bad checkpoint file raises inside torch.load.
+LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, KeyError, TypeError,
+               AttributeError, IndexError, zipfile.BadZipFile, UnicodeDecodeError)
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """The checkpoint's dict, loaded with ``weights_only=True``; ``ValueError`` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; pass a run's best.ckpt or last.ckpt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable unet_pl checkpoint (it holds something other than weights and plain "
+                         f"settings, or is damaged: {first[:160]}); use a best.ckpt or last.ckpt that train.py wrote") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict); use a best.ckpt or last.ckpt that train.py wrote")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> UNet:
+    """The ``UNet`` of a checkpoint dict (``read_checkpoint``), with ``net.settings`` from its hyperparameters."""
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    settings = Settings.from_hparams(hp)
+    net = UNet(int(hp.get("in_channels", 3)), settings.out_channels, int(hp.get("base_filters", 8)))
+    state = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a --compile run's names
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the seed's U-Net ({str(e).splitlines()[0]})") from None
+    net.settings = settings
+    return net
+
+
+def load_model(ckpt: str | Path | dict | None = None, keras_h5: str | Path | None = None,
+               device: torch.device | str = "cpu") -> UNet:
+    """A network ready for ``segment``: eval mode, channels-last, on ``device``, ``net.settings`` attached.
+
+    ``ckpt``: a LitUNet checkpoint (a path, or the dict ``read_checkpoint`` returned);
+    ``keras_h5``: the notebook's saved Keras model (its settings: the notebook's, 128 px squares).
+    """
+    if (ckpt is None) == (keras_h5 is None):
+        raise ValueError("give exactly one of a checkpoint (--ckpt) or a Keras .h5 (--keras-h5)")
+    if ckpt is not None:
+        net = model_from_checkpoint(ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt), ckpt if not isinstance(ckpt, dict) else "checkpoint")
+    else:
+        from ..keras import unet_from_keras  # needs h5py; only this path does
+
+        if not Path(keras_h5).is_file():
+            raise FileNotFoundError(f"{keras_h5}: no such file; pass the notebook's saved model (model-dsbowl2018-1.h5)")
+        net = unet_from_keras(keras_h5)
+        net.settings = Settings()
+    return net.to(device, memory_format=torch.channels_last).eval()
+
+
+def update_hyperparameters(path: str | Path, **values: Any) -> None:
+    """Set ``values`` in a checkpoint file's ``hyper_parameters``, replacing the file whole (temp + rename)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    ckpt.setdefault("hyper_parameters", {}).update(values)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

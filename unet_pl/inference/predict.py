@@ -1,0 +1,116 @@
+"""The one way from an image to nuclei: ``segment(net, image)``.
+
+Every caller goes through here: ``predict.py`` (a loop over a folder), ``LitUNet``'s validation
+score and ``predict_step``, ``val_predictions.png`` and the tuning of the post-processing. The
+functions take a network (any ``nn.Module`` mapping float images ``(N, 3, H, W)`` in [0, 1] to
+logits, e.g. ``UNet`` or ``LitUNet``) and its ``Settings``; nothing here imports Lightning.
+
+    image uint8 (H, W, 3)                      as ``unet_pl.data.images.read_image`` returns it
+      -> network input float32 (1, 3, h, w)    resize: the notebook's squash to img_size squares;
+                                                native: the image itself, padded to a multiple of 16
+      -> probabilities float (C, H, W)          sigmoid, TTA views averaged, tiles stitched,
+                                                resized back to the image's size (resize mode)
+      -> labels int32 (H, W)                    components or watershed, holes, minimum size
+
+``predict_images`` is the same path for many images: resized images go through in batches.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..geometry import resize_back, resize_image
+from .postprocess import probabilities_to_labels
+from .settings import Settings
+from .tiling import predict_whole
+from .tta import tta_predict
+
+
+def settings_of(net: nn.Module, settings: Settings | None = None, **overrides: Any) -> Settings:
+    """``settings``, else the network's own (``net.settings``, as ``LitUNet`` has), else the defaults; then ``overrides``."""
+    if settings is None:
+        settings = getattr(net, "settings", None) or Settings()
+    return settings.replace(**overrides)
+
+
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` or ``(N, H, W, 3)``, or a uint8 ``(N, 3, H, W)`` tensor -> float32
+    ``(N, 3, H, W)`` in [0, 1] on ``device``, channels-last (the seed's ``Lambda(x / 255)``).
+    Only uint8 crosses to the device; float tensors are taken as already scaled."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        x = (x[None] if x.ndim == 3 else x).permute(0, 3, 1, 2)
+    x = x.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """``sigmoid(net(view))`` averaged over the TTA views: float32 ``(N, C, H, W)``. ``x`` as ``to_input`` makes it."""
+    return tta_predict(lambda v: torch.sigmoid(net(v).float()), x, tta)
+
+
+def _device(net: nn.Module) -> torch.device:
+    p = next(net.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def probabilities(net: nn.Module, image: np.ndarray, settings: Settings | None = None, **overrides: Any) -> np.ndarray:
+    """One image uint8 ``(H, W, 3)`` -> probabilities float ``(C, H, W)`` in [0, 1] at its own size."""
+    return next(predict_images(net, [image], settings_of(net, settings, **overrides)))
+
+
+def labels_from_probabilities(prob: np.ndarray, settings: Settings) -> np.ndarray:
+    """Probabilities ``(C, H, W)`` -> int32 nuclei ``(H, W)`` with ``settings``' post-processing."""
+    return probabilities_to_labels(prob, settings.threshold, split=settings.split, seed_threshold=settings.seed_threshold,
+                                   min_size=settings.min_size, holes=settings.fill_holes)
+
+
+def segment(net: nn.Module, image: np.ndarray, settings: Settings | None = None, **overrides: Any) -> np.ndarray:
+    """One image uint8 ``(H, W, 3)`` (any size) -> nuclei int32 ``(H, W)``: 0 background, 1..k one per nucleus.
+
+    ``settings``: how the network was trained and how to post-process (default: ``net.settings``
+    where the network has them, as a ``LitUNet`` or ``unet_pl.load_model``'s does; else the
+    notebook's). Keyword overrides replace single settings: ``segment(net, im, tta="d4", min_size=20)``.
+    """
+    s = settings_of(net, settings, **overrides)
+    return labels_from_probabilities(probabilities(net, image, s), s)
+
+
+@torch.inference_mode()
+def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Settings, batch_size: int = 8) -> Iterator[np.ndarray]:
+    """Probabilities ``(C, H, W)`` for each image uint8 ``(H, W, 3)`` of ``images``, in order.
+
+    Resize mode: images are squashed to ``img_size`` squares and run ``batch_size`` at a time,
+    each result resized back to its image's size. Native mode: one image at a time, whole
+    (padded to a multiple of 16) or in overlapping tiles above ``settings.tile``.
+    """
+    device = _device(net)
+    if settings.resolution == "native":
+        for image in images:
+            x = to_input(image, device)
+            prob = predict_whole(lambda v: network_probabilities(net, v, settings.tta), x, tile=settings.tile)
+            yield prob[0].cpu().numpy()
+        return
+    batch: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
+
+    def flush() -> Iterator[np.ndarray]:
+        prob = network_probabilities(net, to_input(np.stack(batch), device), settings.tta).cpu().numpy()
+        for p, size in zip(prob, sizes, strict=True):
+            yield resize_back(p, size)
+        batch.clear()
+        sizes.clear()
+
+    for image in images:
+        batch.append(resize_image(image, settings.img_size))
+        sizes.append(image.shape[:2])
+        if len(batch) == batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()

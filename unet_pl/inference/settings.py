@@ -1,0 +1,102 @@
+"""Everything inference needs to know besides the weights, in one value that travels with the model.
+
+A checkpoint's ``hyper_parameters`` hold how the network was trained (resolution, side, head)
+and, since the end of its training, the post-processing chosen on its validation split
+(``unet_pl.inference.tune``). ``Settings.from_hparams`` reads them; flags override them with
+``Settings.replace``. Checkpoints written before a setting existed get the value they were
+always predicted with, so they predict as before.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
+from .postprocess import SPLITS
+from .tta import TTAS
+
+#: The watershed seed threshold of checkpoints that saved none (trained before tuning existed),
+#: by resolution, each chosen on the training images' validation split at the time: native
+#: 0.1 to 0.3 scored within 0.003 of each other; resized boundaries drawn at 128 px and scaled
+#: up are thick, and only 0.5 left cores.
+LEGACY_SEED_THRESHOLDS = {"native": 0.15, "resize": 0.5}
+#: The keys of ``LitUNet(postprocess=...)``, the tuned part of the settings.
+TUNED_KEYS = ("threshold", "seed_threshold", "min_size")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How an image becomes nuclei with one network.
+
+    Geometry (how the network was trained): ``resolution`` "resize" | "native"; ``img_size`` the
+    training side (resize: the square every image is squashed to); ``out_channels`` 1 (mask) or 2
+    (mask + boundary).
+    Post-processing: ``threshold`` foreground probability; ``split`` "components" (8-connected
+    blobs, the notebook) or "watershed" (needs the boundary channel), None: watershed when there
+    is a boundary; ``seed_threshold`` watershed seeds are foreground pixels whose boundary
+    probability is below it; ``min_size`` drop nuclei under this many pixels (at the image's own
+    size); ``fill_holes`` fill holes inside nuclei.
+    Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
+    through in overlapping tiles.
+    """
+
+    resolution: str = DEFAULT_RESOLUTION
+    img_size: int = DEFAULT_SIZE
+    out_channels: int = 1
+    threshold: float = 0.5
+    split: str | None = None
+    seed_threshold: float = 0.5
+    min_size: int = 0
+    fill_holes: bool = False
+    tta: str = "none"
+    tile: int = 1024
+
+    def __post_init__(self) -> None:
+        check_resolution(self.resolution)
+        check_side(self.img_size)
+        if self.out_channels not in HEADS.values():
+            raise ValueError(f"out_channels must be one of {sorted(set(HEADS.values()))}, got {self.out_channels}")
+        for name in ("threshold", "seed_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1]")
+        if self.min_size < 0:
+            raise ValueError(f"min_size must be >= 0, got {self.min_size}")
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        if self.split == "watershed" and self.out_channels < 2:
+            raise ValueError("the watershed split needs a boundary output: a model trained with head 'mask+boundary'")
+        if self.tta not in TTAS:
+            raise ValueError(f"unknown TTA {self.tta!r}; choose one of {', '.join(TTAS)}")
+        if self.tile < 128 or self.tile % 16:
+            raise ValueError(f"tile {self.tile} must be a multiple of 16, at least 128")
+
+    @property
+    def watershed(self) -> bool:
+        return (self.split or ("watershed" if self.out_channels > 1 else "components")) == "watershed"
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> Settings:
+        """A LitUNet's (or its checkpoint's) hyperparameters -> its settings (see the module docstring)."""
+        resolution = hparams.get("resolution") or DEFAULT_RESOLUTION
+        tuned = dict(hparams.get("postprocess") or {})
+        unknown = set(tuned) - set(TUNED_KEYS)
+        if unknown:
+            raise ValueError(f"postprocess has unknown keys {sorted(unknown)}; known: {', '.join(TUNED_KEYS)}")
+        tuned.setdefault("seed_threshold", LEGACY_SEED_THRESHOLDS[resolution])
+        return cls(resolution=resolution, img_size=int(hparams.get("img_size") or DEFAULT_SIZE),
+                   out_channels=int(hparams.get("out_channels") or 1), **tuned)
+
+    def replace(self, **overrides: Any) -> Settings:
+        """A copy with every override that is not None applied (flags left unset keep the model's value)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def describe(self) -> str:
+        """One line for the user: what prediction will do."""
+        how = (f"watershed (seed threshold {self.seed_threshold:g})" if self.watershed else "connected components")
+        geo = f"images resized to {self.img_size} px squares" if self.resolution == "resize" else "images at their own size"
+        extras = [f"min size {self.min_size} px"] if self.min_size else []
+        extras += ["holes filled"] if self.fill_holes else []
+        extras += [f"TTA {self.tta}"] if self.tta != "none" else []
+        return f"{geo}, threshold {self.threshold:g}, {how}" + "".join(f", {e}" for e in extras)
