@@ -11,11 +11,12 @@ import torch
 from conftest import write_png
 from torch.utils.data import DataLoader
 
-import unet_pl.cache as cache
-import unet_pl.data as data
+import unet_pl.data.cache as cache
+import unet_pl.data.module as data
 from unet_pl import NucleiDataModule
-from unet_pl.data import SAMPLE_DIR, ImageFolderDataset, NucleiDataset, split_indices
-from unet_pl.images import LABELS_CSV, read_labels_csv
+from unet_pl.data import SAMPLE_DIR, split_indices
+from unet_pl.data.datasets import ImageFolderDataset, NucleiDataset
+from unet_pl.data.images import LABELS_CSV, read_labels_csv
 
 
 def dm_for(path, tmp_path, **kw) -> NucleiDataModule:

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import lightning.pytorch as pl
     import torch
-    import unet_pl.data as data
+    import unet_pl.data.module as data
     from unet_pl.cli.train import main
 
     here = Path(sys.argv[1])

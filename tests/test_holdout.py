@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from unet_pl.holdout import folder_modalities, holdout_ids, image_modality, keep_ids, stratified_split
+from unet_pl.data.holdout import folder_modalities, holdout_ids, image_modality, keep_ids, stratified_split
 
 
 def test_modality_from_pixel_statistics():

@@ -1,4 +1,4 @@
-"""unet_pl.images: every pixel format, the notebook's resize, and the errors bad files give."""
+"""unet_pl.data.images and unet_pl.geometry: every pixel format, the notebook's resize, and the errors bad files give."""
 from __future__ import annotations
 
 import struct
@@ -11,9 +11,9 @@ from conftest import write_png
 from PIL import Image
 from skimage.transform import resize
 
-from unet_pl.images import (
-    decode_sample, is_ignored, list_images, read_image, read_labels_csv, read_mask, resize_image, resize_labels, resize_mask,
-)
+from unet_pl.data.cache import build_cache, load_cache
+from unet_pl.data.images import TrainItem, is_ignored, list_images, read_image, read_labels_csv, read_mask
+from unet_pl.geometry import resize_image, resize_labels, resize_mask
 
 RGB = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 3
 
@@ -152,12 +152,14 @@ def test_resize_labels_is_nearest_and_keeps_ids():
     assert out.dtype == np.uint16 and set(np.unique(out)) == {0, 1, 7}
 
 
-def test_labels_lie_inside_the_mask(sample_dir):
+def test_labels_lie_inside_the_mask(sample_dir, tmp_path):
     id_ = sorted(p.name for p in sample_dir.iterdir())[0]
     d = sample_dir / id_
-    out = decode_sample(d / "images" / f"{id_}.png", sorted((d / "masks").glob("*.png")), None, 64)
-    assert out["labels"].max() > 1
-    assert not ((out["labels"] > 0) & (out["mask"] == 0)).any()
+    item = TrainItem(id_, d / "images" / f"{id_}.png", tuple(sorted((d / "masks").glob("*.png"))))
+    build_cache([item], "resize", 64, tmp_path / "c.npz", progress=False)
+    out = load_cache(tmp_path / "c.npz")
+    assert out["labels"][0].max() > 1
+    assert not ((out["labels"][0] > 0) & (out["masks"][0] == 0)).any()
 
 
 def test_is_ignored():

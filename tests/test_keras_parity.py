@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from keras_ref import SEED_PARAMS, conv_layers, keras, randomize_biases, seed_model, write_keras2_h5
 from unet_pl import LitUNet, UNet
-from unet_pl.keras_import import load_keras_weights, read_keras_convs, unet_from_keras
+from unet_pl.keras import load_keras_weights, read_keras_convs, unet_from_keras
 from unet_pl.model import conv_layers as torch_conv_layers
 from unet_pl.optim import build_optimizer, l2_penalty, param_groups
 

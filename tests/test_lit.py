@@ -142,7 +142,7 @@ def test_checkpoint_records_the_data_modules_img_size(tmp_path):
 
 
 def test_prediction_refuses_more_than_one_gpu():
-    from unet_pl.predict import choose_device
+    from unet_pl.inference.folder import choose_device
 
     with pytest.raises(ValueError, match="one GPU"):
         choose_device(2)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from unet_pl import LitUNet, NucleiDataModule
-from unet_pl.holdout import holdout_ids
-from unet_pl.native_data import NativeNucleiDataModule, native_image
+from unet_pl.data.cache import native_image
+from unet_pl.data.holdout import holdout_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("crop", [32, 64])  # smaller and larger than the 40x48 images
 def test_native_crops_keep_image_mask_labels_and_boundary_aligned(make_train_dir, tmp_path, crop):
     root = make_train_dir(n=3, h=40, w=48)
-    dm = NativeNucleiDataModule(root, crop_size=crop, val_split=0.34, batch_size=2, num_workers=0, cache_dir=tmp_path / "c",
+    dm = NucleiDataModule(root, resolution="native", img_size=crop, val_split=0.34, batch_size=2, num_workers=0, cache_dir=tmp_path / "c",
                                 head="mask+boundary", progress=False)
     dm.prepare_data()
     dm.setup("fit")
@@ -51,6 +51,8 @@ def test_holdout_images_are_never_trained_or_validated(sample_dir, tmp_path):
     dm.setup("fit")
     seen = {dm.train_set.ids[j] for j in dm.train_set.indices} | {dm.val_set.ids[j] for j in dm.val_set.indices}
     assert len(held) == 4 and not seen & held and len(seen) == 26
+    # the ids come from the cache's modalities (no second decoding) and travel in checkpoints
+    assert set(dm.holdout_ids) == held and set(dm.state_dict()["holdout_ids"]) == held
     # Without the flag the split is the one the notebook mode always made.
     dm0 = NucleiDataModule(sample_dir, img_size=32, num_workers=0, cache_dir=tmp_path, progress=False)
     dm0.setup("fit")
@@ -86,7 +88,7 @@ def test_head_sets_the_output_channels_and_checkpoints_remember_it(tmp_path):
         ckpt["hyper_parameters"].pop(k)
     torch.save(ckpt, tmp_path / "old.ckpt")
     old = LitUNet.load_from_checkpoint(tmp_path / "old.ckpt")
-    assert (old.hparams.head, old.hparams.resolution, old.unet.head.out_channels) == ("mask", "resize", 1)
+    assert (old.hparams.head, old.settings.resolution, old.unet.head.out_channels) == ("mask", "resize", 1)
 
 
 def test_boundary_positives_are_weighted_and_the_boundary_is_required():
@@ -103,22 +105,25 @@ def test_boundary_positives_are_weighted_and_the_boundary_is_required():
 
 
 def test_notebook_prediction_is_unchanged_by_the_new_options(sample_dir):
-    """predict_folder's notebook path = sigmoid, resize back, 8-connected components, as before."""
+    """segment's notebook path = the notebook's cells written out here with scikit-image: resize
+    without blur, truncate to uint8, x / 255, sigmoid, resize back, > 0.5, 8-connected components."""
     from skimage.measure import label
+    from skimage.transform import resize
 
-    from unet_pl.images import read_image, resize_image
-    from unet_pl.predict import resize_back, to_labels
+    from unet_pl import segment
+    from unet_pl.data.images import read_image
 
     torch.manual_seed(0)
     model = LitUNet(img_size=64).eval()
     image = read_image(next(iter(sorted(sample_dir.glob("*/images/*.png")))))
-    x = torch.from_numpy(resize_image(image, 64).transpose(2, 0, 1).copy())[None]
+    small = resize(image, (64, 64), order=1, mode="constant", preserve_range=True, anti_aliasing=False).astype(np.uint8)
+    x = torch.from_numpy(small.transpose(2, 0, 1).copy())[None].float() / 255
     with torch.no_grad():
-        logits = model(model.prepare_images(x))
-        model.unet.head.bias -= torch.quantile(logits.flatten(), 0.8)
-        prob = torch.sigmoid(model(model.prepare_images(x)))[:, 0].numpy()[0]
-    old = label(resize_back(prob, image.shape[:2]) > 0.5)
-    new = to_labels(resize_back(prob[None], image.shape[:2]), 0.5)
+        model.unet.head.bias -= torch.quantile(model(x).flatten(), 0.8)
+        prob = torch.sigmoid(model(x))[0, 0].numpy()
+    back = resize(prob, image.shape[:2], mode="constant", preserve_range=True, anti_aliasing=False)
+    old = label(back > 0.5)
+    new = segment(model, image)
     assert old.max() > 0 and np.array_equal(old, new)
 
 
@@ -136,7 +141,7 @@ def test_instance_mode_train_predict_evaluate_on_the_holdout(sample_dir, tmp_pat
     _run("-m", "unet_pl.cli.train", "--gpus", "0", "--mode", "instance", "--crop-size", "64", "--epochs", "1",
          "--batch-size", "8", "--num-workers", "0", "--holdout", "stratified", "--precision", "32",
          "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
-    hp = torch.load(out / "best.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    hp = torch.load(out / "best.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
     assert (hp["head"], hp["resolution"], hp["out_channels"], hp["img_size"]) == ("mask+boundary", "native", 2, 64)
     sub = tmp_path / "sub.csv"
     p = _run("scripts/predict.py", "--ckpt", str(out / "best.ckpt"), "--data-dir", str(sample_dir), "--out", str(sub),

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from unet_pl.metrics import dsb_image_score
-from unet_pl.postprocess import (
+from unet_pl.inference.postprocess import (
     components, fill_holes, probabilities_to_labels, relabel, remove_small, split_nuclei,
 )
-from unet_pl.targets import boundaries, head_channels, make_targets
-from unet_pl.tiling import pad_to_multiple, predict_whole
-from unet_pl.tta import forward_view, inverse_view, tta_predict, views
+from unet_pl.data.targets import boundaries, head_channels, make_targets
+from unet_pl.inference.tiling import pad_to_multiple, predict_whole
+from unet_pl.inference.tta import forward_view, inverse_view, tta_predict, views
 
 
 def two_touching_discs(h: int = 40, w: int = 60, r: int = 10) -> np.ndarray:

@@ -48,7 +48,8 @@ def ckpt(tmp_path_factory) -> Path:
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, torch.utils.data.DataLoader(items, batch_size=2))
-    from unet_pl.images import read_image, resize_image
+    from unet_pl.data.images import read_image
+    from unet_pl.geometry import resize_image
 
     x = torch.from_numpy(resize_image(read_image(_real_png(REAL[0])), 32).transpose(2, 0, 1).copy())[None]
     with torch.no_grad():
@@ -193,3 +194,39 @@ def test_predict_empty_folder_exits_2(ckpt, tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("predict.py: error: ") and "holds no images" in lines[0], p.stderr
+
+
+def test_segment_on_a_non_square_image_equals_predict_py(ckpt, data_dir, predicted):
+    """The public inference function and predict.py are one path: same labels for the 161x519 image."""
+    from unet_pl import load_model, segment
+    from unet_pl.data.images import read_image
+
+    net = load_model(ckpt)
+    labels = segment(net, read_image(data_dir / "wide.png"), min_size=3)
+    png = np.asarray(Image.open(predicted["dir"] / "masks" / "wide.png"))
+    assert labels.shape == SIZES["wide"] and np.array_equal(labels, png)
+
+
+def test_predict_uses_the_checkpoints_tuned_settings_and_flags_override_them(ckpt, data_dir, tmp_path):
+    from unet_pl.inference.checkpoint import update_hyperparameters
+
+    tuned = tmp_path / "tuned.ckpt"
+    shutil.copy(ckpt, tuned)
+    update_hyperparameters(tuned, postprocess={"threshold": 0.9, "seed_threshold": 0.5, "min_size": 50})
+    single = tmp_path / "one"
+    single.mkdir()
+    shutil.copy(_real_png(REAL[0]), single / "a.png")
+
+    def nuclei(*flags) -> tuple[str, np.ndarray]:
+        out = tmp_path / f"m{len(flags)}"
+        p = run("predict.py", "--ckpt", tuned, "--data-dir", single, "--out", tmp_path / "s.csv", "--gpus", "0",
+                "--masks-dir", out, "--no-progress", *flags)
+        return p.stdout, np.asarray(Image.open(out / "a.png"))
+
+    said, saved = nuclei()
+    assert "tuned on the run's validation images" in said and "threshold 0.9" in said and "min size 50 px" in said
+    said, flagged = nuclei("--threshold", "0.5", "--min-size", "0")
+    assert "threshold 0.5" in said and "min size" not in said
+    # the saved settings are stricter: fewer foreground pixels, and no nucleus under 50 px
+    assert (saved > 0).sum() < (flagged > 0).sum()
+    assert saved.max() == 0 or np.bincount(saved.ravel())[1:].min() >= 50

@@ -185,7 +185,7 @@ def test_huge_label_values_are_renumbered_not_histogrammed():
 def test_evaluate_reads_a_masks_folder_as_training_does(make_train_dir, tmp_path):
     from conftest import write_png
 
-    from unet_pl.cli.evaluate import load_truth
+    from unet_pl.evaluation import load_truth
 
     root = make_train_dir(n=2)
     rgba = np.zeros((40, 48, 4), np.uint8)

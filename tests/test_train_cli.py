@@ -287,7 +287,7 @@ def test_precision_auto_picks_bf16_only_with_native_support(monkeypatch):
 
 def test_cpu_training_loads_in_process_by_default(monkeypatch):
     """On the CPU the step uses every core: loader workers would only compete with it (README)."""
-    from unet_pl import data
+    from unet_pl.data import module as data
 
     assert parse_args(["--gpus", "0"]).num_workers == 0
     assert parse_args(["--gpus", "0", "--num-workers", "3"]).num_workers == 3

@@ -5,7 +5,7 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from unet_pl.transforms import PRESETS, build_augment, default_augment
+from unet_pl.data.transforms import PRESETS, build_augment, default_augment
 
 
 def test_none_means_no_augmentation():

@@ -151,7 +151,7 @@ def run_keras(cfg: dict) -> dict:
     import keras
     import numpy as np
 
-    from unet_pl.keras_seed import build_seed_model
+    from unet_pl.keras.seed import build_seed_model
 
     model = build_seed_model(cfg["size"])
     model.compile(optimizer="adam", loss="binary_crossentropy")

@@ -9,6 +9,7 @@ augmentation from the moved labels (``unet_pl.data.targets``).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
+from tqdm.auto import tqdm
 
 from ..geometry import check_resolution, head_channels, resize_image
 from .cache import native_image
@@ -132,24 +134,36 @@ class AugmentSampler(Sampler):
 
 
 class ImageFolderDataset(Dataset):
-    """Images without masks (``list_images`` layouts), squashed to ``img_size`` squares (the data
-    module's predict stage with a resize model). Decoded one by one in ``__getitem__``.
+    """Images without masks (``list_images`` layouts) for the data module's predict stage with a resize
+    model: decoded and squashed to ``img_size`` squares up front, so a bad file fails in ``setup``.
 
-    Item: ``image`` uint8 (3, S, S), ``id`` str, ``size`` int64 (2,) original (H, W).
+    Item: ``image`` uint8 (3, S, S) resized as in training, ``id`` str, ``size`` int64 (2,) original (H, W).
+    ``ids``: only these images of the folder (in its id order).
     """
 
-    def __init__(self, folder: str | Path, img_size: int) -> None:
+    def __init__(self, folder: str | Path, img_size: int, workers: int = 2, progress: bool = True,
+                 ids: Sequence[str] | None = None) -> None:
         self.entries = list_images(folder)
-        self.img_size = img_size
+        if ids is not None:
+            wanted = set(ids)
+            self.entries = [(i, p) for i, p in self.entries if i in wanted]
+        def decode(path: Path) -> tuple[tuple[int, int], np.ndarray]:
+            # resized as soon as decoded: a folder of large images never sits in memory at full size
+            image = read_image(path)
+            return image.shape[:2], resize_image(image, img_size)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            decoded = list(tqdm(pool.map(decode, [p for _, p in self.entries]), total=len(self.entries),
+                                desc=f"decoding {len(self.entries)} images", unit="img", disable=not progress))
+        self.sizes = np.array([size for size, _ in decoded], dtype=np.int64).reshape(-1, 2)
+        self.images = np.stack([im for _, im in decoded])
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        image_id, path = self.entries[i]
-        image = read_image(path)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(resize_image(image, self.img_size).transpose(2, 0, 1))),
-            "id": image_id,
-            "size": torch.tensor(image.shape[:2], dtype=torch.int64),
+            "image": torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1))),
+            "id": self.entries[i][0],
+            "size": torch.from_numpy(self.sizes[i].copy()),
         }

@@ -153,7 +153,8 @@ class NucleiDataModule(pl.LightningDataModule):
                 self.setup("validate")
                 self.predict_set = self.val_set
             else:
-                self.predict_set = ImageFolderDataset(self.hparams.predict_dir, self.hparams.img_size)
+                self.predict_set = ImageFolderDataset(self.hparams.predict_dir, self.hparams.img_size,
+                                                      self.hparams.decode_workers, self.hparams.progress)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the data: the held-out ids (so prediction need not recompute them)."""

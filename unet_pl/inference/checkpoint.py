@@ -29,7 +29,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """The checkpoint's dict, loaded with ``weights_only=True``; ``ValueError`` naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; pass a run's best.ckpt or last.ckpt")
+        raise FileNotFoundError(f"{path}: no such file; pass a run's best.ckpt or last.ckpt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except LOAD_ERRORS as e:

@@ -1,0 +1,118 @@
+"""One pipeline: the model and its data module agree by construction (the README's Python API with
+Lightning's default logger), one inference path, settings that travel with the checkpoint."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from unet_pl import LitUNet, NucleiDataModule
+from unet_pl.metrics import dsb_image_score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    # Lightning's defaults where a user keeps them: the logger (TensorBoard, or CSV without it) and checkpointing
+    return pl.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                      limit_train_batches=1, limit_val_batches=1, **kwargs)
+
+
+def test_readme_python_api_with_any_img_size_and_the_default_logger(tmp_path):
+    """The README's lines, img_size=64, Lightning's default logger: no hparams merge error, and the
+    checkpoint records the side the data module fed."""
+    dm = NucleiDataModule(img_size=64, batch_size=16, augment="default", cache_dir=tmp_path / "cache", progress=False)
+    model = LitUNet(lr=1e-3, l2=1e-4)
+    trainer = _trainer(tmp_path)
+    assert trainer.logger is not None
+    trainer.fit(model, dm)
+    assert model.hparams.img_size == 64 and model.hparams_initial["img_size"] == 64
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    loaded = LitUNet.load_from_checkpoint(ckpt)
+    assert loaded.settings.img_size == 64 and loaded.settings.resolution == "resize"
+
+
+@pytest.mark.parametrize("model_kw, data_kw, words", [
+    (dict(resolution="resize"), dict(resolution="native"), ["resolution", "'resize'", "'native'"]),
+    (dict(resolution="native"), dict(resolution="resize"), ["resolution", "'native'", "'resize'"]),
+    (dict(img_size=128), dict(img_size=64), ["img_size", "128", "64"]),
+    (dict(head="mask"), dict(head="mask+boundary"), ["head", "'mask'", "'mask+boundary'"]),
+])
+def test_a_model_and_data_module_that_disagree_stop_before_the_first_step(tmp_path, model_kw, data_kw, words):
+    dm = NucleiDataModule(**data_kw, cache_dir=tmp_path / "cache", progress=False)
+    model = LitUNet(**model_kw)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError) as e:
+        _trainer(tmp_path, logger=False, enable_checkpointing=False).fit(model, dm)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # not one step taken
+
+
+def test_native_data_trains_a_native_model_that_predicts_whole_images(tmp_path):
+    dm = NucleiDataModule(resolution="native", img_size=64, cache_dir=tmp_path / "cache", progress=False)
+    model = LitUNet()  # resolution and side from the data module
+    _trainer(tmp_path, logger=False, enable_checkpointing=False).fit(model, dm)
+    assert (model.settings.resolution, model.settings.img_size) == ("native", 64)
+
+
+def test_tuning_picks_the_best_threshold_by_the_score_and_the_checkpoint_keeps_it(tmp_path, sample_dir):
+    """A stand-in network whose probability is 0.45 on the true nuclei and 0.35 elsewhere: only a
+    threshold between them finds the nuclei, and the tuner must pick 0.4 (scored by hand: 1.0)."""
+    from unet_pl.data.cache import decode_item
+    from unet_pl.data.images import scan_train_dir
+    from unet_pl.inference import Settings, segment
+    from unet_pl.inference.tune import tune_postprocessing
+
+    items = scan_train_dir(sample_dir)[:3]
+    samples = [decode_item(it, None, None) for it in items]
+
+    class Oracle(torch.nn.Module):
+        """Logits of p = 0.45 on the true nuclei of whichever sample image is fed (padded or not), 0.35 elsewhere."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            p = torch.full((1, 1, *x.shape[-2:]), 0.35)
+            seen = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            for image, labels in samples:
+                h, w = labels.shape
+                if seen.shape[0] >= h and seen.shape[1] >= w and np.array_equal(seen[:h, :w], image):
+                    p[0, 0, :h, :w][torch.from_numpy(labels > 0)] = 0.45
+            return torch.log(p / (1 - p)) + self.w
+
+    settings = Settings(resolution="native", img_size=64)
+    chosen, score = tune_postprocessing(Oracle(), samples, settings, min_sizes=(0,))
+    assert chosen["threshold"] == 0.4
+    # touching true nuclei merge into one component, so the score is below 1 but above the others'
+    by_hand = [dsb_image_score(lab, segment(Oracle(), im, settings, threshold=0.4)).score for im, lab in samples]
+    assert score > 0.3 and score == pytest.approx(np.mean(by_hand))
+
+
+def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, sample_dir):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "unet_pl.cli.train", "--gpus", "0", "--mode", "instance", "--crop-size", "64",
+                        "--epochs", "1", "--num-workers", "0", "--precision", "32", "--holdout", "stratified",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "post-processing chosen on the validation images" in p.stdout
+    ckpt = torch.load(out / "best.ckpt", weights_only=True)
+    tuned = ckpt["hyper_parameters"]["postprocess"]
+    assert set(tuned) == {"threshold", "seed_threshold", "min_size"}
+    assert torch.load(out / "last.ckpt", weights_only=True)["hyper_parameters"]["postprocess"] == tuned
+    # the hold-out ids travel with the run: predict uses them without decoding the folder
+    from unet_pl.data.holdout import holdout_ids
+
+    assert sorted(ckpt["NucleiDataModule"]["holdout_ids"]) == sorted(holdout_ids(sample_dir))
+    q = subprocess.run([sys.executable, "scripts/predict.py", "--ckpt", str(out / "best.ckpt"), "--data-dir", str(sample_dir),
+                        "--holdout", "stratified", "--out", str(tmp_path / "s.csv"), "--gpus", "0", "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert "never trained on" in q.stdout and f"threshold {tuned['threshold']:g}" in q.stdout and "4 images" in q.stdout
