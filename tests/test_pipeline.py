@@ -116,3 +116,21 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
     assert "never trained on" in q.stdout and f"threshold {tuned['threshold']:g}" in q.stdout and "4 images" in q.stdout
+
+
+def test_lightning_cli_config_round_trip_links_the_geometry(tmp_path):
+    """LightningCLI: the data module's geometry is linked into the model; a printed config trains as given."""
+    config = tmp_path / "config.yaml"
+    base = [sys.executable, "-m", "unet_pl.cli.lightning", "fit"]
+    args = ["--data.resolution", "native", "--data.img_size", "64", "--data.head", "mask+boundary",
+            "--data.cache_dir", str(tmp_path / "cache"), "--data.progress", "false", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+    p = subprocess.run(base + args + ["--print_config"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    config.write_text(p.stdout)
+    q = subprocess.run(base + ["--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert q.returncode == 0, q.stderr[-3000:]
+    ckpt = torch.load(next((tmp_path / "runs").rglob("*.ckpt")), weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert (hp["resolution"], hp["img_size"], hp["head"], hp["out_channels"]) == ("native", 64, "mask+boundary", 2)

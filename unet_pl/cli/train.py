@@ -294,10 +294,10 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     if args.gpus > 0 and not args.deterministic:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; convolutions follow cuDNN's default
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    model = make_model(args)
     try:
+        model = make_model(args)
         datamodule = make_datamodule(args)
-    except (ValueError, FileNotFoundError) as e:  # the data module checks its arguments: user input
+    except (ValueError, FileNotFoundError) as e:  # the model and data module check their arguments: user input
         fail(str(e))
     if ckpt is not None:
         check_resume(ckpt, model, say)

@@ -1,0 +1,37 @@
+"""``python -m unet_pl.cli.lightning fit --config config.yaml`` (or ``unet-fit``): Lightning's own CLI.
+
+For Lightning users who keep runs in config files: ``fit``, ``validate``, ``test`` and ``predict``
+with ``--config``, ``--print_config``, every ``LitUNet`` (``--model.*``), ``NucleiDataModule``
+(``--data.*``) and ``Trainer`` (``--trainer.*``) argument. The geometry is given once, on the
+data module: ``--data.resolution``, ``--data.img_size`` and ``--data.head`` are linked into the
+model, so the two cannot disagree. ``scripts/train.py`` stays the main entry (run folder,
+resume, summary); this one adds the CPU memory setting and the post-processing tuning as
+default callbacks and otherwise is Lightning's.
+
+    python -m unet_pl.cli.lightning fit --data.data_dir path/to/stage1_train --data.resolution native \\
+        --data.head mask+boundary --trainer.max_epochs 100 --print_config > config.yaml
+    python -m unet_pl.cli.lightning fit --config config.yaml
+"""
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from ..callbacks import KeepFreedMemory, TunePostprocessing
+from ..data.module import NucleiDataModule
+from ..geometry import SHARED_KEYS
+from ..lit import LitUNet
+
+
+class UNetCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        for key in SHARED_KEYS:
+            parser.link_arguments(f"data.{key}", f"model.{key}")
+
+
+def main(args: list[str] | None = None) -> UNetCLI:
+    return UNetCLI(LitUNet, NucleiDataModule, args=args, save_config_kwargs={"overwrite": False},
+                   trainer_defaults={"callbacks": [KeepFreedMemory(), TunePostprocessing()]})
+
+
+if __name__ == "__main__":
+    main()
