@@ -80,7 +80,7 @@ def load_truth(truth: str | Path) -> dict[str, tuple[TruthLoader, tuple[int, int
 
 
 def holdout_truth_ids(truth: str | Path, holdout: str) -> list[str]:
-    """The hold-out ids (``unet_pl.holdout``) of the images a truth folder or labels CSV describes."""
+    """The hold-out ids (``unet_pl.data.holdout``) of the images a truth folder or labels CSV describes."""
     from .data.holdout import holdout_ids
 
     truth = Path(truth)

@@ -162,5 +162,5 @@ def check_input_shape(x: torch.Tensor, in_channels: int) -> None:
         raise ValueError(
             f"UNet needs height and width divisible by {DIVISOR}; got {h}x{w}. "
             f"Resize or pad to {nearest_valid_size(h)}x{nearest_valid_size(w)} "
-            f"(unet_pl.predict pads and crops back for you)"
+            f"(unet_pl.segment pads and crops back for you)"
         )

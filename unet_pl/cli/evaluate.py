@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", required=True, help="solution CSV, stage1_train_labels.csv, or stage1_train-like folder")
     p.add_argument("--out", help="per-image CSV to write (image, score, counts, score at each threshold)")
     p.add_argument("--holdout", choices=HOLDOUTS, default="none",
-                   help="stratified: score only the fixed hold-out of the truth's images (unet_pl.holdout); "
+                   help="stratified: score only the fixed hold-out of the truth's images (unet_pl.data.holdout); "
                         "predictions for other images are reported as extra")
     return p
 

@@ -63,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",
-                      help="training augmentation: default = flips/rotations (unet_pl.transforms); none = the notebook")
+                      help="training augmentation: default = flips/rotations (unet_pl.data.transforms); none = the notebook")
     data.add_argument("--cache-dir", default=None, help="where decoded, resized images are cached. Default: the per-user cache")
     data.add_argument("--holdout", choices=HOLDOUTS, default="none",
                       help="stratified: never train or validate on the fixed, modality-stratified 10%% hold-out "
-                           "(unet_pl.holdout); predict.py and evaluate.py --holdout stratified score it")
+                           "(unet_pl.data.holdout); predict.py and evaluate.py --holdout stratified score it")
     beyond = p.add_argument_group("beyond the notebook")
     beyond.add_argument("--mode", choices=tuple(MODES), default="notebook",
                         help="notebook: resized squares, one output, connected components (the 2018 notebook); "

@@ -4,7 +4,7 @@ The notebook trains one output, the union of the masks, so two touching nuclei a
 and connected components cannot split them. The ``mask+boundary`` head adds a second output:
 the nucleus boundary, the outermost ring of pixels of every nucleus (``find_boundaries``'s
 "inner" mode), which covers the line where two nuclei touch from both sides. Foreground minus
-boundary then leaves one core per nucleus, the seeds ``unet_pl.postprocess.split_nuclei``
+boundary then leaves one core per nucleus, the seeds ``unet_pl.inference.postprocess.split_nuclei``
 grows back into the foreground with a watershed.
 
 The heads themselves (names, channel counts) are ``unet_pl.geometry``'s.
