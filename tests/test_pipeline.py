@@ -134,3 +134,27 @@ def test_lightning_cli_config_round_trip_links_the_geometry(tmp_path):
     ckpt = torch.load(next((tmp_path / "runs").rglob("*.ckpt")), weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert (hp["resolution"], hp["img_size"], hp["head"], hp["out_channels"]) == ("native", 64, "mask+boundary", 2)
+
+
+def test_inference_as_the_readme_shows_it_imports_no_lightning(tmp_path):
+    """The README's inference lines, in a fresh process: they work and never import Lightning."""
+    model = LitUNet(img_size=32)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "best.ckpt")
+    code = f"""
+import sys
+from unet_pl import load_model, segment
+from unet_pl.data.images import read_image
+from unet_pl.data import SAMPLE_DIR
+
+net = load_model({str(tmp_path / 'best.ckpt')!r})
+image = read_image(sorted(SAMPLE_DIR.glob('*/images/*.png'))[0])
+labels = segment(net, image)
+labels = segment(net, image, tta="d4", min_size=20)
+assert labels.shape == image.shape[:2] and net.settings.img_size == 32
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"
