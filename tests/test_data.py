@@ -15,7 +15,7 @@ import unet_pl.data.cache as cache
 import unet_pl.data.module as data
 from unet_pl import NucleiDataModule
 from unet_pl.data import SAMPLE_DIR, split_indices
-from unet_pl.data.datasets import ImageFolderDataset, NucleiDataset
+from unet_pl.data.datasets import NucleiDataset
 from unet_pl.data.images import LABELS_CSV, read_labels_csv
 
 
@@ -242,7 +242,13 @@ def test_default_workers_follow_the_trainers_device(sample_dm, monkeypatch):
 
 # --- prediction folders ----------------------------------------------------------------------------
 
-def test_predict_dir_yields_resized_images_ids_and_original_sizes(tmp_path):
+def test_predict_dir_yields_whole_images_one_a_batch_and_trainer_predict_segments_them(tmp_path):
+    """The predict stage feeds the one inference path: whole images, and predict_step's labels are segment's."""
+    import lightning.pytorch as pl
+
+    from unet_pl import LitUNet, segment
+    from unet_pl.data.images import read_image
+
     test_dir = tmp_path / "stage1_test"
     ids = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.is_dir())[:3]
     for i in ids:
@@ -250,16 +256,25 @@ def test_predict_dir_yields_resized_images_ids_and_original_sizes(tmp_path):
     (test_dir / ".DS_Store").write_bytes(b"\0")
     dm = dm_for(None, tmp_path, predict_dir=test_dir, img_size=64)
     dm.setup("predict")
-    b = next(iter(dm.predict_dataloader()))
-    assert b["id"] == ids and b["image"].dtype == torch.uint8 and b["image"].shape == (3, 3, 64, 64)
-    assert set(b) == {"image", "id", "size"}
-    ds = ImageFolderDataset(test_dir, 64, progress=False)
-    assert [tuple(s) for s in b["size"].tolist()] == [tuple(s) for s in ds.sizes.tolist()]
+    batches = list(dm.predict_dataloader())
+    assert [b["id"][0] for b in batches] == ids and set(batches[0]) == {"image", "id", "size"}
+    for b, i in zip(batches, ids):
+        image = read_image(test_dir / i / "images" / f"{i}.png")
+        assert b["image"].dtype == torch.uint8 and tuple(b["image"].shape) == (1, *image.shape)
+        assert tuple(b["size"][0].tolist()) == image.shape[:2]
+    torch.manual_seed(0)
+    model = LitUNet(img_size=64)
+    out = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).predict(model, dm)
+    for o, i in zip(out, ids):
+        image = read_image(test_dir / i / "images" / f"{i}.png")
+        assert o["id"] == i and np.array_equal(o["labels"], segment(model, image))
+        assert o["prob"].shape == (1, *image.shape[:2])
 
 
 def test_predict_without_predict_dir_uses_the_validation_images(sample_dm):
     sample_dm.setup("predict")
-    assert sample_dm.predict_set is sample_dm.val_set
+    val_ids = [sample_dm.val_set.ids[j] for j in sample_dm.val_set.indices]
+    assert [i for i, _ in sample_dm.predict_set.entries] == val_ids
 
 
 def test_corrupt_image_in_predict_dir_fails_in_setup(tmp_path):
@@ -339,8 +354,8 @@ def _csv(root, rows):
     ("1900 100", r"line 3: .*runs past the image"),  # 40x48 = 1920 pixels
 ])
 def test_labels_csv_bad_runs_name_the_line(make_train_dir, tmp_path, rle, message):
-    root = make_train_dir(n=1)
-    _csv(root, [("img00", "1 2"), ("img00", rle)])
+    root = make_train_dir(n=2)
+    _csv(root, [("img00", "1 2"), ("img00", rle), ("img01", "1 2")])
     with pytest.raises(ValueError, match=rf"{LABELS_CSV}, {message}.*Fix or delete that row"):
         dm_for(root, tmp_path, labels_csv=True).prepare_data()
 

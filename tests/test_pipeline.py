@@ -158,3 +158,18 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[]"
+
+
+def test_segment_takes_uint8_images_and_says_what_else_to_do():
+    from unet_pl import segment
+
+    torch.manual_seed(0)
+    model = LitUNet(img_size=32)
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    grey_labels = segment(model, rgb[..., 0])  # grey is repeated into RGB, as the readers do
+    assert np.array_equal(grey_labels, segment(model, np.repeat(rgb[..., :1], 3, axis=2)))
+    rgba = np.concatenate([rgb, np.full((40, 56, 1), 255, np.uint8)], axis=2)
+    assert np.array_equal(segment(model, rgba), segment(model, rgb))  # alpha dropped
+    for bad in (rgb.astype(np.float32) / 255, rgb.astype(np.uint16) * 16, rgb[None]):
+        with pytest.raises(ValueError, match="uint8|shape"):
+            segment(model, bad)

@@ -153,37 +153,51 @@ class KeepFreedMemory(Callback):
 
 
 class TunePostprocessing(Callback):
-    """At the end of fit, choose the threshold, watershed seed threshold and minimum nucleus size on
-    the data module's validation images at full size (``NucleiDataModule.validation_images``) by
-    the competition score, with the weights of the best checkpoint; store the choice in the model
-    (``LitUNet.set_postprocess``) and in ``best.ckpt`` and ``last.ckpt``.
+    """At the end of training, choose the threshold, watershed seed threshold and minimum nucleus
+    size on the data module's validation images at full size (``NucleiDataModule.validation_images``)
+    by the competition score, with the weights of the best checkpoint on the training device; store
+    the choice in the model (``LitUNet.set_postprocess``, every rank) and in ``best.ckpt`` and ``last.ckpt``.
 
     After fit: ``chosen`` (the dict) and ``score`` (its mean validation score), or None when there
-    was nothing to tune on (no validation images, a fast dev run, no data module).
+    was nothing to tune on (no validation images, a fast dev run, no data module) or tuning failed
+    (a warning says why; training's results stand).
     """
 
     def __init__(self) -> None:
         self.chosen: dict | None = None
         self.score: float | None = None
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_end, not on_fit_end: the strategy (devices, DDP's process group) is still up
+        dm = trainer.datamodule
+        if trainer.fast_dev_run or dm is None or not hasattr(dm, "validation_images"):
+            return
+        result = self._tune(trainer, pl_module, dm) if trainer.is_global_zero else None
+        result = trainer.strategy.broadcast(result, src=0)
+        if result is not None:
+            self.chosen, self.score = result
+            pl_module.set_postprocess(self.chosen)
+        trainer.strategy.barrier("tune_postprocessing")
+
+    def _tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dm) -> tuple[dict, float] | None:
         from .inference.checkpoint import load_model, update_hyperparameters
         from .inference.tune import tune_postprocessing
 
-        dm = trainer.datamodule
-        if trainer.fast_dev_run or not trainer.is_global_zero or dm is None or not hasattr(dm, "validation_images"):
-            return
         if dm.val_set is None or not len(dm.val_set):
             log.warning("no validation images: the post-processing keeps its defaults")
-            return
+            return None
         cb = trainer.checkpoint_callback
         best = Path(cb.best_model_path) if cb is not None and cb.best_model_path else None
-        net = load_model(best) if best is not None and best.is_file() else pl_module.unet.eval()
-        settings = pl_module.settings
-        samples = ((image, labels) for _, image, labels in dm.validation_images())
-        self.chosen, self.score = tune_postprocessing(net, samples, settings)
-        pl_module.set_postprocess(self.chosen)
         last = Path(cb.last_model_path) if cb is not None and cb.last_model_path else None
-        for path in {best, last} - {None}:
-            if path.is_file():
-                update_hyperparameters(path, postprocess=self.chosen)
+        try:
+            device = trainer.strategy.root_device
+            net = load_model(best, device=device) if best is not None and best.is_file() else pl_module.unet.eval()
+            samples = ((image, labels) for _, image, labels in dm.validation_images())
+            chosen, score = tune_postprocessing(net, samples, pl_module.settings)
+            for path in {best, last} - {None}:
+                if path.is_file():
+                    update_hyperparameters(path, postprocess=chosen)
+        except (ValueError, OSError, RuntimeError) as e:
+            log.warning("could not choose the post-processing (%s: %s); the checkpoints keep the defaults", type(e).__name__, e)
+            return None
+        return chosen, score

@@ -80,9 +80,10 @@ def reconcile(model: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, An
         elif mine != theirs:
             clashes.append(f"{key}: model {mine!r}, data module {theirs!r}")
     if clashes:
+        hint = ("; or leave the model's resolution and img_size unset (None) to take the data module's"
+                if any(not c.startswith("head") for c in clashes) else "")
         raise ValueError("the model and the data module disagree on " + "; ".join(clashes) +
-                         ". Build both with the same values, or leave the model's resolution and img_size unset "
-                         "(None) to take the data module's")
+                         ". Build both with the same values" + hint)
     return taken
 
 

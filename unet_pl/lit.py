@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
-from .inference.predict import labels_from_probabilities, network_probabilities
+from .inference.predict import labels_from_probabilities, probabilities, to_input
 from .inference.settings import TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
@@ -84,7 +84,7 @@ class LitUNet(pl.LightningModule):
         if resolution is not None:
             check_resolution(resolution)
         if img_size is not None:
-            check_side(img_size)
+            img_size = check_side(img_size)  # a plain int in hparams and checkpoints
         if out_channels != head_channels(head):
             if out_channels != 1:  # an explicit choice that contradicts the head
                 raise ValueError(f"head {head!r} has {head_channels(head)} output channels but out_channels={out_channels}; "
@@ -142,7 +142,16 @@ class LitUNet(pl.LightningModule):
         Settings.from_hparams({**self.hparams, "postprocess": chosen})  # validates
         self.hparams["postprocess"] = chosen
 
+    def configure_callbacks(self) -> list:
+        """``KeepFreedMemory``: on CPU runs glibc keeps freed memory for reuse (no page faults per
+        activation; ``unet_pl.perf``), logged when it takes effect, released when the run ends."""
+        from .callbacks import KeepFreedMemory
+
+        return [KeepFreedMemory()]
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        if self._trainer is not None and self.trainer.predicting:
+            return batch  # whole images for the inference path, which prepares them itself
         if isinstance(batch, dict):
             batch = dict(batch)
             batch["image"] = self.prepare_images(batch["image"])
@@ -153,10 +162,7 @@ class LitUNet(pl.LightningModule):
 
     def prepare_images(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] or float [0, 1] ``(N, C, H, W)`` -> float32 [0, 1], in the model's memory layout."""
-        x = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return to_input(image, channels_last=self.hparams.channels_last)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -168,9 +174,11 @@ class LitUNet(pl.LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Probabilities ``(N, out_channels, H, W)`` float32 in [0, 1], with the batch's ids and sizes."""
-        prob = network_probabilities(self.unet, batch["image"])
-        return {"prob": prob, **{k: v for k, v in batch.items() if k not in ("image", "mask", "labels")}}
+        """The data module's predict stage yields one full-size image a batch (uint8 ``(1, H, W, 3)``):
+        ``{"id", "prob" float (C, H, W), "labels" int32 (H, W)}`` as ``unet_pl.segment`` makes them."""
+        settings = self.settings
+        prob = probabilities(self.unet, batch["image"][0].cpu().numpy(), settings)
+        return {"id": batch["id"][0], "prob": prob, "labels": labels_from_probabilities(prob, settings)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         h = self.hparams

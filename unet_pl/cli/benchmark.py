@@ -53,7 +53,6 @@ def run_train(cfg: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from unet_pl.callbacks import KeepFreedMemory
     from unet_pl.lit import LitUNet
 
     cuda = cfg["device"] == "cuda"
@@ -84,7 +83,7 @@ def run_train(cfg: dict) -> dict:
     trainer = pl.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, precision=cfg["precision"], max_steps=total,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[clock, KeepFreedMemory()], num_sanity_val_steps=0, limit_val_batches=0, benchmark=cuda,
+        callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0, benchmark=cuda,
     )
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = choose_device(args.gpus)
         ckpt = read_checkpoint(args.ckpt) if args.ckpt else None
-        net = load_model(ckpt, args.keras_h5, device)
+        net = load_model(ckpt, args.keras_h5, device, name=args.ckpt)
         settings = net.settings.replace(threshold=args.threshold, min_size=args.min_size, fill_holes=args.fill_holes,
                                         seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile,
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split)

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
+from ..data.module import EMPTY_MASKS
 from ..data.transforms import PRESETS
 from ..geometry import HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
@@ -30,6 +31,8 @@ PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed
 #: torch.compile modes --compile offers ("default" is torch's default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
+#: What makes a folder a run: train.py refuses to write a new run over any of these.
+RUN_FILES = ("best.ckpt", "last.ckpt", "hparams.yaml")
 #: --mode presets: what --resolution, --head and --tune default to (each flag given explicitly wins).
 MODES = {
     "notebook": {"resolution": "resize", "head": "mask", "tune": "off"},  # the 2018 notebook: 128x128 squares, one output
@@ -64,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",
                       help="training augmentation: default = flips/rotations (unet_pl.data.transforms); none = the notebook")
+    data.add_argument("--labels-csv", default=None, metavar="PATH",
+                      help="masks from this stage1_train_labels.csv (run-length rows) instead of the masks/ folders")
+    data.add_argument("--empty-masks", choices=EMPTY_MASKS, default="error",
+                      help="error: an image without masks stops the run (a missing download, usually); background: train on it as all background")
     data.add_argument("--cache-dir", default=None, help="where decoded, resized images are cached. Default: the per-user cache")
     data.add_argument("--holdout", choices=HOLDOUTS, default="none",
                       help="stratified: never train or validate on the fixed, modality-stratified 10%% hold-out "
@@ -181,6 +188,15 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
         fail(f"--resume: no checkpoint at {ckpt}")
     if out is None:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    ddp_child = bool(os.environ.get("LOCAL_RANK")) and os.environ.get(RUN_DIR_ENV) == str(out)
+    if ckpt is None and not ddp_child and not args.fast_dev_run:
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held:
+            fail(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume last --out {out}, "
+                 "or pass another --out (nothing was changed)")
+        writable = next(p for p in (out, *out.parents) if p.exists())
+        if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
+            fail(f"cannot create the run folder {out}: {writable} is not writable; pass --out a folder you can write to")
     return out, ckpt
 
 
@@ -194,7 +210,8 @@ def make_datamodule(args: argparse.Namespace):
 
     return NucleiDataModule(data_dir=args.data_dir, resolution=args.resolution, img_size=side(args), head=args.head,
                             val_split=args.val_split, batch_size=args.batch_size, num_workers=args.num_workers,
-                            seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, holdout=args.holdout)
+                            seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, holdout=args.holdout,
+                            labels_csv=args.labels_csv, empty_masks=args.empty_masks)
 
 
 def make_model(args: argparse.Namespace):
@@ -233,7 +250,7 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from ..callbacks import KeepFreedMemory, RngStateInCheckpoint, SaveOnInterrupt, Throughput, TunePostprocessing
+    from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput, TunePostprocessing
 
     gpu = args.gpus > 0
     devices = args.gpus if gpu else args.cpu_processes
@@ -243,7 +260,7 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     interrupt, throughput = SaveOnInterrupt(out / "last.ckpt"), Throughput()
     # Redrawing the bar reads the step loss from the device; every 10 steps keeps a GPU from waiting on it.
     bar = TQDMProgressBar(refresh_rate=10)
-    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, KeepFreedMemory(), *callbacks]
+    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]  # + LitUNet's KeepFreedMemory
     if args.tune == "on":
         cbs.append(TunePostprocessing())
     if args.patience > 0:
@@ -308,6 +325,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
         # decode (or find) the cache before the Trainer starts, so a bad data folder is one line, not a traceback
         try:
             datamodule.prepare_data()
+            datamodule.setup("fit")  # the split, so too few images is one line too, before the run folder
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
     if trainer.is_global_zero and not args.fast_dev_run:  # a smoke test leaves nothing behind
@@ -316,7 +334,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     start = time.perf_counter()
     exit_code = 0
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     except SystemExit:  # Lightning ends SIGTERM with SIGTERMException, Ctrl-C with sys.exit(1)
         if not interrupt.signal:
             raise

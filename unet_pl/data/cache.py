@@ -13,14 +13,22 @@ image, so the hold-out needs no second decoding).
 
 ``fingerprint`` names a cache by everything it depends on (the files' sizes and mtimes, the
 resolution and side, the mask source, ``empty_masks`` and ``CACHE_VERSION``).
+
+Safety: ``building(path)`` holds a lock file beside the cache while one process decodes, so runs
+started together decode once (the others wait, then reuse the file); whoever holds the lock
+removes the temporary files that killed runs left (``<name>.*.tmp``: no live writer can own them
+then). ``check_cache_dir`` says before any decoding when the folder cannot take the file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +38,8 @@ from tqdm.auto import tqdm
 from ..geometry import resize_image, resize_labels, resize_mask
 from .holdout import image_modality
 from .images import TrainItem, decode_masks, image_size, read_image
+
+log = logging.getLogger(__name__)
 
 #: Bump when the cache's content changes meaning: every cache is rebuilt. 2: modalities stored.
 CACHE_VERSION = 2
@@ -153,3 +163,62 @@ def native_image(arrays: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.
     h, w = (int(v) for v in arrays["shapes"][k])
     a, b = arrays["offsets"][k], arrays["offsets"][k + 1]
     return arrays["images"][a:b].reshape(h, w, 3), arrays["labels"][a:b].reshape(h, w)
+
+
+def cache_bytes(resolution: str, size: int, shapes: Sequence[tuple[int, int]]) -> int:
+    """About how many bytes a cache of these images takes on disk (uncompressed ``.npz``)."""
+    if resolution == "native":
+        return int(sum(h * w for h, w in shapes)) * 5 + 64 * len(shapes) + (1 << 20)  # RGB + uint16 labels
+    return len(shapes) * size * size * 6 + 64 * len(shapes) + (1 << 20)  # RGB + mask + uint16 labels
+
+
+def check_cache_dir(cache_dir: Path, needed: int) -> None:
+    """``ValueError`` naming the folder and the fix when ``cache_dir`` is not a writable folder with ``needed`` bytes free."""
+    fix = "pass cache_dir (--cache-dir) a writable folder on a disk with room"
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(f"cache folder {cache_dir} is a file, not a folder; {fix}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write into the cache folder {cache_dir} ({e.strerror or e}); {fix}") from None
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed:
+        raise ValueError(f"the decoded cache needs about {_mb(needed)} in {cache_dir} but only {_mb(free)} are free; "
+                         f"free some space or {fix}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 10 << 20 else f"{n / 2**20:,.0f} MB"
+
+
+@contextlib.contextmanager
+def building(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` (an exclusive ``flock``; waits while another process holds it) and, once
+    held, remove the temporary files a killed writer of ``path`` left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, one decoding per run as before
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another process is decoding %s; waiting for it", path)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for stale in path.parent.glob(path.name + ".*.tmp"):
+                log.info("removing %s, left by a run that was killed while writing the cache", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            # Removed so the cache folder holds caches only. A run that opened the old lock file and
+            # waits on it then builds beside one that opens a new one: at worst a second decoding of
+            # the same images, each written atomically, never a broken cache.
+            lock_path.unlink(missing_ok=True)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)

@@ -9,7 +9,6 @@ augmentation from the moved labels (``unet_pl.data.targets``).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
-from tqdm.auto import tqdm
 
-from ..geometry import check_resolution, head_channels, resize_image
+from ..geometry import check_resolution, head_channels
 from .cache import native_image
-from .images import list_images, read_image
+from .images import image_size, read_image
 from .targets import make_targets
 
 
@@ -134,36 +132,20 @@ class AugmentSampler(Sampler):
 
 
 class ImageFolderDataset(Dataset):
-    """Images without masks (``list_images`` layouts) for the data module's predict stage with a resize
-    model: decoded and squashed to ``img_size`` squares up front, so a bad file fails in ``setup``.
+    """Whole images for the data module's predict stage: ``(id, path)`` entries (``list_images``),
+    each read at its own size when asked for (``LitUNet.predict_step`` runs the inference path on
+    it). Every file's header is read up front, so an unreadable file fails in ``setup``.
 
-    Item: ``image`` uint8 (3, S, S) resized as in training, ``id`` str, ``size`` int64 (2,) original (H, W).
-    ``ids``: only these images of the folder (in its id order).
+    Item: ``image`` uint8 (H, W, 3), ``id`` str, ``size`` int64 (2,) (H, W). Batch size 1: sizes differ.
     """
 
-    def __init__(self, folder: str | Path, img_size: int, workers: int = 2, progress: bool = True,
-                 ids: Sequence[str] | None = None) -> None:
-        self.entries = list_images(folder)
-        if ids is not None:
-            wanted = set(ids)
-            self.entries = [(i, p) for i, p in self.entries if i in wanted]
-        def decode(path: Path) -> tuple[tuple[int, int], np.ndarray]:
-            # resized as soon as decoded: a folder of large images never sits in memory at full size
-            image = read_image(path)
-            return image.shape[:2], resize_image(image, img_size)
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            decoded = list(tqdm(pool.map(decode, [p for _, p in self.entries]), total=len(self.entries),
-                                desc=f"decoding {len(self.entries)} images", unit="img", disable=not progress))
-        self.sizes = np.array([size for size, _ in decoded], dtype=np.int64).reshape(-1, 2)
-        self.images = np.stack([im for _, im in decoded])
+    def __init__(self, entries: Sequence[tuple[str, Path]]) -> None:
+        self.entries = list(entries)
+        self.sizes = [image_size(p) for _, p in self.entries]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1))),
-            "id": self.entries[i][0],
-            "size": torch.from_numpy(self.sizes[i].copy()),
-        }
+        image_id, path = self.entries[i]
+        return {"image": torch.from_numpy(read_image(path)), "id": image_id, "size": torch.tensor(self.sizes[i])}

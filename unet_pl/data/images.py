@@ -51,6 +51,12 @@ def _decode(path: str | Path) -> np.ndarray:
             mode, arr = im.mode, np.asarray(im)
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError:
+        raise ValueError(
+            f"{path}: the image has more pixels than Pillow decodes without a warning against decompression bombs "
+            f"({Image.MAX_IMAGE_PIXELS:,} x 2); if it is a real image, cut it into tiles (Fiji: Image > Stacks > "
+            "Tools > Montage to Stack) or save a downscaled copy"
+        ) from None
     except _DECODE_ERRORS as e:
         raise ValueError(
             f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
@@ -232,5 +238,6 @@ def resolve_labels_csv(labels_csv: str | Path | bool | None, train_dir: Path) ->
         return None
     path = train_dir.parent / LABELS_CSV if labels_csv is True else Path(labels_csv).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"labels CSV {path} not found; pass its path as labels_csv, or labels_csv=None to read the masks/ folders")
+        raise FileNotFoundError(f"labels CSV {path} not found; pass its path (--labels-csv PATH, labels_csv= in Python), "
+                                "or leave it out to read the masks/ folders")
     return path

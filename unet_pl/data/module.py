@@ -35,10 +35,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import SAMPLE_DIR
 from ..geometry import DEFAULT_SIZE, check_resolution, check_side, head_channels
-from .cache import build_cache, cache_name, decode_item, default_cache_dir, fingerprint, load_cache, native_image
+from .cache import (
+    build_cache, building, cache_bytes, cache_name, check_cache_dir, decode_item, default_cache_dir, fingerprint, load_cache,
+    native_image,
+)
 from .datasets import AugmentSampler, ImageFolderDataset, NucleiDataset, crop_transform
 from .holdout import HOLDOUTS, holdout_from_modalities, keep_ids
-from .images import TrainItem, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
+from .images import TrainItem, image_size, list_images, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
 from .transforms import build_augment
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,8 @@ class NucleiDataModule(pl.LightningDataModule):
         holdout: "none" or "stratified": the images ``unet_pl.data.holdout`` holds out are in
             neither split (the split is drawn from the rest). Their ids are in ``holdout_ids``
             after ``setup`` and travel in the checkpoint (``state_dict``).
-        predict_dir: images to predict (``list_images`` layouts); None: the validation images.
+        predict_dir: images to predict (``list_images`` layouts), whole, one a batch; None: the
+            validation images, whole.
         decode_workers: threads decoding in ``prepare_data``; progress: show the decoding bar.
 
     Stages: fit (train + val), validate and test (the validation split, with ``labels``),
@@ -107,7 +111,7 @@ class NucleiDataModule(pl.LightningDataModule):
         super().__init__()
         check_resolution(resolution)
         head_channels(head)  # a bad head name fails here
-        check_side(img_size)
+        img_size = check_side(img_size)  # a plain int in hparams and checkpoints, whatever integer type came in
         if holdout not in HOLDOUTS:
             raise ValueError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")
         if not 0 <= val_split < 1:
@@ -145,16 +149,18 @@ class NucleiDataModule(pl.LightningDataModule):
                 # No prepare_data (a plain script), or another node's cache_dir: build it here.
                 if path.is_file():
                     log.warning("cache %s is unreadable (%s); rebuilding it", path, e)
+                    path.unlink(missing_ok=True)
                 job()
                 self.arrays = load_cache(path, self.hparams.resolution)
             self._make_datasets(*self._split())
         if stage in (None, "predict") and self.predict_set is None:
             if self.hparams.predict_dir is None:
                 self.setup("validate")
-                self.predict_set = self.val_set
+                by_id = {it.id: it.image for it in self._locate()[2]}
+                entries = [(i, by_id[i]) for i in (str(self.arrays["ids"][j]) for j in self.val_set.indices)]
             else:
-                self.predict_set = ImageFolderDataset(self.hparams.predict_dir, self.hparams.img_size,
-                                                      self.hparams.decode_workers, self.hparams.progress)
+                entries = list_images(self.hparams.predict_dir)
+            self.predict_set = ImageFolderDataset(entries)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the data: the held-out ids (so prediction need not recompute them)."""
@@ -173,6 +179,11 @@ class NucleiDataModule(pl.LightningDataModule):
         if self.hparams.holdout != "none":
             self.holdout_ids = holdout_from_modalities(ids, self.arrays["modalities"], self.hparams.holdout)
             keep = keep_ids(ids, self.holdout_ids)
+        if len(keep) < 2:
+            after = " not held out" if self.hparams.holdout != "none" else ""
+            raise ValueError(f"{resolve_train_dir(self.data_dir)} has {len(keep)} image{'s' * (len(keep) != 1)}{after}: "
+                             "training needs at least 2 (one of them to validate on, for early stopping and best.ckpt); "
+                             "add images")
         train, val = split_indices(len(keep), self.hparams.val_split, self.hparams.seed)
         return keep[train], keep[val]
 
@@ -221,7 +232,10 @@ class NucleiDataModule(pl.LightningDataModule):
         return self._loader(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set)
+        """Whole images, one a batch (their sizes differ): ``LitUNet.predict_step`` segments each."""
+        if self.predict_set is None:
+            raise RuntimeError("call setup('predict') (or let the Trainer call it) before asking for a DataLoader")
+        return DataLoader(self.predict_set, batch_size=1)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         if dataset is None:
@@ -258,13 +272,23 @@ class NucleiDataModule(pl.LightningDataModule):
                 if not (rles.get(it.id) if rles is not None else it.masks):
                     where = f"{csv_path} has no runs for {it.id}" if rles is not None else f"{it.image.parent.parent / 'masks'} has no mask images"
                     raise ValueError(f"{where}: add its masks, remove {it.image.parent.parent}, or pass "
-                                     "empty_masks='background' to train on it as all background")
+                                     "--empty-masks background (empty_masks='background' in Python) to train on it "
+                                     "as all background")
+        if len(items) < 2:  # said before decoding; with a hold-out, _split says it after
+            raise ValueError(f"{train_dir} has {len(items)} image{'s' * (len(items) != 1)}: training needs at least 2 "
+                             "(one of them to validate on, for early stopping and best.ckpt); add images")
         key = fingerprint(train_dir, items, csv_path, "native" if h.resolution == "native" else h.img_size, h.empty_masks)
         path = self.cache_dir / cache_name(h.resolution, h.img_size, key)
 
         def job() -> None:
-            log.info("decoding %d images from %s into %s", len(items), train_dir, path)
-            build_cache(items, h.resolution, h.img_size, path, rles, csv_path, h.decode_workers, h.progress)
+            shapes = [image_size(it.image) for it in items] if h.resolution == "native" else [(0, 0)] * len(items)
+            check_cache_dir(self.cache_dir, cache_bytes(h.resolution, h.img_size, shapes))
+            with building(path):
+                if path.is_file():  # another run decoded it while this one waited
+                    log.info("using %s, decoded by another run meanwhile", path)
+                    return
+                log.info("decoding %d images from %s into %s", len(items), train_dir, path)
+                build_cache(items, h.resolution, h.img_size, path, rles, csv_path, h.decode_workers, h.progress)
 
         self._located = (path, job, items, rles, csv_path)
         return self._located

@@ -43,30 +43,36 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> UNet:
     """The ``UNet`` of a checkpoint dict (``read_checkpoint``), with ``net.settings`` from its hyperparameters."""
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    settings = Settings.from_hparams(hp)
-    net = UNet(int(hp.get("in_channels", 3)), settings.out_channels, int(hp.get("base_filters", 8)))
-    state = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a --compile run's names
     try:
+        hp = dict(ckpt.get("hyper_parameters") or {})
+        settings = Settings.from_hparams(hp)
+        net = UNet(int(hp.get("in_channels", 3)), settings.out_channels, int(hp.get("base_filters", 8)))
+        state = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a --compile run's names
         net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit the seed's U-Net ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path}: its settings or weights do not fit the seed's U-Net ({first}); use a best.ckpt or "
+                         "last.ckpt that train.py wrote") from None
     net.settings = settings
     return net
 
 
 def load_model(ckpt: str | Path | dict | None = None, keras_h5: str | Path | None = None,
-               device: torch.device | str = "cpu") -> UNet:
+               device: torch.device | str = "cpu", name: str | Path | None = None) -> UNet:
     """A network ready for ``segment``: eval mode, channels-last, on ``device``, ``net.settings`` attached.
 
     ``ckpt``: a LitUNet checkpoint (a path, or the dict ``read_checkpoint`` returned);
     ``keras_h5``: the notebook's saved Keras model (its settings: the notebook's, 128 px squares).
+    ``name``: what errors call a checkpoint given as a dict (its file).
     """
     if (ckpt is None) == (keras_h5 is None):
         raise ValueError("give exactly one of a checkpoint (--ckpt) or a Keras .h5 (--keras-h5)")
     if ckpt is not None:
-        net = model_from_checkpoint(ckpt if isinstance(ckpt, dict) else read_checkpoint(ckpt), ckpt if not isinstance(ckpt, dict) else "checkpoint")
+        if isinstance(ckpt, dict):
+            net = model_from_checkpoint(ckpt, name or "checkpoint")
+        else:
+            net = model_from_checkpoint(read_checkpoint(ckpt), ckpt)
     else:
         from ..keras import unet_from_keras  # needs h5py; only this path does
 

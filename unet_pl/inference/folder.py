@@ -132,13 +132,13 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             yield image
 
     stats = {"images": 0, "nuclei": 0, "empty": 0}
+    results = predict_images(net, images(), settings, batch_size)
+    bar = tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict", disable=not progress)
     try:
         with open(out_csv, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["ImageId", "EncodedPixels"])
-            results = predict_images(net, images(), settings, batch_size)
-            for (image_id, _), prob in tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict",
-                                            disable=not progress):
+            for (image_id, _), prob in bar:
                 image = held.popleft()
                 labels = labels_from_probabilities(prob, settings)
                 writer.writerows(submission_rows(image_id, labels))
@@ -151,6 +151,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                 if overlays_dir:
                     save_overlay(image, labels, Path(overlays_dir) / f"{image_id}.png")
     finally:
+        bar.close()
+        results.close()  # the generators and the read-ahead threads, also after an error
         release_freed_memory()
     log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
     return stats

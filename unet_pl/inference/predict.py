@@ -37,16 +37,33 @@ def settings_of(net: nn.Module, settings: Settings | None = None, **overrides: A
     return settings.replace(**overrides)
 
 
-def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` or ``(N, H, W, 3)``, or a uint8 ``(N, 3, H, W)`` tensor -> float32
-    ``(N, 3, H, W)`` in [0, 1] on ``device``, channels-last (the seed's ``Lambda(x / 255)``).
-    Only uint8 crosses to the device; float tensors are taken as already scaled."""
+def check_image(image: np.ndarray) -> np.ndarray:
+    """``image`` as inference takes it: uint8 ``(H, W, 3)``; grey ``(H, W)`` and RGBA are accepted and
+    made RGB. Anything else is a ``ValueError`` that says how to get there."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"images go into the network as uint8 (H, W, 3) in [0, 255], got {image.dtype} {image.shape}; "
+                         "read files with unet_pl.data.images.read_image, which applies the bit-depth rules")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an image (H, W, 3) (or grey (H, W), or RGBA), got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None,
+             channels_last: bool = True) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` or ``(N, H, W, 3)`` arrays, or a uint8 ``(N, 3, H, W)`` tensor -> float32
+    ``(N, 3, H, W)`` in [0, 1] on ``device`` (default: where it is), channels-last unless told
+    otherwise (the seed's ``Lambda(x / 255)``). Only uint8 crosses to the device; float tensors
+    are taken as already scaled."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
         x = (x[None] if x.ndim == 3 else x).permute(0, 3, 1, 2)
-    x = x.to(device, non_blocking=True)
+    if device is not None:
+        x = x.to(device, non_blocking=True)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -91,6 +108,7 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
     (padded to a multiple of 16) or in overlapping tiles above ``settings.tile``.
     """
     device = _device(net)
+    images = map(check_image, images)
     if settings.resolution == "native":
         for image in images:
             x = to_input(image, device)

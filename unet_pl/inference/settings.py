@@ -15,6 +15,7 @@ from typing import Any
 
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
 from .postprocess import SPLITS
+from .tiling import check_tile
 from .tta import TTAS
 
 #: The watershed seed threshold of checkpoints that saved none (trained before tuning existed),
@@ -69,8 +70,7 @@ class Settings:
             raise ValueError("the watershed split needs a boundary output: a model trained with head 'mask+boundary'")
         if self.tta not in TTAS:
             raise ValueError(f"unknown TTA {self.tta!r}; choose one of {', '.join(TTAS)}")
-        if self.tile < 128 or self.tile % 16:
-            raise ValueError(f"tile {self.tile} must be a multiple of 16, at least 128")
+        check_tile(self.tile)
 
     @property
     def watershed(self) -> bool:

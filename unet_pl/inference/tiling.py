@@ -18,6 +18,18 @@ import torch.nn.functional as F
 from ..model import DIVISOR
 
 
+#: Pixels dropped at each cut between tiles (the network lacks context there).
+MARGIN = 64
+
+
+def check_tile(tile: int, margin: int = MARGIN) -> int:
+    """``tile`` if it is a multiple of 16 larger than ``2 * margin``, else ``ValueError`` saying so."""
+    if tile % DIVISOR or tile <= 2 * margin:
+        raise ValueError(f"tile must be a multiple of {DIVISOR} larger than {2 * margin} (twice the margin dropped at "
+                         f"each cut), got {tile}")
+    return tile
+
+
 def pad_to_multiple(x: torch.Tensor, divisor: int = DIVISOR) -> tuple[torch.Tensor, tuple[int, int]]:
     """``(N, C, H, W)`` -> (padded ``(N, C, H', W')`` with H', W' multiples of ``divisor``, (H, W)).
 
@@ -42,7 +54,7 @@ def _starts(n: int, tile: int, margin: int) -> list[int]:
 
 
 def predict_whole(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = 1024,
-                  margin: int = 64) -> torch.Tensor:
+                  margin: int = MARGIN) -> torch.Tensor:
     """Per-pixel outputs ``(N, C', H, W)`` of ``predict`` for images ``x`` ``(N, C, H, W)`` of any size.
 
     ``predict`` must take multiples of 16 (it gets padded input). Images no larger than ``tile``
@@ -50,8 +62,7 @@ def predict_whole(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     multiple of 16, more than ``2 * margin``) whose outer ``margin`` pixels are discarded
     except at the image's own edges.
     """
-    if tile % DIVISOR or tile <= 2 * margin:
-        raise ValueError(f"tile must be a multiple of {DIVISOR} larger than 2 * margin ({2 * margin}), got {tile}")
+    check_tile(tile, margin)
     h, w = x.shape[-2:]
     if h <= tile and w <= tile:
         padded, _ = pad_to_multiple(x)

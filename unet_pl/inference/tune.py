@@ -4,8 +4,8 @@ models) and the minimum nucleus size. The network runs once per image; only the 
 after it are repeated.
 
 The search is a small grid, in two rounds: threshold x seed threshold with no size filter, then
-the minimum size at the best pair. Ties keep the earlier (more conventional) value, so a flat
-score surface keeps 0.5 and no size filter. The result goes into the model's hyperparameters
+the minimum size at the best pair. Ties keep the model's own values (tried first), so a flat
+score surface changes nothing. The result goes into the model's hyperparameters
 (``LitUNet(postprocess=...)``) and so into its checkpoint; prediction uses it by default.
 """
 from __future__ import annotations
@@ -48,15 +48,16 @@ def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.n
         raise ValueError("no validation images to choose the post-processing on")
     base = dataclasses.replace(settings, tta="none", min_size=0, fill_holes=False)
     probs = list(predict_images(net, images, base))
-    seeds = seed_thresholds if base.watershed else (base.seed_threshold,)
+    # the model's own values first: on a tie (a flat score surface) they stay
+    seeds = _first(base.seed_threshold, seed_thresholds) if base.watershed else (base.seed_threshold,)
     best, best_score = base, -1.0
-    for t in thresholds:
+    for t in _first(base.threshold, thresholds):
         for s in seeds:
             candidate = dataclasses.replace(base, threshold=t, seed_threshold=s)
             value = score(probs, truths, candidate)
             if value > best_score + 1e-9:
                 best, best_score = candidate, value
-    for m in min_sizes:
+    for m in _first(base.min_size, min_sizes):
         candidate = dataclasses.replace(best, min_size=m)
         value = score(probs, truths, candidate)
         if value > best_score + 1e-9:
@@ -64,3 +65,8 @@ def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.n
     chosen = {"threshold": best.threshold, "seed_threshold": best.seed_threshold, "min_size": best.min_size}
     log.info("post-processing chosen on %d validation images: %s (score %.4f)", len(images), chosen, best_score)
     return chosen, best_score
+
+
+def _first(value, values) -> tuple:
+    """``values`` with ``value`` moved (or put) in front."""
+    return (value, *(v for v in values if v != value))

@@ -55,13 +55,20 @@ def read_keras_convs(path: str | Path) -> tuple[list[KerasConv], bool]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no Keras weights file at {path}")
-    with h5py.File(path, "r") as f:
-        if "layer_names" in f.attrs or "layer_names0" in f.attrs:
-            return _read_legacy(f, f, _layer_classes(f)), True
-        if "model_weights" in f:
-            return _read_legacy(f, f["model_weights"], _layer_classes(f)), True
-        if "layers" in f:
-            return _read_weights_h5(f["layers"], path), False
+    try:
+        with h5py.File(path, "r") as f:
+            if "layer_names" in f.attrs or "layer_names0" in f.attrs:
+                return _read_legacy(f, f, _layer_classes(f)), True
+            if "model_weights" in f:
+                return _read_legacy(f, f["model_weights"], _layer_classes(f)), True
+            if "layers" in f:
+                return _read_weights_h5(f["layers"], path), False
+    except (OSError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError) as e:
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise  # our own message about this file's layers
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path}: not a readable Keras .h5 file ({first}); pass the file the notebook's "
+                         "model.save('model-dsbowl2018-1.h5') wrote") from None
     raise ValueError(
         f"{path} is not a Keras weights file: it has no 'model_weights' group, no 'layer_names' "
         f"attribute and no 'layers' group (save it with model.save('x.h5') or model.save_weights('x.weights.h5'))"

@@ -1,0 +1,242 @@
+"""Nothing lost, nothing executed: each bad input or fault ends in one line and exit status 2, before
+any long work, and never runs code from a file or overwrites a run. docs/reliability.md lists them."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import write_png
+
+from unet_pl import LitUNet, NucleiDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_ckpt(path: Path, **hparams) -> Path:
+    """A real LitUNet checkpoint (untrained) as Lightning writes it."""
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(LitUNet(**hparams))
+    trainer.save_checkpoint(path)
+    return path
+
+
+class _Marker:
+    """Unpickling this creates a file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": _Marker(marker)}}, path)
+    return path
+
+
+def one_line_exit_2(main, argv, capsys) -> str:
+    """Run a CLI main in-process: it must exit 2 with one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------- checkpoints never run code
+
+
+def test_a_crafted_checkpoint_runs_nothing_anywhere_we_load_one(tmp_path, capsys):
+    from unet_pl.cli.predict import main as predict
+    from unet_pl.cli.train import main as train
+
+    marker = tmp_path / "pwned"
+    evil = crafted_checkpoint(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(pickle.UnpicklingError):  # weights_only by default
+        torch.load(evil, weights_only=True)
+    assert not marker.exists()
+    err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(evil), "--out", str(tmp_path / "run")], capsys)
+    assert "evil.ckpt" in err and not marker.exists()
+    err = one_line_exit_2(predict, ["--ckpt", str(evil), "--data-dir", str(tmp_path), "--gpus", "0"], capsys)
+    assert "evil.ckpt" in err and not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        LitUNet.load_from_checkpoint(evil)  # as the README shows it
+    assert not marker.exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_checkpoints_are_one_line(tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+
+    good = save_ckpt(tmp_path / "good.ckpt", img_size=32)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    for bad in (truncated, text):
+        err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(bad), "--out", str(tmp_path / "r")], capsys)
+        assert bad.name in err and "--resume" in err
+
+
+def test_resuming_an_instance_checkpoint_in_notebook_mode_names_the_flag(tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+
+    ckpt = save_ckpt(tmp_path / "last.ckpt", head="mask+boundary", resolution="native", img_size=64)
+    err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(ckpt), "--cache-dir", str(tmp_path / "c")], capsys)
+    assert "--mode instance" in err
+
+
+def test_a_keras_file_that_is_not_hdf5_is_one_line(tmp_path, capsys):
+    from unet_pl.cli.predict import main as predict
+
+    fake = tmp_path / "model.h5"
+    fake.write_bytes(b"PK\x03\x04 this is a zip, not HDF5")
+    err = one_line_exit_2(predict, ["--keras-h5", str(fake), "--data-dir", str(tmp_path), "--gpus", "0"], capsys)
+    assert "model.h5" in err and "Keras" in err
+
+
+# ---------------------------------------------------------------- run folders are never overwritten
+
+
+def test_a_run_folder_is_never_overwritten(tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    before = {name: os.urandom(64) for name in ("best.ckpt", "last.ckpt", "hparams.yaml")}
+    for name, data in before.items():
+        (run / name).write_bytes(data)
+    err = one_line_exit_2(train, ["--gpus", "0", "--out", str(run), "--epochs", "1"], capsys)
+    assert "--resume last" in err and "another --out" in err
+    assert {name: (run / name).read_bytes() for name in before} == before and sorted(os.listdir(run)) == sorted(before)
+
+
+def test_an_unwritable_run_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    from unet_pl.cli.train import main as train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = one_line_exit_2(train, ["--gpus", "0", "--out", str(blocker / "run")], capsys)
+    assert "--out" in err and str(blocker) in err
+    # a read-only working directory without --out (root writes anywhere, so the check is simulated)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.chdir(ro)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).resolve() == ro.resolve() else real_access(p, mode))
+    err = one_line_exit_2(train, ["--gpus", "0"], capsys)
+    assert "runs" in err and "not writable" in err and "--out" in err
+
+
+# ---------------------------------------------------------------- bad data, said before the long work
+
+
+def test_one_training_image_is_one_line_and_leaves_no_run_folder(make_train_dir, tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+
+    root = make_train_dir(n=1)
+    for extra in ([], ["--patience", "0"]):
+        err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--out", str(tmp_path / "run"),
+                                      "--cache-dir", str(tmp_path / "c"), *extra], capsys)
+        assert "at least 2" in err and str(root) in err
+        assert not (tmp_path / "run").exists()
+
+
+def test_cache_folder_problems_are_said_before_decoding(make_train_dir, tmp_path, capsys, monkeypatch):
+    from unet_pl.cli.train import main as train
+    from unet_pl.data import cache
+
+    root = make_train_dir(n=3)
+    a_file = tmp_path / "cachefile"
+    a_file.write_text("x")
+
+    def decode_item(*args):
+        raise AssertionError("decoding started before the cache folder was checked")
+
+    monkeypatch.setattr(cache, "decode_item", decode_item)
+    err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(a_file),
+                                  "--out", str(tmp_path / "r1")], capsys)
+    assert "cachefile" in err and "is a file" in err and "--cache-dir" in err
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 19})())  # 0.5 MB
+    err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"),
+                                  "--resolution", "native", "--out", str(tmp_path / "r2")], capsys)
+    assert "needs about 1.0 MB" in err and "0.5 MB are free" in err
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_errors_recommend_flags_that_exist(make_train_dir, tmp_path, capsys):
+    from unet_pl.cli.train import build_parser
+    from unet_pl.cli.train import main as train
+
+    root = make_train_dir(n=3)
+    for m in (root / "img01" / "masks").iterdir():
+        m.unlink()
+    err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"),
+                                  "--out", str(tmp_path / "r")], capsys)
+    assert "--empty-masks background" in err
+    flags = build_parser().format_help()
+    assert "--empty-masks" in flags and "--labels-csv" in flags
+    # and the flag does what the message says: the image trains as background
+    args = ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"), "--fast-dev-run",
+            "--empty-masks", "background", "--precision", "32"]
+    train(args)
+    capsys.readouterr()
+    err = one_line_exit_2(train, [*args[:6], "--labels-csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "r")],
+                          capsys)
+    assert "nope.csv" in err and "--labels-csv" in err
+
+
+def test_an_image_over_pillows_pixel_limit_is_not_called_corrupt(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from unet_pl.data.images import read_image
+
+    path = write_png(tmp_path / "big.png", np.zeros((40, 40, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 px is over twice the limit: Pillow's bomb error
+    with pytest.raises(ValueError) as e:
+        read_image(path)
+    assert "big.png" in str(e.value) and "tiles" in str(e.value) and "corrupt" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the cache: leftovers and races
+
+
+def test_stale_temporaries_are_removed_and_concurrent_runs_decode_once(make_train_dir, tmp_path):
+    from unet_pl.data.cache import building
+
+    root = make_train_dir(n=3)
+    dm = NucleiDataModule(root, img_size=32, cache_dir=tmp_path / "c", progress=False)
+    path = dm.cache_path
+    path.parent.mkdir(parents=True)
+    stale = path.with_name(path.name + ".x1y2.tmp")
+    script = (f"import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+              f"from unet_pl import NucleiDataModule\n"
+              f"NucleiDataModule({str(root)!r}, img_size=32, cache_dir={str(tmp_path / 'c')!r}, progress=False).prepare_data()\n")
+    with building(path):  # hold the lock: both runs start and wait, as two runs started together would
+        stale.write_bytes(b"half a cache from a kill -9")
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, cwd=ROOT) for _ in range(2)]
+        waiting = []
+        for p in procs:  # each reaches the lock and says it waits (earlier lines: import-time logging)
+            seen: list[str] = []
+            while not seen or "waiting for it" not in seen[-1]:
+                line = p.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+            waiting.append("".join(seen))
+        assert stale.exists()  # nobody touched the cache while the lock was held
+    outs = [w + p.communicate(timeout=120)[0] for w, p in zip(waiting, procs)]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum("decoding 3 images" in o for o in outs) == 1, outs
+    assert sum("decoded by another run meanwhile" in o for o in outs) == 1, outs
+    assert path.is_file() and not stale.exists() and not list(path.parent.glob("*.tmp"))
