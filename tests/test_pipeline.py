@@ -160,7 +160,7 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch
     assert p.stdout.strip() == "[]"
 
 
-def test_segment_takes_uint8_images_and_says_what_else_to_do():
+def test_segment_takes_image_arrays_and_says_what_else_to_do():
     from unet_pl import segment
 
     torch.manual_seed(0)
@@ -170,6 +170,8 @@ def test_segment_takes_uint8_images_and_says_what_else_to_do():
     assert np.array_equal(grey_labels, segment(model, np.repeat(rgb[..., :1], 3, axis=2)))
     rgba = np.concatenate([rgb, np.full((40, 56, 1), 255, np.uint8)], axis=2)
     assert np.array_equal(segment(model, rgba), segment(model, rgb))  # alpha dropped
-    for bad in (rgb.astype(np.float32) / 255, rgb.astype(np.uint16) * 16, rgb[None]):
+    # 16-bit pixels follow the model's intensity rule, as files do (fixed: the high byte)
+    assert np.array_equal(segment(model, rgb.astype(np.uint16) << 8), segment(model, rgb))
+    for bad in (rgb.astype(np.float32) / 255, rgb[None]):
         with pytest.raises(ValueError, match="uint8|shape"):
             segment(model, bad)

@@ -34,8 +34,9 @@ HEADS = {"mask": 1, "mask+boundary": 2}
 #: The defaults a model falls back on when it was never given a side or a resolution (and that
 #: checkpoints from before these settings existed were trained with).
 DEFAULT_RESOLUTION, DEFAULT_SIZE = "resize", 128
-#: The settings a LitUNet and a NucleiDataModule both hold, which must agree for one training run.
-SHARED_KEYS = ("resolution", "img_size", "head")
+#: The settings a LitUNet and a NucleiDataModule both hold, which must agree for one training run:
+#: how images meet the network, and how their files are read (the channel, the intensity rule).
+SHARED_KEYS = ("resolution", "img_size", "head", "channel", "intensity")
 
 
 def head_channels(head: str) -> int:
@@ -80,7 +81,7 @@ def reconcile(model: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, An
         elif mine != theirs:
             clashes.append(f"{key}: model {mine!r}, data module {theirs!r}")
     if clashes:
-        hint = ("; or leave the model's resolution and img_size unset (None) to take the data module's"
+        hint = ("; or leave the model's resolution, img_size, channel and intensity unset (None) to take the data module's"
                 if any(not c.startswith("head") for c in clashes) else "")
         raise ValueError("the model and the data module disagree on " + "; ".join(clashes) +
                          ". Build both with the same values" + hint)

@@ -54,6 +54,9 @@ class LitUNet(pl.LightningModule):
             many times). Boundaries are a few percent of the pixels: with a plain BCE the output
             stayed under 0.4 everywhere and the watershed split almost nothing (hold-out score
             0.374 against 0.433 with 5, both at seed threshold 0.5). The notebook head ignores it.
+        channel, intensity: how the files are read (``unet_pl.data.readers``): the nuclear channel of
+            multi-channel files and the intensity rule. None: the data module's (without one:
+            no channel selection, "fixed").
         postprocess: ``{"threshold", "seed_threshold", "min_size"}`` chosen on the validation split
             at the end of training (``unet_pl.callbacks.TunePostprocessing``); prediction's defaults.
 
@@ -77,6 +80,8 @@ class LitUNet(pl.LightningModule):
         resolution: str | None = None,
         boundary_weight: float = 5.0,
         postprocess: dict | None = None,
+        channel: int | None = None,
+        intensity: str | None = None,
     ) -> None:
         super().__init__()
         if optimizer.lower() not in OPTIMIZERS:
@@ -176,7 +181,7 @@ class LitUNet(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """The data module's predict stage yields one full-size image a batch (uint8 ``(1, H, W, 3)``):
         ``{"id", "prob" float (C, H, W), "labels" int32 (H, W)}`` as ``unet_pl.segment`` makes them."""
-        settings = self.settings
+        settings = self.settings.decoded()  # the data module read the file with the model's channel and intensity
         prob = probabilities(self.unet, batch["image"][0].cpu().numpy(), settings)
         return {"id": batch["id"][0], "prob": prob, "labels": labels_from_probabilities(prob, settings)}
 

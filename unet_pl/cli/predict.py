@@ -10,6 +10,7 @@ import argparse
 import time
 
 from ..data.holdout import HOLDOUTS
+from ..data.readers import INTENSITIES
 from ..inference.postprocess import SPLITS
 from ..inference.tta import TTAS
 from .common import Parser, fail
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a Lightning checkpoint of LitUNet (RUN/best.ckpt)")
     src.add_argument("--keras-h5", help="the notebook's saved Keras model (.h5), through unet_pl.keras")
-    p.add_argument("--data-dir", required=True, help="folder of images to predict")
+    p.add_argument("--data-dir", required=True, help="folder of images to predict, or one image file")
     p.add_argument("--out", default="submission.csv", help="submission CSV to write (ImageId,EncodedPixels)")
     post = p.add_argument_group("post-processing (default: what the checkpoint was tuned with on its validation images; "
                                 "checkpoints without: threshold 0.5, no size filter, seed threshold 0.15 native / 0.5 resized)")
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "checkpoint); auto: watershed when the checkpoint has a boundary output")
     post.add_argument("--seed-threshold", type=float, default=None,
                       help="watershed seeds: foreground pixels whose boundary probability is below this")
+    p.add_argument("--channel", type=int, default=None, metavar="N",
+                   help="the nuclear channel of multi-channel files, from 1 (default: the checkpoint's)")
+    p.add_argument("--intensity", choices=INTENSITIES, default=None,
+                   help="fixed or percentile (default: the checkpoint's, i.e. as it was trained)")
     p.add_argument("--tta", choices=TTAS, default="none",
                    help="test-time augmentation: average 4 flips or all 8 flips and 90-degree rotations (none: the notebook)")
     p.add_argument("--holdout", choices=HOLDOUTS, default="none",
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         net = load_model(ckpt, args.keras_h5, device, name=args.ckpt)
         settings = net.settings.replace(threshold=args.threshold, min_size=args.min_size, fill_holes=args.fill_holes,
                                         seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile,
-                                        img_size=args.img_size, split=None if args.split == "auto" else args.split)
+                                        img_size=args.img_size, split=None if args.split == "auto" else args.split,
+                                        channel=args.channel, intensity=args.intensity)
     except (FileNotFoundError, ValueError) as e:
         fail(_flag_names(str(e)))
     ids = None

@@ -92,7 +92,7 @@ def draw(out: Path, datamodule, checkpoint, model, say) -> list[Path]:
         # the picture shows the model the run keeps, with the settings prediction will use
         net = load_model(best) if best.is_file() else model.unet.to("cpu").eval()
         settings = net.settings if best.is_file() else model.settings
-        images, masks, probs, ids = predict_val_images(net, datamodule.validation_images(), settings=settings)
+        images, masks, probs, ids = predict_val_images(net, datamodule.validation_images(), settings=settings.decoded())
         if ids:
             pictures.append(plot_val_predictions(images, masks, probs, ids, out / "val_predictions.png", settings.threshold))
     except Exception as e:  # noqa: BLE001 -- report and go on: the checkpoints are what matter

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
 from ..data.module import EMPTY_MASKS
+from ..data.readers import INTENSITIES
 from ..data.transforms import PRESETS
 from ..geometry import HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
@@ -35,8 +36,9 @@ RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP proce
 RUN_FILES = ("best.ckpt", "last.ckpt", "hparams.yaml")
 #: --mode presets: what --resolution, --head and --tune default to (each flag given explicitly wins).
 MODES = {
-    "notebook": {"resolution": "resize", "head": "mask", "tune": "off"},  # the 2018 notebook: 128x128 squares, one output
-    "instance": {"resolution": "native", "head": "mask+boundary", "tune": "on"},  # native crops, boundary head, watershed
+    "notebook": {"resolution": "resize", "head": "mask", "tune": "off", "intensity": "fixed"},  # the 2018 notebook
+    # native crops, boundary head, watershed, post-processing tuned, each image's contrast stretched
+    "instance": {"resolution": "native", "head": "mask+boundary", "tune": "on", "intensity": "percentile"},
 }
 
 
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",
                       help="training augmentation: default = flips/rotations (unet_pl.data.transforms); none = the notebook")
+    data.add_argument("--channel", type=int, default=None, metavar="N",
+                      help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
+                           "Fiji does. Default: grey or RGB as stored (files with 2 or more than 3 channels need it)")
+    data.add_argument("--intensity", choices=INTENSITIES, default=None,
+                      help="fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
+                           "percentile: each image stretched between its 1st and 99.8th percentiles. Default: from --mode "
+                           "(fixed for notebook, percentile for instance); saved in the checkpoint, predict.py applies it")
     data.add_argument("--labels-csv", default=None, metavar="PATH",
                       help="masks from this stage1_train_labels.csv (run-length rows) instead of the masks/ folders")
     data.add_argument("--empty-masks", choices=EMPTY_MASKS, default="error",
@@ -211,14 +220,15 @@ def make_datamodule(args: argparse.Namespace):
     return NucleiDataModule(data_dir=args.data_dir, resolution=args.resolution, img_size=side(args), head=args.head,
                             val_split=args.val_split, batch_size=args.batch_size, num_workers=args.num_workers,
                             seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, holdout=args.holdout,
-                            labels_csv=args.labels_csv, empty_masks=args.empty_masks)
+                            labels_csv=args.labels_csv, empty_masks=args.empty_masks, channel=args.channel,
+                            intensity=args.intensity)
 
 
 def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=side(args), head=args.head,
-                    resolution=args.resolution)
+                    resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
         # in place: the parameters keep their names, so checkpoints load without torch.compile
         model.unet.compile(mode=None if args.compile == "default" else args.compile)

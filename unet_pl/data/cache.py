@@ -54,9 +54,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unet_pl"
 
 
-def fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | None, img_size: int | str, empty_masks: str) -> str:
-    """The cache's name: a hash of its inputs (``img_size`` is "native" for the full-size cache)."""
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, img_size, empty_masks, "csv" if csv_path else "masks"]).encode())
+def fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | None, img_size: int | str, empty_masks: str,
+                channel: int | None = None, intensity: str = "fixed") -> str:
+    """The cache's name: a hash of its inputs (``img_size`` is "native" for the full-size cache; the
+    channel and the intensity rule change the decoded pixels, the file names encode the layout)."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, img_size, empty_masks, "csv" if csv_path else "masks",
+                                   channel, intensity]).encode())
     lines = []
     for it in items:
         for p in (it.image, *it.masks):
@@ -73,16 +76,19 @@ def cache_name(resolution: str, size: int, key: str) -> str:
     return f"dsb2018-native-{key}.npz" if resolution == "native" else f"dsb2018-{size}px-{key}.npz"
 
 
-def decode_item(item: TrainItem, rles: dict | None, csv_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """One training image at full size: (uint8 (H, W, 3), uint16 labels (H, W)), masks from files or runs."""
-    image = read_image(item.image)
+def decode_item(item: TrainItem, rles: dict | None, csv_path: Path | None, channel: int | None = None,
+                intensity: str = "fixed") -> tuple[np.ndarray, np.ndarray]:
+    """One training image at full size: (uint8 (H, W, 3), uint16 labels (H, W)), masks from files or
+    runs, the image read with ``channel`` and ``intensity`` (``unet_pl.data.readers``)."""
+    image = read_image(item.image, channel, intensity)
     labels = decode_masks(image.shape[:2], None if rles is not None else list(item.masks),
                           None if rles is None else rles.get(item.id, []), csv_path)
     return image, labels
 
 
 def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Path, rles: dict | None = None,
-                csv_path: Path | None = None, workers: int = 2, progress: bool = True) -> None:
+                csv_path: Path | None = None, workers: int = 2, progress: bool = True, channel: int | None = None,
+                intensity: str = "fixed") -> None:
     """Decode ``items`` in ``workers`` threads into the arrays of ``resolution`` (module docstring) and write ``path`` atomically.
 
     With ``rles`` (from the labels CSV) masks come from the runs, else from each item's mask files.
@@ -113,7 +119,7 @@ def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Pa
         desc = f"decoding {n} images at {size}px"
 
     def work(k: int) -> None:  # in a thread: decoding, inflating and resizing release the GIL
-        image, labels = decode_item(items[k], rles, csv_path)
+        image, labels = decode_item(items[k], rles, csv_path, channel, intensity)
         modalities[k] = image_modality(image)
         store(k, image, labels)
 

@@ -136,11 +136,13 @@ class ImageFolderDataset(Dataset):
     each read at its own size when asked for (``LitUNet.predict_step`` runs the inference path on
     it). Every file's header is read up front, so an unreadable file fails in ``setup``.
 
-    Item: ``image`` uint8 (H, W, 3), ``id`` str, ``size`` int64 (2,) (H, W). Batch size 1: sizes differ.
+    Item: ``image`` uint8 (H, W, 3) read with ``channel`` and ``intensity`` (``unet_pl.data.readers``),
+    ``id`` str, ``size`` int64 (2,) (H, W). Batch size 1: sizes differ.
     """
 
-    def __init__(self, entries: Sequence[tuple[str, Path]]) -> None:
+    def __init__(self, entries: Sequence[tuple[str, Path]], channel: int | None = None, intensity: str = "fixed") -> None:
         self.entries = list(entries)
+        self.channel, self.intensity = channel, intensity
         self.sizes = [image_size(p) for _, p in self.entries]
 
     def __len__(self) -> int:
@@ -148,4 +150,5 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image_id, path = self.entries[i]
-        return {"image": torch.from_numpy(read_image(path)), "id": image_id, "size": torch.tensor(self.sizes[i])}
+        image = read_image(path, self.channel, self.intensity)
+        return {"image": torch.from_numpy(image), "id": image_id, "size": torch.tensor(self.sizes[i])}

@@ -1,33 +1,40 @@
-"""Reading the competition's files: folder layout, PNG decoding, the notebook's resize. numpy, Pillow, scikit-image.
+"""Training and prediction folders: their layouts, the masks or label images of each image, the
+labels CSV. The pixels themselves are read by ``unet_pl.data.readers`` (TIFF, PNG, JPEG, BMP;
+channels, bit depths, the intensity rule). numpy, Pillow, tifffile, scikit-image.
 
-Everything here turns files into numpy arrays and raises ``ValueError``/``FileNotFoundError``
-naming the file and the fix; ``unet_pl.data`` turns the arrays into cached tensors.
+Everything here raises ``ValueError``/``FileNotFoundError`` naming the file and the fix.
 
-Pixel rules (the same for every file, never data-dependent):
-    image: uint8 (H, W, 3). RGBA drops alpha (the notebook's ``[:, :, :3]``), grey and
-        grey+alpha repeat the grey channel, palette images are expanded to RGB.
-        16-bit PNGs keep their high byte (``v >> 8``, i.e. ``floor(v / 256)``), the rule Pillow
-        itself applies to 16-bit colour PNGs, so 16-bit grey and colour files agree.
-    mask:  bool (H, W), foreground where any colour channel is > 0 ({0, 255} and {0, 1} both work).
+Training layouts (``scan_train_dir``), detected from the folder:
 
-Resizing to the network's squares lives in ``unet_pl.geometry`` with its inverse.
+    the competition's                          images with label images (Fiji, QuPath, napari, Cellpose)
+    stage1_train/                              my_data/
+      <id>/images/<id>.png (or .tif, ...)        images/<name>.tif (or .png, ...)
+      <id>/masks/<one file per nucleus>.png      masks/<name>.tif   (or labels/<name>.*)
+
+A masks/ file is one nucleus (the competition: any value > 0 in any channel, {0, 1}, {0, 255} or
+{0, 65535}); a folder holding a single file with several values is a label image (0 background,
+one integer per nucleus, 8/16/32-bit). A single binary file is split into its connected
+components: touching nuclei in it stay one (a warning says so where the boundary head needs them apart).
 """
 from __future__ import annotations
 
 import csv
+import logging
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from .readers import IMAGE_SUFFIXES, VENDOR_SUFFIXES as _VENDOR, check_suffix, image_size, read_image, read_label_image, read_raw  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 # Files that operating systems drop into folders; never images, never errors.
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LABELS_CSV = "stage1_train_labels.csv"
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+#: The label-image layout's folders for annotations, in the order they are looked for.
+LABEL_FOLDERS = ("masks", "labels")
 
 
 def is_ignored(path: str | Path) -> bool:
@@ -36,94 +43,32 @@ def is_ignored(path: str | Path) -> bool:
     return name in IGNORED_NAMES or name.startswith(".")
 
 
-def _decode(path: str | Path) -> np.ndarray:
-    """Decode one image file fully, turning every decoding failure into a ``ValueError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later in a DataLoader worker
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("L" if im.mode == "1" else "RGB")
-            mode, arr = im.mode, np.asarray(im)
-    except FileNotFoundError:
-        raise
-    except Image.DecompressionBombError:
-        raise ValueError(
-            f"{path}: the image has more pixels than Pillow decodes without a warning against decompression bombs "
-            f"({Image.MAX_IMAGE_PIXELS:,} x 2); if it is a real image, cut it into tiles (Fiji: Image > Stacks > "
-            "Tools > Montage to Stack) or save a downscaled copy"
-        ) from None
-    except _DECODE_ERRORS as e:
-        raise ValueError(
-            f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
-            "truncated: download it again, or delete its image folder"
-        ) from None
-    if mode.startswith("I;16") or mode == "I":
-        arr = (arr.astype(np.uint32) >> 8).astype(np.uint8)  # the high byte, see the module docstring
-    elif mode == "F":
-        raise ValueError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit PNG")
-    return arr
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Image file -> uint8 ``(H, W, 3)`` in [0, 255] (see the module docstring for the rules)."""
-    arr = _decode(path)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.shape[2] == 2:  # grey + alpha
-        arr = np.repeat(arr[:, :, :1], 3, axis=2)
-    else:
-        arr = arr[:, :, :3]
-    return np.ascontiguousarray(arr, dtype=np.uint8)
-
-
 def read_mask(path: str | Path) -> np.ndarray:
-    """Mask file -> bool ``(H, W)``, True where any colour channel is > 0 (alpha ignored)."""
-    arr = _decode(path)
-    if arr.ndim == 3:
-        arr = arr[:, :, :1] if arr.shape[2] == 2 else arr[:, :, :3]
-        arr = arr.max(axis=2)
-    return arr > 0
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file from its header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it") from None
-    return h, w
+    """Mask file -> bool ``(H, W)``, True where any channel is > 0 in any bit depth (alpha ignored)."""
+    return read_label_image(path) > 0
 
 
 def decode_masks(image_shape: tuple[int, int], masks: list[Path] | None = None, rles: list[tuple[int, str]] | None = None,
                  csv_path: Path | None = None) -> np.ndarray:
-    """Full-resolution instance labels uint16 ``(H, W)`` from mask PNGs or ``(csv line, rle)`` pairs.
+    """Full-resolution instance labels uint16 ``(H, W)`` from mask files or ``(csv line, rle)`` pairs.
 
-    Nucleus ``k`` (1-based) is the k-th mask file in name order, or the k-th CSV row; where masks
-    overlap the later one wins. Raises ``ValueError`` for a mask whose size is not the image's and
-    for a malformed run-length string (naming the CSV line).
+    Several mask files: nucleus ``k`` (1-based) is the k-th file in name order, where masks overlap
+    the later one wins. One file: a label image (its values renumbered 1..k in order), or, when
+    binary, its 8-connected components. Raises ``ValueError`` for a mask whose size is not the
+    image's and for a malformed run-length string (naming the CSV line).
     """
     from ..rle import decode as rle_decode
 
     labels = np.zeros(image_shape, dtype=np.uint16)
     items = masks if masks is not None else rles or []
+    if masks is not None and len(masks) == 1:
+        return _label_image(masks[0], image_shape)
     if len(items) > np.iinfo(np.uint16).max:
         raise ValueError(f"{len(items)} nuclei in one image; at most 65535 are supported")
     for k, item in enumerate(items, start=1):
         if masks is not None:
             m = read_mask(item)
-            if m.shape != tuple(image_shape):
-                raise ValueError(
-                    f"{item}: mask is {m.shape[0]}x{m.shape[1]} (HxW) but its image is "
-                    f"{image_shape[0]}x{image_shape[1]}; every mask must have its image's size"
-                )
+            _check_shape(item, m.shape, image_shape)
         else:
             line, rle = item
             try:
@@ -132,6 +77,34 @@ def decode_masks(image_shape: tuple[int, int], masks: list[Path] | None = None, 
                 raise ValueError(f"{csv_path}, line {line}: {e}. Fix or delete that row") from None
         labels[m] = k
     return labels
+
+
+def _check_shape(path: Path, shape: tuple[int, ...], image_shape: tuple[int, int]) -> None:
+    if tuple(shape) != tuple(image_shape):
+        raise ValueError(f"{path}: mask is {shape[0]}x{shape[1]} (HxW) but its image is "
+                         f"{image_shape[0]}x{image_shape[1]}; every mask must have its image's size")
+
+
+def _label_image(path: Path, image_shape: tuple[int, int]) -> np.ndarray:
+    """One annotation file -> uint16 labels 1..k: a label image renumbered, or a binary mask's components."""
+    from skimage.measure import label
+    from skimage.segmentation import relabel_sequential
+
+    raw = read_label_image(path)
+    _check_shape(path, raw.shape, image_shape)
+    if is_binary(raw):
+        out = label(raw > 0, connectivity=2)
+    else:
+        out = relabel_sequential(raw.astype(np.int64, copy=False))[0]
+    if out.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{path}: {out.max()} nuclei in one image; at most 65535 are supported")
+    return out.astype(np.uint16)
+
+
+def is_binary(labels: np.ndarray) -> bool:
+    """True when an annotation holds one foreground value ({0, 1}, {0, 255}, {0, 65535}, ...): a mask, not labels."""
+    values = np.unique(labels)
+    return len(values[values != 0]) <= 1
 
 
 # The competition's folder layout.
@@ -155,54 +128,103 @@ def resolve_train_dir(data_dir: str | Path) -> Path:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (name order); a vendor format there is an error naming it."""
     # os.scandir: the file type comes with the listing, no stat per file (30k masks in the full set).
     try:
         with os.scandir(folder) as it:
-            names = sorted(e.name for e in it if e.is_file() and not is_ignored(e.name)
-                           and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+            names = sorted(e.name for e in it if e.is_file() and not is_ignored(e.name))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [folder / n for n in names]
+    out = []
+    for n in names:
+        if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES:
+            out.append(folder / n)
+        elif os.path.splitext(n)[1].lower() in _VENDOR:
+            check_suffix(folder / n)  # raises, with the way out
+    return out
+
+
+def _image_of(d: Path) -> Path:
+    """The image of a competition-layout folder: ``<id>/images/<id>.<any image suffix>``."""
+    found = [p for p in _images_in(d / "images") if p.stem == d.name]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ValueError(f"{d / 'images'} holds {len(found)} images named {d.name}.*; keep one")
+    others = sorted((d / "images").glob(f"{d.name}.*")) if (d / "images").is_dir() else []
+    if others:
+        check_suffix(others[0])  # a format we do not read: the error says what to do
+    raise FileNotFoundError(f"{d / 'images' / d.name}.png not found (nor .tif, .jpg, ...): every image folder needs "
+                            f"images/<folder name>.<image suffix>; add it or remove {d}")
+
+
+def _flat_layout(train_dir: Path) -> bool:
+    """The label-image layout: image files directly in ``train_dir/images``."""
+    return bool(_images_in(train_dir / "images"))
 
 
 def scan_train_dir(train_dir: Path, with_masks: bool = True) -> list[TrainItem]:
-    """Every ``<id>/images/<id>.png`` (and ``<id>/masks/*``) under ``train_dir``, sorted by id."""
+    """Every image of ``train_dir`` with its mask files, in either layout (module docstring), sorted by id."""
+    if _flat_layout(train_dir):
+        return _scan_flat(train_dir, with_masks)
     dirs = sorted(p for p in train_dir.iterdir() if p.is_dir() and not is_ignored(p))
     if not dirs:
         raise FileNotFoundError(
             f"{train_dir} holds no image folders; expected the competition's layout "
-            "<id>/images/<id>.png with <id>/masks/*.png (the stage1_train folder of the download)"
+            "<id>/images/<id>.png with <id>/masks/*.png (the stage1_train folder of the download), or "
+            "images/<name>.tif with masks/<name>.tif label images"
         )
-    items = []
-    for d in dirs:
-        image = d / "images" / f"{d.name}.png"
-        if not image.is_file():
-            raise FileNotFoundError(f"{image} not found: every image folder needs images/<folder name>.png; add it or remove {d}")
-        masks = tuple(_images_in(d / "masks")) if with_masks else ()
-        items.append(TrainItem(d.name, image, masks))
+    return [TrainItem(d.name, _image_of(d), tuple(_images_in(d / "masks")) if with_masks else ()) for d in dirs]
+
+
+def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
+    images = _images_in(train_dir / "images")
+    label_dir = next((train_dir / n for n in LABEL_FOLDERS if (train_dir / n).is_dir()), None)
+    if with_masks and label_dir is None:
+        raise FileNotFoundError(f"{train_dir / 'images'} holds images but {train_dir} has no masks/ (or labels/) folder "
+                                "beside it: add one label image per image, with the same name")
+    annotations: dict[str, Path] = {}
+    for p in _images_in(label_dir) if label_dir is not None else []:
+        if p.stem in annotations:
+            raise ValueError(f"two label images named {p.stem}.* in {label_dir}: {annotations[p.stem].name} and {p.name}; keep one")
+        annotations[p.stem] = p
+    items, seen = [], {}
+    for image in images:
+        if image.stem in seen:
+            raise ValueError(f"two images named {image.stem}.* in {image.parent}: {seen[image.stem].name} and {image.name}; keep one")
+        seen[image.stem] = image
+        mask = annotations.get(image.stem)
+        items.append(TrainItem(image.stem, image, (mask,) if with_masks and mask is not None else ()))
     return items
 
 
 def list_images(folder: str | Path) -> list[tuple[str, Path]]:
-    """``(id, path)`` of every image in ``folder``, sorted by id, for prediction.
+    """``(id, path)`` of every image to predict, sorted by id.
 
-    Accepts the competition's ``stage1_test`` layout (``<id>/images/<id>.png``, id = folder
-    name) and plain folders of image files (id = file name without suffix), or a mix.
+    ``folder`` is one image file, or a folder in the competition's ``stage1_test`` layout
+    (``<id>/images/<id>.png``, id = folder name), of plain image files (id = file name without
+    suffix), or a mix, or a label-image training folder (its ``images/``). A microscope vendor's
+    format among them is an error that says how to export it.
     """
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        check_suffix(folder)
+        return [(folder.stem, folder)]
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist; pass a folder of images or the competition's stage1_test folder")
+        raise FileNotFoundError(f"{folder} does not exist; pass an image, a folder of images or the competition's stage1_test folder")
+    if _flat_layout(folder):
+        folder = folder / "images"
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if is_ignored(p):
             continue
         if p.is_dir():
-            path = p / "images" / f"{p.name}.png"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: in the competition's layout every folder holds images/<folder name>.png; add it or remove {p}")
-            id_ = p.name
+            id_, path = p.name, _image_of(p)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             id_, path = p.stem, p
+        elif p.suffix.lower() in _VENDOR:
+            check_suffix(p)  # raises: name the file and the export
+            continue
         else:
             continue
         if id_ in found:

@@ -41,7 +41,8 @@ from .cache import (
 )
 from .datasets import AugmentSampler, ImageFolderDataset, NucleiDataset, crop_transform
 from .holdout import HOLDOUTS, holdout_from_modalities, keep_ids
-from .images import TrainItem, image_size, list_images, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
+from .readers import INTENSITIES
+from .images import TrainItem, image_size, is_binary, list_images, read_label_image, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
 from .transforms import build_augment
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,16 @@ def default_workers(gpus: int) -> int:
     return max(1, min(8, cores // gpus - 1))
 
 
+def warn_if_binary(items) -> None:
+    """The boundary head learns where touching nuclei meet: say so when the first single-file
+    annotation is a binary mask (touching nuclei there are one blob)."""
+    single = next((it for it in items if len(it.masks) == 1), None)
+    if single is not None and is_binary(read_label_image(single.masks[0])):
+        log.warning("%s is a binary mask, not a label image: touching nuclei in it are one blob, and the boundary "
+                    "head cannot learn to separate them; export label images (one integer per nucleus) instead",
+                    single.masks[0])
+
+
 class NucleiDataModule(pl.LightningDataModule):
     """The competition's training folder, cached, split and batched for one resolution mode.
 
@@ -98,6 +109,9 @@ class NucleiDataModule(pl.LightningDataModule):
         predict_dir: images to predict (``list_images`` layouts), whole, one a batch; None: the
             validation images, whole.
         decode_workers: threads decoding in ``prepare_data``; progress: show the decoding bar.
+        channel: the nuclear channel of multi-channel files (1-based), None: grey or RGB as stored.
+        intensity: "fixed" (the notebook: 16-bit keeps its high byte) or "percentile" (each image
+            stretched between its 1st and 99.8th percentiles); ``unet_pl.data.readers``.
 
     Stages: fit (train + val), validate and test (the validation split, with ``labels``),
     predict (``predict_dir``). Batches follow docs/design.md.
@@ -107,9 +121,14 @@ class NucleiDataModule(pl.LightningDataModule):
                  batch_size: int = 16, num_workers: int | None = None, seed: int = 42, augment="default",
                  cache_dir: str | Path | None = None, labels_csv: str | Path | bool | None = None, empty_masks: str = "error",
                  predict_dir: str | Path | None = None, decode_workers: int = 2, progress: bool = True, head: str = "mask",
-                 holdout: str = "none", resolution: str = "resize") -> None:
+                 holdout: str = "none", resolution: str = "resize", channel: int | None = None,
+                 intensity: str = "fixed") -> None:
         super().__init__()
         check_resolution(resolution)
+        if intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITIES)}, got {intensity!r}")
+        if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 1):
+            raise ValueError(f"channel counts from 1 (as Fiji does), got {channel!r}")
         head_channels(head)  # a bad head name fails here
         img_size = check_side(img_size)  # a plain int in hparams and checkpoints, whatever integer type came in
         if holdout not in HOLDOUTS:
@@ -160,7 +179,7 @@ class NucleiDataModule(pl.LightningDataModule):
                 entries = [(i, by_id[i]) for i in (str(self.arrays["ids"][j]) for j in self.val_set.indices)]
             else:
                 entries = list_images(self.hparams.predict_dir)
-            self.predict_set = ImageFolderDataset(entries)
+            self.predict_set = ImageFolderDataset(entries, self.hparams.channel, self.hparams.intensity)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the data: the held-out ids (so prediction need not recompute them)."""
@@ -209,7 +228,7 @@ class NucleiDataModule(pl.LightningDataModule):
             if self.hparams.resolution == "native":
                 yield (image_id, *native_image(self.arrays, int(j)))
             else:
-                yield (image_id, *decode_item(by_id[image_id], rles, csv_path))
+                yield (image_id, *decode_item(by_id[image_id], rles, csv_path, self.hparams.channel, self.hparams.intensity))
 
     @property
     def cache_path(self) -> Path:
@@ -270,14 +289,20 @@ class NucleiDataModule(pl.LightningDataModule):
         if h.empty_masks == "error":
             for it in items:
                 if not (rles.get(it.id) if rles is not None else it.masks):
-                    where = f"{csv_path} has no runs for {it.id}" if rles is not None else f"{it.image.parent.parent / 'masks'} has no mask images"
-                    raise ValueError(f"{where}: add its masks, remove {it.image.parent.parent}, or pass "
+                    competition = it.image.parent.parent.name == it.id
+                    where = (f"{csv_path} has no runs for {it.id}" if rles is not None
+                             else f"{it.image.parent.parent / 'masks'} has no mask images" if competition
+                             else f"{it.image} has no label image of the same name in masks/ (or labels/)")
+                    raise ValueError(f"{where}: add its masks, remove the image, or pass "
                                      "--empty-masks background (empty_masks='background' in Python) to train on it "
                                      "as all background")
         if len(items) < 2:  # said before decoding; with a hold-out, _split says it after
             raise ValueError(f"{train_dir} has {len(items)} image{'s' * (len(items) != 1)}: training needs at least 2 "
                              "(one of them to validate on, for early stopping and best.ckpt); add images")
-        key = fingerprint(train_dir, items, csv_path, "native" if h.resolution == "native" else h.img_size, h.empty_masks)
+        if h.head != "mask" and csv_path is None:
+            warn_if_binary(items)
+        key = fingerprint(train_dir, items, csv_path, "native" if h.resolution == "native" else h.img_size, h.empty_masks,
+                          h.channel, h.intensity)
         path = self.cache_dir / cache_name(h.resolution, h.img_size, key)
 
         def job() -> None:
@@ -288,7 +313,8 @@ class NucleiDataModule(pl.LightningDataModule):
                     log.info("using %s, decoded by another run meanwhile", path)
                     return
                 log.info("decoding %d images from %s into %s", len(items), train_dir, path)
-                build_cache(items, h.resolution, h.img_size, path, rles, csv_path, h.decode_workers, h.progress)
+                build_cache(items, h.resolution, h.img_size, path, rles, csv_path, h.decode_workers, h.progress,
+                            h.channel, h.intensity)
 
         self._located = (path, job, items, rles, csv_path)
         return self._located

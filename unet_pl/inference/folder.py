@@ -55,16 +55,18 @@ def select_images(data_dir: str | Path, ids: Sequence[str] | None = None) -> lis
     return entries
 
 
-def read_ahead(paths: Sequence[Path], workers: int = 2, ahead: int = 16) -> Iterator[np.ndarray]:
-    """``read_image`` of each path in order, decoded by ``workers`` threads at most ``ahead`` images in advance."""
+def read_ahead(paths: Sequence[Path], workers: int = 2, ahead: int = 16, channel: int | None = None,
+               intensity: str = "fixed") -> Iterator[np.ndarray]:
+    """``read_image(path, channel, intensity)`` of each path in order, decoded by ``workers`` threads
+    at most ``ahead`` images in advance."""
     if workers < 1:
-        yield from map(read_image, paths)
+        yield from (read_image(p, channel, intensity) for p in paths)
         return
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         try:
             for p in paths:
-                pending.append(pool.submit(read_image, p))
+                pending.append(pool.submit(read_image, p, channel, intensity))
                 if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:
@@ -127,12 +129,12 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     held: deque = deque()  # the decoded images whose probabilities are still in the network
 
     def images() -> Iterator[np.ndarray]:
-        for image in read_ahead([p for _, p in entries], num_workers):
+        for image in read_ahead([p for _, p in entries], num_workers, channel=settings.channel, intensity=settings.intensity):
             held.append(image)
             yield image
 
     stats = {"images": 0, "nuclei": 0, "empty": 0}
-    results = predict_images(net, images(), settings, batch_size)
+    results = predict_images(net, images(), settings.decoded(), batch_size)
     bar = tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict", disable=not progress)
     try:
         with open(out_csv, "w", newline="") as f:

@@ -5,7 +5,8 @@ score and ``predict_step``, ``val_predictions.png`` and the tuning of the post-p
 functions take a network (any ``nn.Module`` mapping float images ``(N, 3, H, W)`` in [0, 1] to
 logits, e.g. ``UNet`` or ``LitUNet``) and its ``Settings``; nothing here imports Lightning.
 
-    image uint8 (H, W, 3)                      as ``unet_pl.data.images.read_image`` returns it
+    image uint8/uint16 (H, W[, C])             a file's pixels (``read_raw``), or ``read_image``'s uint8 RGB
+      -> uint8 (H, W, 3)                        the channel and intensity rule of the settings (check_image)
       -> network input float32 (1, 3, h, w)    resize: the notebook's squash to img_size squares;
                                                 native: the image itself, padded to a multiple of 16
       -> probabilities float (C, H, W)          sigmoid, TTA views averaged, tiles stitched,
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.readers import to_rgb8
 from ..geometry import resize_back, resize_image
 from .postprocess import probabilities_to_labels
 from .settings import Settings
@@ -37,18 +39,31 @@ def settings_of(net: nn.Module, settings: Settings | None = None, **overrides: A
     return settings.replace(**overrides)
 
 
-def check_image(image: np.ndarray) -> np.ndarray:
-    """``image`` as inference takes it: uint8 ``(H, W, 3)``; grey ``(H, W)`` and RGBA are accepted and
-    made RGB. Anything else is a ``ValueError`` that says how to get there."""
+def check_image(image: np.ndarray, settings: Settings) -> np.ndarray:
+    """An array as a file's pixels -> uint8 ``(H, W, 3)`` for the network, read as in training:
+    uint8 or uint16, ``(H, W)``, ``(H, W, 1)``, RGB, RGBA or ``(H, W, C)`` with ``settings.channel``
+    picking the nuclear channel, then ``settings.intensity`` (``unet_pl.data.readers.to_rgb8``).
+    Anything else is a ``ValueError`` that says how to get there."""
     image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"images go into the network as uint8 (H, W, 3) in [0, 255], got {image.dtype} {image.shape}; "
-                         "read files with unet_pl.data.images.read_image, which applies the bit-depth rules")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"images go into the network as uint8 or uint16 (H, W[, C]) pixels, got {image.dtype} {image.shape}; "
+                         "read files with unet_pl.data.images.read_image (or read_raw), which apply the bit-depth rules")
     if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an image (H, W, 3) (or grey (H, W), or RGBA), got shape {image.shape}")
-    return np.ascontiguousarray(image[:, :, :3])
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ValueError(f"expected one image (H, W) or (H, W, C), got shape {image.shape}")
+    n = image.shape[2]
+    if settings.channel is not None and n > 1:
+        if settings.channel > n:
+            raise ValueError(f"the image has {n} channels; channel must be 1 to {n}, got {settings.channel}")
+        image = image[:, :, settings.channel - 1:settings.channel]
+    elif n == 4:
+        image = image[:, :, :3]  # RGBA: alpha dropped, as the readers do
+    elif n not in (1, 3):
+        raise ValueError(f"the image has {n} channels; pick the nuclear one with channel=N (1 to {n})")
+    if image.dtype == np.uint8 and image.shape[2] == 3 and settings.intensity == "fixed":
+        return np.ascontiguousarray(image)
+    return to_rgb8(image, settings.intensity)
 
 
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None,
@@ -108,7 +123,7 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
     (padded to a multiple of 16) or in overlapping tiles above ``settings.tile``.
     """
     device = _device(net)
-    images = map(check_image, images)
+    images = (check_image(image, settings) for image in images)
     if settings.resolution == "native":
         for image in images:
             x = to_input(image, device)

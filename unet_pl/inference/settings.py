@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
+from ..data.readers import INTENSITIES
 from .postprocess import SPLITS
 from .tiling import check_tile
 from .tta import TTAS
@@ -41,6 +42,9 @@ class Settings:
     size); ``fill_holes`` fill holes inside nuclei.
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles.
+    Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
+    (1-based), None: grey or RGB as stored; ``intensity`` "fixed" or "percentile", applied to
+    uint8/uint16 arrays and files the same way as in training.
     """
 
     resolution: str = DEFAULT_RESOLUTION
@@ -53,6 +57,8 @@ class Settings:
     fill_holes: bool = False
     tta: str = "none"
     tile: int = 1024
+    channel: int | None = None
+    intensity: str = "fixed"
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
@@ -71,6 +77,10 @@ class Settings:
         if self.tta not in TTAS:
             raise ValueError(f"unknown TTA {self.tta!r}; choose one of {', '.join(TTAS)}")
         check_tile(self.tile)
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"unknown intensity rule {self.intensity!r}; choose one of {', '.join(INTENSITIES)}")
+        if self.channel is not None and self.channel < 1:
+            raise ValueError(f"channel counts from 1 (as Fiji does), got {self.channel}")
 
     @property
     def watershed(self) -> bool:
@@ -86,7 +96,13 @@ class Settings:
             raise ValueError(f"postprocess has unknown keys {sorted(unknown)}; known: {', '.join(TUNED_KEYS)}")
         tuned.setdefault("seed_threshold", LEGACY_SEED_THRESHOLDS[resolution])
         return cls(resolution=resolution, img_size=int(hparams.get("img_size") or DEFAULT_SIZE),
-                   out_channels=int(hparams.get("out_channels") or 1), **tuned)
+                   out_channels=int(hparams.get("out_channels") or 1), channel=hparams.get("channel"),
+                   intensity=hparams.get("intensity") or "fixed", **tuned)
+
+    def decoded(self) -> Settings:
+        """These settings for images that were read with them already (uint8 RGB from ``read_image``
+        with this channel and intensity): nothing is applied twice."""
+        return dataclasses.replace(self, channel=None, intensity="fixed")
 
     def replace(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied (flags left unset keep the model's value)."""
@@ -99,4 +115,6 @@ class Settings:
         extras = [f"min size {self.min_size} px"] if self.min_size else []
         extras += ["holes filled"] if self.fill_holes else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
+        extras += [f"channel {self.channel}"] if self.channel is not None else []
+        extras += ["intensity: per-image percentiles"] if self.intensity == "percentile" else []
         return f"{geo}, threshold {self.threshold:g}, {how}" + "".join(f", {e}" for e in extras)

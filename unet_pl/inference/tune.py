@@ -46,7 +46,8 @@ def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.n
         truths.append(np.asarray(labels))
     if not images:
         raise ValueError("no validation images to choose the post-processing on")
-    base = dataclasses.replace(settings, tta="none", min_size=0, fill_holes=False)
+    # samples come decoded (read with the model's channel and intensity rule already)
+    base = dataclasses.replace(settings.decoded(), tta="none", min_size=0, fill_holes=False)
     probs = list(predict_images(net, images, base))
     # the model's own values first: on a tie (a flat score surface) they stay
     seeds = _first(base.seed_threshold, seed_thresholds) if base.watershed else (base.seed_threshold,)
@@ -62,7 +63,7 @@ def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.n
         value = score(probs, truths, candidate)
         if value > best_score + 1e-9:
             best, best_score = candidate, value
-    chosen = {"threshold": best.threshold, "seed_threshold": best.seed_threshold, "min_size": best.min_size}
+    chosen = {"threshold": best.threshold, "seed_threshold": best.seed_threshold, "min_size": int(best.min_size)}
     log.info("post-processing chosen on %d validation images: %s (score %.4f)", len(images), chosen, best_score)
     return chosen, best_score
 

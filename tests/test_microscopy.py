@@ -1,0 +1,229 @@
+"""Real microscopy in: TIFF and OME-TIFF, channels, bit depths, stacks, label-image annotations.
+Every file here is written by the test with tifffile or Pillow from the bundled sample's real images."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from unet_pl import LitUNet, NucleiDataModule
+from unet_pl.data import SAMPLE_DIR
+from unet_pl.data.images import decode_masks, list_images, scan_train_dir
+from unet_pl.data.readers import read_image, read_raw
+
+# A grey fluorescence image of the sample with many nuclei, and its per-nucleus masks.
+FLUO = "0287e7ee5b007c91ae2bd7628d09735e70496bc6127ecb7f3dd043e04ce37426"
+
+
+def _fluo() -> tuple[np.ndarray, list[Path]]:
+    d = SAMPLE_DIR / FLUO
+    return read_image(d / "images" / f"{FLUO}.png")[..., 0], sorted((d / "masks").glob("*.png"))
+
+
+def _count(image: np.ndarray) -> int:
+    """Nuclei of a uint8 image by Otsu's threshold and connected components (scikit-image, not ours)."""
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label
+    from skimage.morphology import remove_small_objects
+
+    fg = image > threshold_otsu(image)
+    return int(label(remove_small_objects(fg, 10)).max())
+
+
+def test_12_bit_data_in_16_bit_files_warns_and_percentile_reads_it_like_the_8_bit_image(tmp_path, caplog):
+    grey, _ = _fluo()
+    twelve = grey.astype(np.uint16) * 16  # 0..4080: 12-bit camera data
+    tif, png = tmp_path / "cam.tif", tmp_path / "cam16.png"
+    tifffile.imwrite(tif, twelve)
+    Image.fromarray(twelve).save(png)
+    with caplog.at_level(logging.WARNING):
+        dark = read_image(tif)  # the notebook's rule: high byte, nearly black
+    assert "cam.tif" in caplog.text and "--intensity percentile" in caplog.text
+    assert dark.max() <= 15
+    reference = read_image(SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png", intensity="percentile")[..., 0]
+    for path in (tif, png):
+        stretched = read_image(path, intensity="percentile")
+        assert stretched.shape == (*grey.shape, 3) and np.abs(stretched[..., 0].astype(int) - reference).max() <= 1
+    n8, n12 = _count(grey), _count(read_image(tif, intensity="percentile")[..., 0])
+    assert n8 > 20 and abs(n12 - n8) <= 0.1 * n8
+
+
+def test_imagej_hyperstack_and_ome_tiff_pick_the_nuclear_channel(tmp_path):
+    grey, _ = _fluo()
+    cyto = np.full_like(grey, 90)
+    hyper, ome = tmp_path / "two.tif", tmp_path / "two.ome.tif"
+    tifffile.imwrite(hyper, np.stack([cyto, grey]), imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(ome, np.stack([grey, cyto, cyto, cyto]), ome=True, metadata={"axes": "CYX"})
+    with pytest.raises(ValueError, match=r"two\.tif: has 2 channels; pass --channel N"):
+        read_image(hyper)
+    assert np.array_equal(read_image(hyper, channel=2)[..., 0], grey)
+    assert np.array_equal(read_image(ome, channel=1)[..., 1], grey)
+    with pytest.raises(ValueError, match="has 4 channels"):
+        read_image(ome)
+    with pytest.raises(ValueError, match="1 to 2"):
+        read_image(hyper, channel=3)
+
+
+def test_a_z_stack_says_how_to_make_one_plane(tmp_path):
+    grey, _ = _fluo()
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, np.stack([grey] * 5), imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(ValueError, match=r"z\.tif: a stack \(5 along z.*Z Project"):
+        read_raw(path)
+
+
+def _labels_from(masks: list[Path], shape) -> np.ndarray:
+    return decode_masks(shape, masks)
+
+
+@pytest.mark.parametrize("kind", ["uint16 tif", "uint8 png", "uint32 tif"])
+def test_a_label_image_in_masks_decodes_to_the_per_nucleus_pngs_it_came_from(tmp_path, kind):
+    grey, masks = _fluo()
+    truth = _labels_from(masks, grey.shape)
+    assert truth.max() == len(masks) > 1
+    dtype = {"uint16 tif": np.uint16, "uint8 png": np.uint8, "uint32 tif": np.uint32}[kind]
+    # values 3, 6, 9, ...: not consecutive, so the decoder must renumber them
+    stored = (truth.astype(np.uint32) * 3).astype(dtype)
+    path = tmp_path / ("lab.tif" if "tif" in kind else "lab.png")
+    tifffile.imwrite(path, stored) if "tif" in kind else Image.fromarray(stored).save(path)
+    assert np.array_equal(decode_masks(grey.shape, [path]), truth)
+
+
+@pytest.mark.parametrize("top", [1, 255, 65535])
+def test_binary_masks_are_foreground_in_every_bit_depth(tmp_path, top):
+    grey, masks = _fluo()
+    truth = _labels_from(masks, grey.shape)
+    converted = []
+    for k, m in enumerate(masks):
+        path = tmp_path / f"m{k:03d}.tif"
+        tifffile.imwrite(path, ((np.asarray(Image.open(m)) > 0) * top).astype(np.uint16))
+        converted.append(path)
+    assert np.array_equal(decode_masks(grey.shape, converted), truth)
+
+
+def _label_layout(root: Path) -> Path:
+    """The bundled sample as images/<id>.tif + masks/<id>.tif (16-bit label images): what Fiji or QuPath export."""
+    for it in scan_train_dir(SAMPLE_DIR):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        image = np.asarray(Image.open(it.image))
+        tifffile.imwrite(root / "images" / f"{it.id}.tif", image[..., :3] if image.ndim == 3 else image)
+        tifffile.imwrite(root / "masks" / f"{it.id}.tif", decode_masks(image.shape[:2], list(it.masks)))
+    return root
+
+
+def test_a_label_image_folder_trains_like_the_competition_layout(tmp_path):
+    """Same images, same nuclei, same seed: the two layouts make the same cache and the same validation IoU."""
+    flat = _label_layout(tmp_path / "exported")
+    results = []
+    for root in (SAMPLE_DIR, flat):
+        dm = NucleiDataModule(root, img_size=64, batch_size=8, augment="none", num_workers=0,
+                              cache_dir=tmp_path / "cache", progress=False)
+        dm.prepare_data()
+        dm.setup("fit")
+        pl.seed_everything(0, verbose=False)
+        model = LitUNet()
+        trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, deterministic=True)
+        trainer.fit(model, dm)
+        results.append((dm.arrays, float(trainer.callback_metrics["val/iou"])))
+    (a, iou_a), (b, iou_b) = results
+    for key in ("images", "masks", "labels", "ids"):
+        assert np.array_equal(a[key], b[key]), key
+    assert abs(iou_a - iou_b) <= 0.02
+
+
+def test_evaluate_reads_a_label_image_truth_folder(tmp_path):
+    import csv
+
+    from unet_pl.evaluation import evaluate
+    from unet_pl.rle import encode_labels
+
+    flat = _label_layout(tmp_path / "exported")
+    pred = tmp_path / "truth_as_pred.csv"
+    with open(pred, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "EncodedPixels"])
+        for it in scan_train_dir(SAMPLE_DIR):
+            labels = decode_masks(np.asarray(Image.open(it.image)).shape[:2], list(it.masks))
+            w.writerows([it.id, r] for r in encode_labels(labels))
+    rows, missing, extra = evaluate(pred, flat)
+    assert len(rows) == 30 and not missing and not extra
+    assert all(r["score"] == pytest.approx(1.0) for r in rows) and sum(r["n_true"] for r in rows) > 500
+
+
+def test_tiff_and_jpeg_training_images_in_the_competition_layout(tmp_path):
+    root = tmp_path / "stage1_train"
+    for it in scan_train_dir(SAMPLE_DIR)[:3]:
+        shutil.copytree(it.image.parent.parent / "masks", root / it.id / "masks")
+        (root / it.id / "images").mkdir(parents=True)
+        image = np.asarray(Image.open(it.image))[..., :3]
+        tifffile.imwrite(root / it.id / "images" / f"{it.id}.tif", image)
+    items = scan_train_dir(root)
+    assert [it.image.suffix for it in items] == [".tif"] * 3
+    dm = NucleiDataModule(root, img_size=32, cache_dir=tmp_path / "c", progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.arrays["images"].shape == (3, 32, 32, 3)
+
+
+def test_single_files_and_vendor_formats(tmp_path):
+    png = SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png"
+    assert list_images(png) == [(FLUO, png)]
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    shutil.copy(png, folder / "a.png")
+    (folder / "b.czi").write_bytes(b"ZISRAWFILE")
+    with pytest.raises(ValueError, match=r"b\.czi: \.czi files are not read here.*Fiji.*TIFF"):
+        list_images(folder)
+    nd2 = tmp_path / "x.nd2"
+    nd2.write_bytes(b"ND2")
+    with pytest.raises(ValueError, match=r"\.nd2 files are not read here"):
+        read_image(nd2)
+
+
+def test_predict_a_single_file_with_the_checkpoints_reading_settings(tmp_path):
+    import subprocess
+    import sys
+
+    grey, _ = _fluo()
+    model = LitUNet(img_size=32, channel=2, intensity="percentile")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    hyper = tmp_path / "cells.tif"
+    tifffile.imwrite(hyper, np.stack([np.full_like(grey, 90), grey]).astype(np.uint16) * 16, imagej=True,
+                     metadata={"axes": "CYX"})
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "scripts/predict.py", "--ckpt", str(tmp_path / "m.ckpt"), "--data-dir", str(hyper),
+                        "--out", str(tmp_path / "s.csv"), "--gpus", "0", "--no-progress", "--masks-dir", str(tmp_path / "m")],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "channel 2" in p.stdout and "percentile" in p.stdout and "1 images" in p.stdout
+    from unet_pl import load_model, segment
+
+    expected = segment(load_model(tmp_path / "m.ckpt"), tifffile.imread(hyper).transpose(1, 2, 0))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m" / "cells.png")), expected)
+
+
+def test_the_cache_keys_on_channel_and_intensity(tmp_path):
+    paths = {NucleiDataModule(SAMPLE_DIR, cache_dir=tmp_path, **kw).cache_path
+             for kw in ({}, {"intensity": "percentile"}, {"channel": 1})}
+    assert len(paths) == 3
+
+
+def test_the_model_takes_the_reading_settings_from_the_data_module(tmp_path):
+    dm = NucleiDataModule(SAMPLE_DIR, img_size=32, intensity="percentile", cache_dir=tmp_path, progress=False)
+    model = LitUNet()
+    pl.Trainer(max_steps=1, limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(model, dm)
+    assert model.settings.intensity == "percentile"
+    with pytest.raises(ValueError, match="intensity"):
+        pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False).fit(LitUNet(intensity="fixed"), dm)

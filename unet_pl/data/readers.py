@@ -1,0 +1,219 @@
+"""Microscopy files in: TIFF and OME-TIFF through tifffile, PNG, JPEG and BMP through Pillow.
+Axes from the file's metadata, channels picked by the user, bit depths kept until the intensity
+rule turns them into the network's uint8.
+
+    read_raw(path, channel)      -> uint8 or uint16 (H, W, C): C = 3 (RGB) or 1 (grey, or the chosen channel)
+    to_rgb8(raw, intensity)      -> uint8 (H, W, 3), by one of INTENSITIES:
+        "fixed"       the notebook's rule: 8-bit as is, 16-bit keeps its high byte (v >> 8). An image
+                      that uses less than 1/16 of its type's range (12-bit camera data in a 16-bit
+                      file: 0-4095) is read nearly black: a warning names it and the flag.
+        "percentile"  per image, the 1st and 99.8th percentiles of all its values go to 0 and 255
+                      (clipped): what StarDist and Cellpose do, so that every camera, bit depth and
+                      exposure looks alike to the network. The default of --mode instance.
+    read_label_image(path)       -> integer labels (H, W), values as stored (no bit-depth rule)
+
+Channels (``channel``, 1-based as Fiji counts them): a file with one channel is grey; RGB(A) is
+colour (alpha dropped) unless ``channel`` picks one of R, G, B; a file with 2 or more than 3
+channels (an ImageJ hyperstack, an OME-TIFF) needs ``channel``. Z-stacks and time series are
+refused with the way out (a projection or one plane, saved as TIFF).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+INTENSITIES = ("fixed", "percentile")
+PERCENTILES = (1.0, 99.8)
+TIFF_SUFFIXES = (".tif", ".tiff")
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES
+#: Microscope vendors' formats we do not read: named in the error, with the way out.
+VENDOR_SUFFIXES = (".czi", ".nd2", ".lif", ".lsm", ".oib", ".oif", ".vsi", ".ims", ".mrxs", ".svs", ".ndpi", ".scn",
+                   ".dv", ".zvi", ".lei", ".sld", ".ics", ".ids", ".stk")
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+
+def check_suffix(path: Path) -> None:
+    """``ValueError`` naming the file and the way out for formats we do not read."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return
+    if suffix in VENDOR_SUFFIXES:
+        raise ValueError(f"{path}: {suffix} files are not read here; open it in Fiji (Bio-Formats) and save the "
+                         "nuclear channel as TIFF (File > Save As > Tiff...)")
+    raise ValueError(f"{path}: not an image format read here ({', '.join(IMAGE_SUFFIXES)}); save it as TIFF or PNG")
+
+
+def read_raw(path: str | Path, channel: int | None = None) -> np.ndarray:
+    """An image file -> uint8 or uint16 ``(H, W, C)``, C = 3 (RGB) or 1; see the module docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    check_suffix(path)
+    arr, axes = _read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else _read_pillow(path)
+    arr = _integer(arr, path)
+    return _pick_channel(arr, axes, channel, path)
+
+
+def read_label_image(path: str | Path) -> np.ndarray:
+    """An annotation file -> integer labels ``(H, W)`` exactly as stored (0 background). RGB files
+    count a pixel as foreground where any channel is > 0 (a binary mask drawn in colour)."""
+    raw = read_raw(path)
+    return raw[..., 0] if raw.shape[2] == 1 else (raw > 0).any(axis=2).astype(np.uint8)
+
+
+def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image") -> np.ndarray:
+    """``read_raw``'s array (or any uint8/uint16 ``(H, W)`` / ``(H, W, 1|3)``) -> uint8 ``(H, W, 3)``."""
+    if intensity not in INTENSITIES:
+        raise ValueError(f"unknown intensity rule {intensity!r}; choose one of {', '.join(INTENSITIES)}")
+    raw = np.asarray(raw)
+    if raw.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{name}: {raw.dtype} pixels are not an image the network reads; save it as 8- or 16-bit")
+    if raw.ndim == 2:
+        raw = raw[:, :, None]
+    if intensity == "percentile":
+        lo, hi = np.percentile(raw, PERCENTILES)
+        scaled = (raw.astype(np.float32) - lo) * (255.0 / max(float(hi - lo), 1e-6))
+        out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    else:
+        top = np.iinfo(raw.dtype).max
+        if raw.size and int(raw.max()) < (top + 1) // 16:
+            log.warning("%s uses values up to %d of its %d-bit range: under the fixed rule it reads nearly black; "
+                        "pass --intensity percentile (intensity='percentile') to stretch each image",
+                        name, int(raw.max()), 8 * raw.dtype.itemsize)
+        out = (raw >> 8).astype(np.uint8) if raw.dtype == np.uint16 else raw.astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out)
+
+
+def read_image(path: str | Path, channel: int | None = None, intensity: str = "fixed") -> np.ndarray:
+    """Image file -> uint8 ``(H, W, 3)`` in [0, 255]: ``to_rgb8(read_raw(path, channel), intensity)``."""
+    return to_rgb8(read_raw(path, channel), intensity, path)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    check_suffix(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape = dict(zip(series.axes, series.shape))
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, struct.error) as e:
+            raise ValueError(f"{path}: not a readable TIFF ({type(e).__name__}: {e}); replace or delete it") from None
+        return int(shape.get("Y", 0)), int(shape.get("X", 0))
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise
+    except _PILLOW_ERRORS as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it") from None
+    return h, w
+
+
+def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later in a DataLoader worker
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("L" if im.mode == "1" else "RGB")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError:
+        raise ValueError(
+            f"{path}: the image has more pixels than Pillow decodes without a warning against decompression bombs "
+            f"({Image.MAX_IMAGE_PIXELS:,} x 2); if it is a real image, cut it into tiles (Fiji: Image > Stacks > "
+            "Tools > Montage to Stack) or save a downscaled copy"
+        ) from None
+    except _PILLOW_ERRORS as e:
+        raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
+                         "truncated: download it again, or delete its image folder") from None
+    if arr.ndim == 2:
+        return arr, "YX"
+    if arr.shape[2] == 2:  # grey + alpha
+        return arr[:, :, 0], "YX"
+    return arr, "YXS"
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, arr = series.axes, series.asarray()
+    except MemoryError:
+        raise ValueError(f"{path}: too large to read into memory; cut it into tiles and save them as TIFF") from None
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError, RuntimeError,
+            zlib.error, struct.error) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path}: cannot read this TIFF ({type(e).__name__}: {first}); the file is corrupt or "
+                         "truncated, or a layout tifffile does not know: save it again from Fiji as TIFF") from None
+    # Drop axes of length 1; what is left must be Y, X and at most one channel axis (C or S).
+    keep = [i for i, n in enumerate(arr.shape) if n > 1 or axes[i] in "YX"]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    extra = [a for a in axes if a not in "YXCS"]
+    if extra:
+        sizes = ", ".join(f"{arr.shape[axes.index(a)]} along {_AXIS_NAMES.get(a, a)}" for a in extra)
+        raise ValueError(f"{path}: a stack ({sizes}; axes {axes}), not one 2-D image; make a projection or pick one "
+                         "plane in Fiji (Image > Stacks > Z Project..., or Image > Duplicate... one slice) and save it as TIFF")
+    if sum(a in "CS" for a in axes) > 1:
+        raise ValueError(f"{path}: both channel and sample axes ({axes}); save the nuclear channel alone as TIFF")
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"{path}: no image plane in its axes ({axes}); save it again from Fiji as TIFF")
+    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "CS"]
+    arr = np.transpose(arr, order)
+    return arr, "YX" + "".join(a for a in axes if a in "CS")
+
+
+_AXIS_NAMES = {"Z": "z (planes)", "T": "t (time points)", "Q": "an unnamed axis", "I": "an image sequence"}
+
+
+def _integer(arr: np.ndarray, path: Path) -> np.ndarray:
+    """uint8/uint16 kept; other integer types converted when their values fit; floats refused."""
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo >= 0 and hi <= 65535:
+            return arr.astype(np.uint16 if hi > 255 or arr.dtype.itemsize > 1 else np.uint8)
+        if lo >= 0 and arr.ndim == 2:
+            return arr  # a label image with more than 65,535 nuclei: kept for read_label_image
+        raise ValueError(f"{path}: {arr.dtype} values from {lo} to {hi} do not fit 16 bits; save it as 8- or 16-bit TIFF")
+    raise ValueError(f"{path}: {arr.dtype} pixels are not supported; save it as an 8- or 16-bit TIFF or PNG "
+                     "(Fiji: Image > Type > 16-bit)")
+
+
+def _pick_channel(arr: np.ndarray, axes: str, channel: int | None, path: Path) -> np.ndarray:
+    if arr.ndim == 2:
+        if channel not in (None, 1):
+            raise ValueError(f"{path}: has one channel, so --channel {channel} does not exist; leave --channel out")
+        return arr[:, :, None]
+    n = arr.shape[2]
+    colour = axes.endswith("S") and n in (3, 4) or (axes.endswith("C") and n == 3 and arr.dtype == np.uint8)
+    if channel is None:
+        if colour:
+            return arr[:, :, :3]
+        raise ValueError(f"{path}: has {n} channels; pass --channel N (1 to {n}, as Fiji numbers them) to pick the "
+                         "nuclear stain (channel= in Python)")
+    if not 1 <= channel <= n:
+        raise ValueError(f"{path}: has {n} channels; --channel must be 1 to {n}, got {channel}")
+    return arr[:, :, channel - 1:channel]
+
+
