@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH)' | md5sum | cut -c1-8)
 ARGS   ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench clean segment pretrained
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -26,6 +26,17 @@ DEMO   := --epochs 150 --patience 0
 
 train: install
 	$(PY) scripts/train.py $(or $(ARGS),$(DEMO))
+
+# The bundled pretrained model segments the bundled sample: label TIFFs, ROIs, tables, overlays.
+segment: install
+	$(PY) scripts/predict.py --data-dir unet_pl/sample/stage1_train --out-dir predictions/sample --rois --overlays
+
+# Retrain the bundled model (docs/model-card.md): the recipe on the competition's training set
+# without the stratified hold-out, then export weights + settings into the package.
+DSB ?= ../shared/data/dsb2018/stage1_train
+pretrained: install
+	$(PY) scripts/train.py --gpus 0 --data-dir $(DSB) --holdout stratified --mode instance --epochs 100 --patience 10 --out runs/pretrained
+	$(PY) -m unet_pl.cli.export --ckpt runs/pretrained/best.ckpt --out unet_pl/pretrained/dsb2018_instance.ckpt
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

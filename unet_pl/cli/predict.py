@@ -1,13 +1,16 @@
-"""``python scripts/predict.py --ckpt RUN/best.ckpt --data-dir FOLDER --out submission.csv``
+"""``python scripts/predict.py --data-dir FOLDER --out-dir predictions [--ckpt RUN/best.ckpt]``
 
-Predicts every image of FOLDER (the competition's test layout ``<id>/images/<id>.png`` or a
-plain folder of images) and writes the submission CSV; optionally label PNGs and overlays.
-The post-processing is the one the checkpoint was tuned with; flags override it.
+Segments every image of FOLDER (one image file, a plain folder of images, or the competition's
+test layout ``<id>/images/<id>.png``) with a checkpoint, or with the bundled pretrained model when
+--ckpt is left out, and writes label TIFFs, per-nucleus and per-image tables and the Kaggle CSV
+(unet_pl.inference.outputs). The reading and post-processing settings are the checkpoint's; flags
+override them. Nothing is written inside FOLDER, and nothing is replaced until every image is done.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
 from ..data.readers import INTENSITIES
@@ -18,11 +21,19 @@ from .common import Parser, fail
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="predict.py", description=__doc__.split("\n\n")[1])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="a Lightning checkpoint of LitUNet (RUN/best.ckpt)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="a Lightning checkpoint of LitUNet (RUN/best.ckpt). Default: the bundled pretrained model")
     src.add_argument("--keras-h5", help="the notebook's saved Keras model (.h5), through unet_pl.keras")
     p.add_argument("--data-dir", required=True, help="folder of images to predict, or one image file")
-    p.add_argument("--out", default="submission.csv", help="submission CSV to write (ImageId,EncodedPixels)")
+    p.add_argument("--out-dir", default=None,
+                   help="folder for this run's results: labels/<id>.tif, nuclei.csv, summary.csv, submission.csv (and "
+                        "rois/, probabilities/, overlays/ when asked)")
+    p.add_argument("--out", default=None, help="the submission CSV (ImageId,EncodedPixels). Default: OUT_DIR/submission.csv, "
+                                                 "or submission.csv without --out-dir")
+    p.add_argument("--rois", action="store_true", help="with --out-dir: an ImageJ ROI zip per image (rois/<id>.zip)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="with --out-dir: the probability maps, float32 TIFF per image (probabilities/<id>.tif)")
+    p.add_argument("--overlays", action="store_true", help="with --out-dir: each image with its nuclei outlined (overlays/<id>.png)")
     post = p.add_argument_group("post-processing (default: what the checkpoint was tuned with on its validation images; "
                                 "checkpoints without: threshold 0.5, no size filter, seed threshold 0.15 native / 0.5 resized)")
     post.add_argument("--threshold", type=float, default=None, help="probability above which a pixel is nucleus")
@@ -44,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's run held out; computed from the images for older checkpoints)")
     p.add_argument("--tile", type=int, default=1024,
                    help="native-resolution checkpoints: images with a side above this go through in overlapping tiles")
-    p.add_argument("--masks-dir", help="also write a 16-bit label PNG per image (original size) here")
-    p.add_argument("--overlays-dir", help="also write each image with predicted outlines here")
+    p.add_argument("--masks-dir", help="also write a 16-bit label PNG per image (original size) here (older; see --out-dir)")
+    p.add_argument("--overlays-dir", help="also write each image with predicted outlines here (older; see --overlays)")
     p.add_argument("--img-size", type=int, help="square side the model sees (default: the checkpoint's img_size; 128 for .h5)")
     p.add_argument("--gpus", type=int, default=None, help="0: CPU; default: CUDA when available")
     p.add_argument("--batch-size", type=int, default=8, help="resized images per forward pass")
@@ -58,25 +69,33 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0 or (args.min_size is not None and args.min_size < 0):
         fail("--batch-size must be >= 1, --num-workers and --min-size >= 0")
-    from ..inference.checkpoint import load_model, read_checkpoint
-    from ..inference.folder import choose_device, predict_folder
+    from ..inference.checkpoint import PRETRAINED, load_model, read_checkpoint
+    from ..inference.folder import SQUASH_WARNING, choose_device, predict_folder
+    from ..inference.outputs import check_outputs
 
+    if (args.rois or args.probabilities or args.overlays) and args.out_dir is None:
+        fail("--rois, --probabilities and --overlays write into --out-dir: pass --out-dir FOLDER")
+    out_csv = args.out or (str(Path(args.out_dir) / "submission.csv") if args.out_dir else "submission.csv")
     try:
+        check_outputs(args.data_dir, [args.out_dir, out_csv, args.masks_dir, args.overlays_dir])
         device = choose_device(args.gpus)
-        ckpt = read_checkpoint(args.ckpt) if args.ckpt else None
-        net = load_model(ckpt, args.keras_h5, device, name=args.ckpt)
+        source = args.ckpt or args.keras_h5 or PRETRAINED
+        ckpt = read_checkpoint(args.ckpt or PRETRAINED) if not args.keras_h5 else None
+        net = load_model(ckpt, args.keras_h5, device, name=source)
         settings = net.settings.replace(threshold=args.threshold, min_size=args.min_size, fill_holes=args.fill_holes,
                                         seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile,
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split,
                                         channel=args.channel, intensity=args.intensity)
     except (FileNotFoundError, ValueError) as e:
         fail(_flag_names(str(e)))
+    if not (args.ckpt or args.keras_h5):
+        print(f"model: the bundled pretrained model ({PRETRAINED.name}; docs/model-card.md); --ckpt to use your own")
     ids = None
     if args.holdout != "none":
         saved = (ckpt or {}).get("NucleiDataModule") or {}
         if saved.get("holdout") == args.holdout and saved.get("holdout_ids"):
             ids = saved["holdout_ids"]
-            print(f"hold-out: the {len(ids)} images that {args.ckpt}'s run never trained on")
+            print(f"hold-out: the {len(ids)} images that {source}'s run never trained on")
         else:
             from ..data.holdout import holdout_ids
 
@@ -88,14 +107,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"settings ({'tuned on the run' + chr(39) + 's validation images' if tuned else 'defaults'}, then flags): {settings.describe()}")
     t0 = time.perf_counter()
     try:
-        stats = predict_folder(net, args.data_dir, args.out, settings=settings, ids=ids, batch_size=args.batch_size,
-                               num_workers=args.num_workers, masks_dir=args.masks_dir, overlays_dir=args.overlays_dir,
-                               progress=not args.no_progress)
+        stats = predict_folder(net, args.data_dir, out_csv, settings=settings, ids=ids, batch_size=args.batch_size,
+                               num_workers=args.num_workers, out_dir=args.out_dir, rois=args.rois,
+                               probabilities=args.probabilities, overlays=args.overlays, masks_dir=args.masks_dir,
+                               overlays_dir=args.overlays_dir, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     took = time.perf_counter() - t0
-    print(f"wrote {args.out}: {stats['images']} images, {stats['nuclei']} nuclei "
-          f"({stats['empty']} images without any) in {took:.1f} s on {device}")
+    print(f"done: {stats['images']} images, {stats['nuclei']} nuclei ({stats['empty']} images without any) "
+          f"in {took:.1f} s on {device}")
+    where = args.out_dir if args.out_dir else out_csv
+    print(f"results: {where}" + (f" (labels/, nuclei.csv, summary.csv, submission.csv)" if args.out_dir else ""))
+    if stats["images"] and not stats["nuclei"]:
+        print(f"warning: no nucleus in any image at threshold {settings.threshold:g}: is this the right model and "
+              "--channel/--intensity for these images? A lower --threshold finds fainter nuclei")
+    if stats["squashed"]:
+        print(f"warning: {len(stats['squashed'])} image(s) (first: {stats['squashed'][0]}) are more than "
+              f"{SQUASH_WARNING:g}x larger than the {settings.img_size} px squares this resize-mode model squashes them "
+              "into: small nuclei vanish there; a native-resolution model (train.py --mode instance, or the bundled "
+              "model) sees them at their own size")
 
 
 def _flag_names(message: str) -> str:

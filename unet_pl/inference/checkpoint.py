@@ -20,6 +20,12 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: The bundled pretrained model (docs/model-card.md): weights and settings, no optimizer state.
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "dsb2018_instance.ckpt"
+#: What an exported checkpoint keeps: enough for load_model and LitUNet.load_from_checkpoint.
+EXPORT_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "pytorch-lightning_version", "NucleiDataModule", "epoch",
+               "global_step")
+
 #: What a bad checkpoint file raises inside torch.load.
 LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, KeyError, TypeError,
                AttributeError, IndexError, zipfile.BadZipFile, UnicodeDecodeError)
@@ -64,10 +70,13 @@ def load_model(ckpt: str | Path | dict | None = None, keras_h5: str | Path | Non
 
     ``ckpt``: a LitUNet checkpoint (a path, or the dict ``read_checkpoint`` returned);
     ``keras_h5``: the notebook's saved Keras model (its settings: the notebook's, 128 px squares).
-    ``name``: what errors call a checkpoint given as a dict (its file).
+    Neither: the bundled pretrained model (``PRETRAINED``). ``name``: what errors call a checkpoint
+    given as a dict (its file).
     """
-    if (ckpt is None) == (keras_h5 is None):
-        raise ValueError("give exactly one of a checkpoint (--ckpt) or a Keras .h5 (--keras-h5)")
+    if ckpt is not None and keras_h5 is not None:
+        raise ValueError("give one of a checkpoint (--ckpt) or a Keras .h5 (--keras-h5), not both")
+    if ckpt is None and keras_h5 is None:
+        ckpt = PRETRAINED
     if ckpt is not None:
         if isinstance(ckpt, dict):
             net = model_from_checkpoint(ckpt, name or "checkpoint")
@@ -85,18 +94,36 @@ def load_model(ckpt: str | Path | dict | None = None, keras_h5: str | Path | Non
 
 def update_hyperparameters(path: str | Path, **values: Any) -> None:
     """Set ``values`` in a checkpoint file's ``hyper_parameters``, replacing the file whole (temp + rename)."""
-    import os
-    import tempfile
-
     path = Path(path)
     ckpt = read_checkpoint(path)
     ckpt.setdefault("hyper_parameters", {}).update(values)
+    save_atomically(ckpt, path)
+
+
+def export_model(ckpt: str | Path, out: str | Path) -> Path:
+    """A training checkpoint -> a small one for sharing: weights, settings, the held-out ids; no
+    optimizer or loop state (``EXPORT_KEYS``). Loads with ``load_model`` and ``LitUNet.load_from_checkpoint``."""
+    full = read_checkpoint(ckpt)
+    model_from_checkpoint(full, ckpt)  # it must be a model we can load
+    small = {k: full[k] for k in EXPORT_KEYS if k in full}
+    small["state_dict"] = {k: v.float().contiguous() for k, v in small["state_dict"].items()}
+    return save_atomically(small, Path(out))
+
+
+def save_atomically(obj: dict, path: Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never half a checkpoint."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
+            torch.save(obj, f)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path

@@ -1,0 +1,190 @@
+"""predict.py's outputs for the tools biologists use, checked against tifffile, roifile and
+scikit-image; never written over the input; never half-replaced."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from unet_pl import LitUNet
+from unet_pl.data import SAMPLE_DIR
+from unet_pl.rle import decode_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ckpt(path: Path, bias: float | None = None, **hparams) -> Path:
+    """An untrained LitUNet checkpoint whose head bias puts ~10% of a real image in the foreground (or ``bias``)."""
+    torch.manual_seed(0)
+    model = LitUNet(img_size=32, **hparams)
+    with torch.no_grad():
+        if bias is None:
+            x = torch.rand(1, 3, 32, 32)
+            model.unet.head.bias -= torch.quantile(model(x)[:, 0].flatten(), 0.9)
+        else:
+            model.unet.head.bias.fill_(bias)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def predict(*args, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "scripts/predict.py", "--gpus", "0", "--no-progress", *map(str, args)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=240)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    for it in sorted(SAMPLE_DIR.iterdir())[:4]:
+        shutil.copy(it / "images" / f"{it.name}.png", d / f"{it.name}.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(images, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("run")
+    ckpt = _ckpt(tmp / "m.ckpt")
+    out = tmp / "out"
+    p = predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out, "--rois", "--probabilities", "--overlays")
+    return {"ckpt": ckpt, "out": out, "stdout": p.stdout}
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_label_tiffs_equal_the_labels_the_csv_encodes(run, images):
+    out = run["out"]
+    assert "done: 4 images" in run["stdout"] and str(out) in run["stdout"]
+    by_image: dict[str, list[str]] = {}
+    for r in _rows(out / "submission.csv"):
+        by_image.setdefault(r["ImageId"], []).append(r["EncodedPixels"])
+    assert len(by_image) == 4
+    total = 0
+    for image_id, rles in by_image.items():
+        labels = tifffile.imread(out / "labels" / f"{image_id}.tif")
+        assert labels.dtype == np.uint16
+        assert np.array_equal(decode_labels([r for r in rles if r], labels.shape), labels)
+        total += int(labels.max())
+    assert total > 0
+
+
+def test_nucleus_table_matches_scikit_image_and_the_rois_match_the_labels(run, images):
+    import roifile
+    from skimage.measure import regionprops
+
+    out = run["out"]
+    table = _rows(out / "nuclei.csv")
+    summary = {r["image"]: r for r in _rows(out / "summary.csv")}
+    for image_id in summary:
+        labels = tifffile.imread(out / "labels" / f"{image_id}.tif")
+        mine = [r for r in table if r["image"] == image_id]
+        props = regionprops(labels)
+        assert len(mine) == len(props) == int(summary[image_id]["nuclei"])
+        for r, p in zip(mine, props):
+            assert int(r["label"]) == p.label and float(r["area"]) == p.area
+            assert float(r["centroid_y"]) == pytest.approx(p.centroid[0], abs=1e-3)
+            assert float(r["centroid_x"]) == pytest.approx(p.centroid[1], abs=1e-3)
+            assert (int(r["bbox_min_row"]), int(r["bbox_min_col"]), int(r["bbox_max_row"]), int(r["bbox_max_col"])) == p.bbox
+        if props:
+            assert float(summary[image_id]["mean_area"]) == pytest.approx(np.mean([p.area for p in props]), abs=1e-3)
+            rois = roifile.roiread(out / "rois" / f"{image_id}.zip")
+            assert len(rois) == len(props)
+            for roi, p in zip(rois, props):  # each polygon encloses its nucleus' bounding box
+                xy = roi.coordinates()
+                assert xy[:, 1].min() <= p.bbox[0] + 0.5 and xy[:, 1].max() >= p.bbox[2] - 0.5
+                assert xy[:, 0].min() <= p.bbox[1] + 0.5 and xy[:, 0].max() >= p.bbox[3] - 0.5
+        prob = tifffile.imread(out / "probabilities" / f"{image_id}.tif")
+        assert prob.dtype == np.float32 and prob.shape == (1, *labels.shape)
+        assert (out / "overlays" / f"{image_id}.png").is_file()
+
+
+def test_more_than_65535_nuclei_are_written_as_uint32(tmp_path):
+    from unet_pl.inference.outputs import Outputs
+
+    labels = np.arange(1, 300 * 300 + 1, dtype=np.int64).reshape(300, 300)  # 90,000 one-pixel nuclei
+    out = Outputs(tmp_path / "s.csv", tmp_path / "o")
+    out.add("many", np.zeros((300, 300, 3), np.uint8), np.ones((300, 300), np.float32), labels)
+    out.commit()
+    back = tifffile.imread(tmp_path / "o" / "labels" / "many.tif")
+    assert back.dtype == np.uint32 and np.array_equal(back, labels)
+
+
+def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    for flags in (["--out-dir", images / "results"], ["--out-dir", images], ["--masks-dir", images],
+                  ["--out", images / "submission.csv"]):
+        p = predict("--ckpt", run["ckpt"], "--data-dir", images, *flags, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and "inside the input" in lines[0], p.stderr
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and ".unet_pl-partial-" not in str(p)}
+
+
+def test_a_failing_or_killed_predict_leaves_the_previous_results(images, tmp_path):
+    ckpt = _ckpt(tmp_path / "m.ckpt")
+    out = tmp_path / "out"
+    predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
+    before = _snapshot(out)
+    # a second run over more images, the last of them broken: it fails after predicting the others
+    more = tmp_path / "more"
+    shutil.copytree(images, more)
+    (more / "zzz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    other = _ckpt(tmp_path / "other.ckpt", bias=5.0)  # it would change every result
+    p = predict("--ckpt", other, "--data-dir", more, "--out-dir", out, check=False)
+    assert p.returncode == 2 and "zzz_broken.png" in p.stderr
+    assert _snapshot(out) == before and not list(out.rglob(".unet_pl-partial-*"))
+    # killed with SIGKILL while it works: nothing replaced, and the next run clears the leftovers
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(40):
+        shutil.copy(sorted(images.iterdir())[k % 4], many / f"img{k:02d}.png")
+    proc = subprocess.Popen([sys.executable, "scripts/predict.py", "--gpus", "0", "--no-progress", "--ckpt", str(other),
+                             "--data-dir", str(many), "--out-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob(".unet_pl-partial-*/*.tif")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _snapshot(out) == before
+    predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
+    assert not list(out.rglob(".unet_pl-partial-*"))
+
+
+def test_warnings_for_no_nuclei_and_heavy_squashing(images, tmp_path):
+    empty = _ckpt(tmp_path / "empty.ckpt", bias=-20.0)
+    p = predict("--ckpt", empty, "--data-dir", images, "--out-dir", tmp_path / "o1")
+    assert "no nucleus in any image at threshold 0.5" in p.stdout
+    big = tmp_path / "big"
+    big.mkdir()
+    shutil.copy(next(p for p in sorted(SAMPLE_DIR.glob("*/images/*.png")) if _side(p) > 4 * 32), big / "big.png")
+    p = predict("--ckpt", _ckpt(tmp_path / "m.ckpt"), "--data-dir", big, "--out-dir", tmp_path / "o2")
+    assert "more than 4x larger than the 32 px squares" in p.stdout and "native-resolution" in p.stdout
+
+
+def _side(path: Path) -> int:
+    from unet_pl.data.readers import image_size
+
+    return max(image_size(path))

@@ -1,0 +1,240 @@
+"""What one run of predict.py writes, in the formats biologists' tools open, never half-written and
+never over the input.
+
+Into ``--out-dir`` (each optional one on request):
+
+    submission.csv             the competition's ImageId,EncodedPixels rows (Kaggle)
+    labels/<id>.tif            the label image: uint16 (uint32 above 65,535 nuclei), 0 background,
+                               nucleus k = k; napari, Fiji and QuPath open it as labels
+    nuclei.csv                 one row per nucleus: image, label, area, centroid, bounding box,
+                               intensity mean/min/max (in the file's own units, the nuclear channel),
+                               perimeter, eccentricity, solidity, axis lengths, orientation, diameter
+    summary.csv                one row per image: nuclei, mean and median area, area fraction
+    rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
+    probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary) probabilities           --probabilities
+    overlays/<id>.png          the image with each nucleus outlined                                 --overlays
+
+Safety: every file is written into a hidden staging folder beside its destination and moved into
+place only when the whole run has succeeded, so a failure or a kill leaves the previous results
+as they were. ``check_outputs`` refuses outputs equal to or inside the input folder.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..rle import encode_labels
+
+STAGING_PREFIX = ".unet_pl-partial-"
+NUCLEUS_PROPERTIES = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_min", "intensity_max",
+                      "perimeter", "eccentricity", "solidity", "axis_major_length", "axis_minor_length", "orientation",
+                      "equivalent_diameter_area")
+NUCLEUS_COLUMNS = ("image", "label", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col", "bbox_max_row",
+                   "bbox_max_col", "intensity_mean", "intensity_min", "intensity_max", "perimeter", "eccentricity",
+                   "solidity", "axis_major_length", "axis_minor_length", "orientation", "equivalent_diameter")
+SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction")
+
+
+def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> None:
+    """``ValueError`` when an output folder or file is the input, or lies inside the input folder."""
+    source = Path(data_dir).expanduser().resolve()
+    for out in outputs:
+        if out is None:
+            continue
+        target = Path(out).expanduser().resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            raise ValueError(f"{out} is inside the input {data_dir}: prediction never writes there (it could replace "
+                             "your images); choose an output folder outside it, e.g. --out-dir predictions")
+
+
+def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
+    """``(ImageId, EncodedPixels)`` per nucleus; one row with ``""`` when there is none."""
+    rles = encode_labels(labels)
+    return [(image_id, r) for r in rles] or [(image_id, "")]
+
+
+def label_dtype(labels: np.ndarray) -> type:
+    """uint16 while the nuclei fit, uint32 above 65,535 (what napari, Fiji and QuPath read)."""
+    return np.uint16 if int(labels.max(initial=0)) <= np.iinfo(np.uint16).max else np.uint32
+
+
+def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> list[dict]:
+    """One dict per nucleus (``NUCLEUS_COLUMNS``), from scikit-image's ``regionprops_table``."""
+    from skimage.measure import regionprops_table
+
+    if not labels.max(initial=0):
+        return []
+    t = regionprops_table(labels, intensity_image=intensity, properties=NUCLEUS_PROPERTIES)
+    names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col",
+             "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col", "equivalent_diameter_area": "equivalent_diameter"}
+    cols = {names.get(k, k): v for k, v in t.items()}
+    return [{"image": image_id, **{c: _plain(cols[c][i]) for c in NUCLEUS_COLUMNS[1:]}} for i in range(len(cols["label"]))]
+
+
+def summary_row(image_id: str, labels: np.ndarray) -> dict:
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    return {"image": image_id, "height": labels.shape[0], "width": labels.shape[1], "nuclei": len(areas),
+            "mean_area": _plain(areas.mean()) if len(areas) else 0, "median_area": _plain(np.median(areas)) if len(areas) else 0,
+            "area_fraction": _plain((labels > 0).mean())}
+
+
+def _plain(v):
+    v = v.item() if hasattr(v, "item") else v
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def roi_polygons(labels: np.ndarray) -> list:
+    """One ImageJ polygon ROI per nucleus (its outer contour, pixel-corner coordinates), named by its label."""
+    import roifile
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    rois = []
+    for k, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        mask = np.pad(labels[sl] == k, 1)
+        contour = max(find_contours(mask.astype(np.uint8), 0.5), key=len)  # (row, col) around the nucleus
+        xy = np.stack([contour[:, 1] + sl[1].start - 1 + 0.5, contour[:, 0] + sl[0].start - 1 + 0.5], axis=1)
+        roi = roifile.ImagejRoi.frompoints(xy)
+        roi.roitype = roifile.ROI_TYPE.POLYGON
+        roi.name = f"nucleus-{k}"
+        rois.append(roi)
+    return rois
+
+
+class Outputs:
+    """Stages a predict run's files and moves them into place on ``commit`` (see the module docstring).
+
+    ``csv_path``: the submission CSV; ``out_dir``: the folder of labels/, nuclei.csv, summary.csv and
+    the optional outputs (None: the CSV and the legacy folders only); ``masks_dir`` / ``overlays_dir``:
+    the older flags' 16-bit label PNGs and overlays.
+    """
+
+    def __init__(self, csv_path: str | Path, out_dir: str | Path | None = None, *, rois: bool = False,
+                 probabilities: bool = False, overlays: bool = False, masks_dir: str | Path | None = None,
+                 overlays_dir: str | Path | None = None) -> None:
+        self.csv_path = Path(csv_path)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.dirs: dict[str, Path] = {}
+        if self.out_dir is not None:
+            self.dirs["labels"] = self.out_dir / "labels"
+            if rois:
+                self.dirs["rois"] = self.out_dir / "rois"
+            if probabilities:
+                self.dirs["probabilities"] = self.out_dir / "probabilities"
+            if overlays:
+                self.dirs["overlays"] = self.out_dir / "overlays"
+        if masks_dir:
+            self.dirs["masks"] = Path(masks_dir)
+        if overlays_dir:
+            self.dirs["overlays_png"] = Path(overlays_dir)
+        self.rows: list[tuple[str, str]] = []
+        self.nuclei: list[dict] = []
+        self.summary: list[dict] = []
+        self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
+        self._staging: dict[Path, Path] = {}
+
+    def _stage(self, dest: Path) -> Path:
+        folder = dest.parent
+        if folder not in self._staging:
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_dead_staging(folder)
+            self._staging[folder] = folder / f"{STAGING_PREFIX}{os.getpid()}"
+            self._staging[folder].mkdir(exist_ok=True)
+        staged = self._staging[folder] / dest.name
+        self._staged.append((staged, dest))
+        return staged
+
+    def add(self, image_id: str, image: np.ndarray, intensity: np.ndarray, labels: np.ndarray,
+            prob: np.ndarray | None = None) -> None:
+        """One image's results: ``image`` uint8 RGB (overlays), ``intensity`` float (H, W) in the file's
+        units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps)."""
+        import tifffile
+
+        self.rows += submission_rows(image_id, labels)
+        if self.out_dir is not None:
+            self.nuclei += nucleus_rows(image_id, labels, intensity)
+            self.summary.append(summary_row(image_id, labels))
+            tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
+                             compression="zlib")
+        if "rois" in self.dirs:
+            import roifile
+
+            path = self._stage(self.dirs["rois"] / f"{image_id}.zip")
+            rois = roi_polygons(labels)
+            if rois:
+                roifile.roiwrite(path, rois)
+            else:
+                self._staged.pop()  # no nucleus, no ROI set
+        if "probabilities" in self.dirs and prob is not None:
+            tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
+                             compression="zlib")
+        for key in ("overlays", "overlays_png"):
+            if key in self.dirs:
+                save_overlay(image, labels, self._stage(self.dirs[key] / f"{image_id}.png"))
+        if "masks" in self.dirs:
+            save_label_png(labels, self._stage(self.dirs["masks"] / f"{image_id}.png"))
+
+    def commit(self) -> list[Path]:
+        """Write the tables, move every staged file into place; returns the destinations written."""
+        _write_csv(self._stage(self.csv_path), ("ImageId", "EncodedPixels"), self.rows)
+        if self.out_dir is not None:
+            _write_csv(self._stage(self.out_dir / "nuclei.csv"), NUCLEUS_COLUMNS, [tuple(r.values()) for r in self.nuclei])
+            _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [tuple(r.values()) for r in self.summary])
+        for staged, dest in self._staged:
+            os.replace(staged, dest)
+        self.abort()
+        return [dest for _, dest in self._staged]
+
+    def abort(self) -> None:
+        """Drop whatever was staged: the destinations keep their previous contents."""
+        for folder in self._staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._staging.clear()
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Staging folders of runs that no longer exist (killed): their files were never results."""
+    for d in folder.glob(STAGING_PREFIX + "*"):
+        try:
+            pid = int(d.name.removeprefix(STAGING_PREFIX))
+            os.kill(pid, 0)
+            alive = pid != os.getpid()  # our own pid: left by an earlier run in this process
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True  # another user's live process
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def save_label_png(labels: np.ndarray, path: str | Path) -> None:
+    """The label image as a 16-bit PNG (0 background, nucleus k = value k)."""
+    from PIL import Image
+
+    if labels.max(initial=0) > 65535:
+        raise ValueError(f"{path}: {labels.max()} nuclei do not fit a 16-bit PNG; use --out-dir, whose label TIFFs take uint32")
+    Image.fromarray(labels.astype(np.uint16)).save(path, format="PNG")
+
+
+def save_overlay(image: np.ndarray, labels: np.ndarray, path: str | Path, color=(255, 255, 0)) -> None:
+    """``image`` uint8 ``(H, W, 3)`` with the outline of every predicted nucleus drawn in ``color``."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    out = image.copy()
+    out[find_boundaries(labels, mode="inner")] = color
+    Image.fromarray(out).save(path, format="PNG")
