@@ -188,3 +188,29 @@ def _side(path: Path) -> int:
     from unet_pl.data.readers import image_size
 
     return max(image_size(path))
+
+
+def test_a_bioimageio_package_validates_and_its_test_tensors_are_what_the_weights_give(tmp_path):
+    """The BioImage Model Zoo package: bioimage.io's own format validation (io checks on: every file's
+    sha256), then the architecture file and weights from the package alone reproduce its test output."""
+    import importlib.util
+
+    spec = pytest.importorskip("bioimageio.spec")
+    from unet_pl.cli.export import main as export
+
+    ckpt = _ckpt(tmp_path / "m.ckpt", head="mask+boundary", resolution="native", intensity="percentile")
+    export(["--ckpt", str(ckpt), "--bioimageio", str(tmp_path / "pkg")])
+    with spec.ValidationContext(perform_io_checks=True):
+        descr = spec.load_description(tmp_path / "pkg" / "rdf.yaml")
+    assert type(descr).__name__ == "ModelDescr", descr.validation_summary
+    assert "scale_range" in [p.id for p in descr.inputs[0].preprocessing]
+    module_spec = importlib.util.spec_from_file_location("pkg_unet", tmp_path / "pkg" / "unet.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    net = module.UNet(3, 2, 8)
+    net.load_state_dict(torch.load(tmp_path / "pkg" / "weights.pt", weights_only=True))
+    x = np.load(tmp_path / "pkg" / "test_input.npy")
+    lo, hi = np.percentile(x, [1.0, 99.8])  # the declared scale_range, written out
+    with torch.inference_mode():
+        y = torch.sigmoid(net.eval()(torch.from_numpy((x - lo) / (hi - lo + 1e-6)))).numpy()
+    assert y.shape == (1, 2, 256, 256) and np.allclose(y, np.load(tmp_path / "pkg" / "test_output.npy"), atol=1e-5)

@@ -14,7 +14,9 @@ from .common import Parser, fail
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="export.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--ckpt", required=True, help="a training checkpoint (RUN/best.ckpt)")
-    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--out", default=None, help="the small checkpoint to write")
+    p.add_argument("--bioimageio", default=None, metavar="DIR",
+                   help="also (or only) write a BioImage Model Zoo package (rdf.yaml, weights, test tensors) into DIR")
     return p
 
 
@@ -22,12 +24,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from ..inference.checkpoint import export_model, load_model
 
+    if args.out is None and args.bioimageio is None:
+        fail("say what to write: --out FILE (a small checkpoint) and/or --bioimageio DIR")
     try:
-        out = export_model(args.ckpt, args.out)
-        settings = load_model(out).settings
+        if args.out is not None:
+            out = export_model(args.ckpt, args.out)
+            print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): {load_model(out).settings.describe()}")
+        if args.bioimageio is not None:
+            from ..inference.bioimageio import export_bioimageio
+
+            rdf = export_bioimageio(load_model(args.ckpt), args.bioimageio)
+            print(f"wrote {rdf} (validate: python -c \"import bioimageio.spec as s; print(s.load_description('{rdf}'))\")")
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB): {settings.describe()}")
 
 
 if __name__ == "__main__":
