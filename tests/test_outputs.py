@@ -212,5 +212,5 @@ def test_a_bioimageio_package_validates_and_its_test_tensors_are_what_the_weight
     x = np.load(tmp_path / "pkg" / "test_input.npy")
     lo, hi = np.percentile(x, [1.0, 99.8])  # the declared scale_range, written out
     with torch.inference_mode():
-        y = torch.sigmoid(net.eval()(torch.from_numpy((x - lo) / (hi - lo + 1e-6)))).numpy()
+        y = torch.sigmoid(net.eval()(torch.from_numpy(((x - lo) / (hi - lo + 1e-6)).astype(np.float32)))).numpy()
     assert y.shape == (1, 2, 256, 256) and np.allclose(y, np.load(tmp_path / "pkg" / "test_output.npy"), atol=1e-5)
