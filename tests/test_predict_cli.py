@@ -97,7 +97,7 @@ def _sizes() -> dict[str, tuple[int, int]]:
 
 
 def test_predict_writes_submission_masks_and_overlays(predicted):
-    assert "wrote" in predicted["stdout"] and "5 images" in predicted["stdout"]
+    assert "done: 5 images" in predicted["stdout"] and "results:" in predicted["stdout"]
     rows = _read_rows(predicted["csv"])
     assert list(rows[0]) == ["ImageId", "EncodedPixels"]
     by_image: dict[str, list[str]] = {}

@@ -294,3 +294,22 @@ def test_cpu_training_loads_in_process_by_default(monkeypatch):
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(data.os, "cpu_count", lambda: 16)
     assert data.default_workers(1) == 8 and data.default_workers(2) == 7 and data.default_workers(16) == 1
+
+
+def test_every_flag_of_train_and_predict_is_in_the_readme():
+    from unet_pl.cli.predict import build_parser as predict_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for parser in (build_parser(), predict_parser()):
+        missing = [a.option_strings[0] for a in parser._actions
+                   if a.option_strings and a.dest != "help" and a.option_strings[0] not in readme]
+        assert not missing, f"{parser.prog}: {missing} not in the README"
+
+
+def test_mode_presets_fill_what_was_not_given(tmp_path):
+    args = parse_args(["--gpus", "0", "--mode", "instance"])
+    assert (args.resolution, args.head, args.tune, args.intensity) == ("native", "mask+boundary", "on", "percentile")
+    args = parse_args(["--gpus", "0", "--mode", "instance", "--intensity", "fixed", "--tune", "off"])
+    assert (args.tune, args.intensity) == ("off", "fixed")
+    args = parse_args(["--gpus", "0"])
+    assert (args.resolution, args.head, args.tune, args.intensity) == ("resize", "mask", "off", "fixed")
