@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keras", choices=["auto", "yes", "no"], default="auto",
                    help="also time the seed's Keras model on TensorFlow (auto: when tensorflow is installed)")
     p.add_argument("--precisions", nargs="+", choices=["32-true", "bf16-mixed", "16-mixed"],
-                   help="training precisions (default: 32-true bf16-mixed, and 16-mixed on CUDA)")
+                   help="training (and inference) precisions (default: 32-true, bf16-mixed where the hardware computes "
+                        "bfloat16 natively, and 16-mixed on CUDA)")
     p.add_argument("--layouts", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"],
                    help="memory layouts for the training rows (default: both)")
     p.add_argument("--compile", nargs="*", choices=["default", "reduce-overhead", "max-autotune"], default=None,
@@ -288,13 +289,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {res['img_s']:.1f} | {mem} | {ratio} |", flush=True)
         return res
 
+    from .train import native_bf16
+
+    # Emulated bf16 (CPUs without AVX512-BF16 or AMX) runs several times slower than float32: rows
+    # of it measure the emulation, so they are left out unless asked for with --precisions.
+    bf16 = ["bf16-mixed"] if native_bf16(device == "cuda") else []
+    if not bf16 and args.precisions is None:
+        print("(no native bfloat16 on this machine: bf16-mixed rows left out; --precisions bf16-mixed adds them)")
     for bs in args.batch_sizes:
         if keras and "keras" in kinds:
             res = measure(f"Keras/TF seed model, fp32, batch {bs}", {"kind": "keras", "batch_size": bs})
             if res:
                 keras_ref[bs] = res["img_s"]
         if "train" in kinds:
-            precisions = args.precisions or ["32-true", "bf16-mixed"] + (["16-mixed"] if device == "cuda" else [])
+            precisions = args.precisions or ["32-true", *bf16] + (["16-mixed"] if device == "cuda" else [])
             for precision in precisions:
                 for cl in [layout == "channels_last" for layout in args.layouts]:
                     layout = "channels_last" if cl else "NCHW"
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                         {"kind": "train", "batch_size": bs, "precision": "bf16-mixed", "channels_last": True, "compile": mode})
     if "infer" in kinds:
         bs = max(args.batch_sizes)
-        for precision in ("32-true", "bf16-mixed"):
+        for precision in ["32-true", *bf16] if args.precisions is None else [p for p in args.precisions if p != "16-mixed"]:
             measure(f"inference {precision} channels_last, batch {bs}",
                     {"kind": "infer", "batch_size": bs, "precision": precision, "channels_last": True})
     if "loader" in kinds:
