@@ -197,8 +197,10 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
         fail(f"--resume: no checkpoint at {ckpt}")
     if out is None:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    ddp_child = bool(os.environ.get("LOCAL_RANK")) and os.environ.get(RUN_DIR_ENV) == str(out)
-    if ckpt is None and not ddp_child and not args.fast_dev_run:
+    # Only the first process checks: the others of a DDP run (Lightning's or torchrun's) start while
+    # it writes the run folder.
+    first = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    if ckpt is None and first and not args.fast_dev_run:
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:
             fail(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume last --out {out}, "
