@@ -1,7 +1,6 @@
 """The competition's instance score on tiny label images with answers worked out by hand."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"done: {stats['images']} images, {stats['nuclei']} nuclei ({stats['empty']} images without any) "
           f"in {took:.1f} s on {device}")
     where = args.out_dir if args.out_dir else out_csv
-    print(f"results: {where}" + (f" (labels/, nuclei.csv, summary.csv, submission.csv)" if args.out_dir else ""))
+    print(f"results: {where}" + (" (labels/, nuclei.csv, summary.csv, submission.csv)" if args.out_dir else ""))
     if stats["images"] and not stats["nuclei"]:
         print(f"warning: no nucleus in any image at threshold {settings.threshold:g}: is this the right model and "
               "--channel/--intensity for these images? A lower --threshold finds fainter nuclei")

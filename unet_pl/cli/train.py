@@ -23,10 +23,10 @@ from ..data.readers import INTENSITIES
 from ..data.transforms import PRESETS
 from ..geometry import HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
-from .common import EXIT_USAGE, Parser, fail
+from .common import Parser, fail
 from .run_folder import draw, summarise, write_run_files
 
-#: Exit statuses: the shell's 128 + signal for an interrupted run (bad usage: EXIT_USAGE, 2).
+#: Exit statuses: the shell's 128 + signal for an interrupted run (bad usage: common.EXIT_USAGE, 2).
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 PRECISIONS = {"32": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 #: torch.compile modes --compile offers ("default" is torch's default mode).

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import IMAGE_SUFFIXES, VENDOR_SUFFIXES as _VENDOR, check_suffix, image_size, read_image, read_label_image, read_raw  # noqa: F401
+from .readers import IMAGE_SUFFIXES, VENDOR_SUFFIXES as _VENDOR, check_suffix, image_size, read_image, read_label_image  # noqa: F401 (image_size, read_image: re-exported)
 
 log = logging.getLogger(__name__)
 
