@@ -205,7 +205,7 @@ def test_predict_a_single_file_with_the_checkpoints_reading_settings(tmp_path):
                         "--out", str(tmp_path / "s.csv"), "--gpus", "0", "--no-progress", "--masks-dir", str(tmp_path / "m")],
                        capture_output=True, text=True, cwd=root, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "channel 2" in p.stdout and "percentile" in p.stdout and "1 images" in p.stdout
+    assert "channel 2" in p.stdout and "percentile" in p.stdout and "done: 1 image," in p.stdout
     from unet_pl import load_model, segment
 
     expected = segment(load_model(tmp_path / "m.ckpt"), tifffile.imread(hyper).transpose(1, 2, 0))

@@ -72,7 +72,8 @@ def _rows(path: Path) -> list[dict]:
 
 def test_label_tiffs_equal_the_labels_the_csv_encodes(run, images):
     out = run["out"]
-    assert "done: 4 images" in run["stdout"] and str(out) in run["stdout"]
+    assert "done: 4 images" in run["stdout"]
+    assert f"results: {out} (labels/, rois/, probabilities/, overlays/, nuclei.csv, summary.csv, submission.csv)" in run["stdout"]
     by_image: dict[str, list[str]] = {}
     for r in _rows(out / "submission.csv"):
         by_image.setdefault(r["ImageId"], []).append(r["EncodedPixels"])
@@ -135,6 +136,15 @@ def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and "inside the input" in lines[0], p.stderr
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    # the other way round: one image given from inside the output folder, where labels/<name>.tif would land
+    out = tmp_path / "out"
+    (out / "labels").mkdir(parents=True)
+    mine = out / "labels" / "cells.tif"
+    tifffile.imwrite(mine, np.zeros((64, 64, 2), np.uint8))
+    original = mine.read_bytes()
+    p = predict("--ckpt", run["ckpt"], "--data-dir", mine, "--out-dir", out, check=False)
+    assert p.returncode == 2 and "inside the output folder" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert mine.read_bytes() == original
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

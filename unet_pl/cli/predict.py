@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays-dir", help="also write each image with predicted outlines here (older; see --overlays)")
     p.add_argument("--img-size", type=int, help="square side the model sees (default: the checkpoint's img_size; 128 for .h5)")
     p.add_argument("--gpus", type=int, default=None, help="0: CPU; default: CUDA when available")
-    p.add_argument("--batch-size", type=int, default=8, help="resized images per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="resized images per forward pass (resize-mode checkpoints)")
     p.add_argument("--num-workers", type=int, default=2, help="threads decoding the images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -114,10 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     took = time.perf_counter() - t0
-    print(f"done: {stats['images']} images, {stats['nuclei']} nuclei ({stats['empty']} images without any) "
-          f"in {took:.1f} s on {device}")
-    where = args.out_dir if args.out_dir else out_csv
-    print(f"results: {where}" + (" (labels/, nuclei.csv, summary.csv, submission.csv)" if args.out_dir else ""))
+    n = stats["images"]
+    print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} nuclei ({stats['empty']} without any) in {took:.1f} s on {device}")
+    if args.out_dir:
+        print(f"results: {args.out_dir} ({', '.join(stats['outputs'])})")
+    else:
+        print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
     if stats["images"] and not stats["nuclei"]:
         print(f"warning: no nucleus in any image at threshold {settings.threshold:g}: is this the right model and "
               "--channel/--intensity for these images? A lower --threshold finds fainter nuclei")

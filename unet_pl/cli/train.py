@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="deterministic algorithms (Trainer(deterministic=True)): same seed, same weights; "
                          "bit-exact across --resume too (augmentation is seeded per epoch and image)")
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default=None, help="stage1_train-style folder (<id>/images, <id>/masks). Default: the bundled sample")
+    data.add_argument("--data-dir", default=None,
+                      help="stage1_train-style folder (<id>/images, <id>/masks), or images/ + masks/ (or labels/) label "
+                           "images of the same names. Default: the bundled sample")
     data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",

@@ -119,7 +119,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             held.append((raw, image))
             yield image
 
-    stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": []}
+    stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders()}
     results = predict_images(net, images(), settings.decoded(), batch_size)
     bar = tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict", disable=not progress)
     try:

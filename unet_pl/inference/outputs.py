@@ -40,15 +40,20 @@ SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_ar
 
 
 def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> None:
-    """``ValueError`` when an output folder or file is the input, or lies inside the input folder."""
+    """``ValueError`` unless the input (a folder or one file) and every output (folder or file) are
+    apart: an output equal to or inside the input, or an input inside an output folder, could
+    replace the user's images."""
     source = Path(data_dir).expanduser().resolve()
     for out in outputs:
         if out is None:
             continue
         target = Path(out).expanduser().resolve()
-        if target == source or (source.is_dir() and source in target.parents):
+        if target == source or source in target.parents:
             raise ValueError(f"{out} is inside the input {data_dir}: prediction never writes there (it could replace "
                              "your images); choose an output folder outside it, e.g. --out-dir predictions")
+        if target in source.parents:
+            raise ValueError(f"the input {data_dir} is inside the output folder {out}: its files could be replaced by "
+                             "results of the same name; choose an output folder outside it, e.g. --out-dir predictions")
 
 
 def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
@@ -180,6 +185,12 @@ class Outputs:
                 save_overlay(image, labels, self._stage(self.dirs[key] / f"{image_id}.png"))
         if "masks" in self.dirs:
             save_label_png(labels, self._stage(self.dirs["masks"] / f"{image_id}.png"))
+
+    def folders(self) -> list[str]:
+        """What this run writes, for the closing line: ``labels/``, ``nuclei.csv``, ..."""
+        names = {"labels": "labels/", "rois": "rois/", "probabilities": "probabilities/", "overlays": "overlays/"}
+        out = [names[k] for k in names if k in self.dirs]
+        return out + (["nuclei.csv", "summary.csv"] if self.out_dir is not None else []) + [self.csv_path.name]
 
     def commit(self) -> list[Path]:
         """Write the tables, move every staged file into place; returns the destinations written."""
