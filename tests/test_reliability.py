@@ -240,3 +240,14 @@ def test_stale_temporaries_are_removed_and_concurrent_runs_decode_once(make_trai
     assert sum("decoding 3 images" in o for o in outs) == 1, outs
     assert sum("decoded by another run meanwhile" in o for o in outs) == 1, outs
     assert path.is_file() and not stale.exists() and not list(path.parent.glob("*.tmp"))
+
+
+def test_export_never_replaces_the_checkpoint_it_reads(tmp_path, capsys):
+    from unet_pl.cli.export import main as export
+
+    ckpt = save_ckpt(tmp_path / "best.ckpt", img_size=32)
+    before = ckpt.read_bytes()
+    err = one_line_exit_2(export, ["--ckpt", str(ckpt), "--out", str(tmp_path / "." / "best.ckpt")], capsys)
+    assert "best.ckpt" in err and ckpt.read_bytes() == before
+    export(["--ckpt", str(ckpt), "--out", str(tmp_path / "small.ckpt")])
+    assert LitUNet.load_from_checkpoint(tmp_path / "small.ckpt").settings == LitUNet.load_from_checkpoint(ckpt).settings

@@ -7,6 +7,7 @@ geometry, tuned post-processing) and the ids the run held out; no optimizer or l
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import Parser, fail
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.out is None and args.bioimageio is None:
         fail("say what to write: --out FILE (a small checkpoint) and/or --bioimageio DIR")
+    if args.out is not None and Path(args.out).resolve() == Path(args.ckpt).resolve():
+        fail(f"--out {args.out} is the checkpoint being exported: it would lose its training state; write elsewhere")
     try:
         if args.out is not None:
             out = export_model(args.ckpt, args.out)
