@@ -46,6 +46,16 @@ def test_read_epoch_metrics_merges_resumed_logs(run_dir):
     assert all("train/loss_step" not in m for m in epochs.values())
 
 
+def test_a_row_appended_under_a_stale_header_is_skipped_not_misread(tmp_path):
+    """Ctrl-C between Lightning's CSVLogger recording new keys and rewriting the header leaves
+    rows longer than the header (seen in CI): the columns no longer match the names."""
+    path = tmp_path / "logs/version_0/metrics.csv"
+    write_metrics(path, [{"epoch": 0, "step": 4, "val/loss": 0.6, "val/iou": 0.4}])
+    with open(path, "a", newline="") as f:  # written with keys epoch, step, train/loss_epoch, val/iou, val/loss
+        csv.writer(f).writerow([0, 4, 0.7, "", ""])
+    assert read_epoch_metrics(tmp_path) == {0: {"val/loss": 0.6, "val/iou": 0.4}}
+
+
 def test_best_epoch_is_lowest_val_loss(run_dir):
     assert best_epoch(read_epoch_metrics(run_dir)) == 2
     assert best_epoch({}) is None

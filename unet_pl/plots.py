@@ -38,13 +38,25 @@ def read_epoch_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
         seen: dict[int, dict[str, float]] = {}
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                if not row.get("epoch"):
+                # A row longer than the header (key None) was appended after Lightning's CSV
+                # logger was interrupted between recording new keys and rewriting the header:
+                # its columns no longer line up with the names, so it is skipped, not misread.
+                if None in row or not row.get("epoch"):
                     continue
-                values = {k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("epoch", "step") and not k.endswith("_step")}
+                values = {k: _number(v) for k, v in row.items() if v not in ("", None) and k not in ("epoch", "step") and not k.endswith("_step")}
+                values = {k: v for k, v in values.items() if v is not None}
                 if values:
                     seen.setdefault(int(float(row["epoch"])), {}).update(values)
         epochs.update(seen)
     return dict(sorted(epochs.items()))
+
+
+def _number(text: str) -> float | None:
+    """A logged value, or None for a field cut short when the run was killed mid-write."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def best_epoch(epochs: dict[int, dict[str, float]], monitor: str = "val/loss") -> int | None:
