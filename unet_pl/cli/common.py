@@ -23,6 +23,17 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+def holdout_arg(name: str) -> str:
+    """argparse ``type`` of ``--holdout``: the name, or an error that says what is wrong with it (a
+    grouped fold such as ``group:5/4`` is checked here; ``choices=HOLDOUTS`` alone only says "invalid")."""
+    from ..data.holdout import check_holdout
+
+    try:
+        return check_holdout(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def fail(message: str):
     """Print ``PROG: error: MESSAGE`` on stderr and exit with status 2 (PROG: the last parser built)."""
     print(f"{_prog}: error: {message}", file=sys.stderr)

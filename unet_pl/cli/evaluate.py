@@ -17,7 +17,7 @@ import numpy as np
 from ..data.holdout import HOLDOUTS
 from ..evaluation import evaluate, holdout_truth_ids
 from ..metrics import THRESHOLDS
-from .common import Parser, fail
+from .common import Parser, fail, holdout_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="submission CSV (ImageId,EncodedPixels)")
     p.add_argument("--truth", required=True, help="solution CSV, stage1_train_labels.csv, or stage1_train-like folder")
     p.add_argument("--out", help="per-image CSV to write (image, score, counts, score at each threshold)")
-    p.add_argument("--holdout", choices=HOLDOUTS, default="none",
+    p.add_argument("--holdout", choices=HOLDOUTS, type=holdout_arg, default="none",
                    help="stratified: score only the fixed hold-out of the truth's images (unet_pl.data.holdout); "
+                        "group:k/K: only fold k of K of the grouped cross-validation (unet_pl.data.groups); "
                         "predictions for other images are reported as extra")
     return p
 

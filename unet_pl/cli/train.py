@@ -23,7 +23,7 @@ from ..data.readers import INTENSITIES
 from ..data.transforms import PRESETS
 from ..geometry import HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
-from .common import Parser, fail
+from .common import Parser, fail, holdout_arg
 from .run_folder import draw, summarise, write_run_files
 
 #: Exit statuses: the shell's 128 + signal for an interrupted run (bad usage: common.EXIT_USAGE, 2).
@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--empty-masks", choices=EMPTY_MASKS, default="error",
                       help="error: an image without masks stops the run (a missing download, usually); background: train on it as all background")
     data.add_argument("--cache-dir", default=None, help="where decoded, resized images are cached. Default: the per-user cache")
-    data.add_argument("--holdout", choices=HOLDOUTS, default="none",
+    data.add_argument("--holdout", choices=HOLDOUTS, type=holdout_arg, default="none",
                       help="stratified: never train or validate on the fixed, modality-stratified 10%% hold-out "
-                           "(unet_pl.data.holdout); predict.py and evaluate.py --holdout stratified score it")
+                           "(unet_pl.data.holdout); group:k/K: nor on fold k of K of the grouped cross-validation, "
+                           "whole acquisition groups (unet_pl.data.groups; crossval.py runs every fold); "
+                           "predict.py and evaluate.py with the same --holdout score them")
     beyond = p.add_argument_group("beyond the notebook")
     beyond.add_argument("--mode", choices=tuple(MODES), default="notebook",
                         help="notebook: resized squares, one output, connected components (the 2018 notebook); "

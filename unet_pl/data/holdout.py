@@ -12,10 +12,15 @@ where a modality has two or more images) by a seeded shuffle of the sorted ids, 
 depends only on the folder's contents, the fraction and the seed: every command that passes
 ``--holdout stratified`` (train.py excludes the images; predict.py and evaluate.py restrict to
 them) sees the same 68 images of the full set (55 fluorescence, 2 brightfield, 11 histology).
+
+``--holdout group:k/K`` names another kind of hold-out: fold ``k`` of ``K`` of the grouped
+cross-validation, whole acquisition groups that training never sees (``unet_pl.data.groups``).
+``HOLDOUTS`` accepts those names (``"group:2/3" in HOLDOUTS``), so every ``--holdout`` flag does.
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +32,24 @@ from .images import read_image, resolve_train_dir, scan_train_dir
 log = logging.getLogger(__name__)
 
 MODALITIES = ("fluorescence", "brightfield", "histology")
-HOLDOUTS = ("none", "stratified")
+GROUP_PREFIX = "group:"
+
+
+class _HoldoutNames(tuple):
+    """The hold-out names: iterates as ``("none", "stratified", "group:k/K")`` (for help texts and
+    messages); ``in`` also holds every well-formed ``group:k/K`` (for argparse ``choices``)."""
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str) and name.startswith(GROUP_PREFIX):
+            try:
+                parse_group_holdout(name)
+            except ValueError:
+                return False
+            return True
+        return tuple.__contains__(self, name)
+
+
+HOLDOUTS = _HoldoutNames(("none", "stratified", GROUP_PREFIX + "k/K"))
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 2018
 #: Mean |R-G| + |G-B| (0..255 scale) above which an image is colour. Grey images of the set
@@ -45,6 +67,34 @@ def image_modality(image: np.ndarray) -> str:
     if colour > COLOUR_THRESHOLD:
         return "histology" if bright else "fluorescence"  # a dark colour image: tinted fluorescence
     return "brightfield" if bright else "fluorescence"
+
+
+def parse_group_holdout(name: str) -> tuple[int, int]:
+    """``"group:k/K"`` -> ``(k, K)``: fold ``k`` (1..K) of ``K >= 2``; ``ValueError`` saying what is wrong."""
+    m = re.fullmatch(re.escape(GROUP_PREFIX) + r"(\d+)/(\d+)", name)
+    if m is None:
+        raise ValueError(f"hold-out {name!r}: a grouped fold is named group:k/K, e.g. group:2/3 for fold 2 of 3")
+    fold, folds = int(m.group(1)), int(m.group(2))
+    if folds < 2:
+        raise ValueError(f"hold-out {name!r}: grouped cross-validation needs K >= 2 folds")
+    if not 1 <= fold <= folds:
+        raise ValueError(f"hold-out {name!r}: fold {fold} does not exist; the folds of {folds} are numbered 1 to {folds}")
+    return fold, folds
+
+
+def check_holdout(name: str) -> str:
+    """``name`` when it is a hold-out name (``HOLDOUTS``), else ``ValueError`` naming the choices or the fault."""
+    if name.startswith(GROUP_PREFIX):
+        parse_group_holdout(name)
+        return name
+    if name not in HOLDOUTS:
+        raise ValueError(f"unknown hold-out {name!r}; choose one of {', '.join(HOLDOUTS)}")
+    return name
+
+
+def is_group_holdout(name: str) -> bool:
+    """Whether ``name`` names a grouped fold (``group:k/K``)."""
+    return name.startswith(GROUP_PREFIX)
 
 
 def stratified_split(ids: Sequence[str], strata: Sequence[str], fraction: float = HOLDOUT_FRACTION,
@@ -76,9 +126,12 @@ def folder_modalities(train_dir: str | Path, workers: int = 2) -> dict[str, str]
 
 def holdout_from_modalities(ids: Sequence[str], modalities: Sequence[str], holdout: str = "stratified",
                             fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT_SEED) -> list[str]:
-    """The ids ``holdout`` names among ``ids`` of known modality: "none" -> ``[]``; "stratified" -> ``stratified_split``."""
-    if holdout not in HOLDOUTS:
-        raise ValueError(f"unknown hold-out {holdout!r}; choose one of {', '.join(HOLDOUTS)}")
+    """The ids ``holdout`` names among ``ids`` of known modality: "none" -> ``[]``; "stratified" -> ``stratified_split``.
+    (A grouped fold needs each image's group: ``unet_pl.data.groups.group_holdout``.)"""
+    check_holdout(holdout)
+    if is_group_holdout(holdout):
+        raise ValueError(f"hold-out {holdout}: a grouped fold needs each image's acquisition group, not only its "
+                         "modality (unet_pl.data.groups.group_holdout)")
     if holdout == "none":
         return []
     ids, modalities = [str(i) for i in ids], [str(m) for m in modalities]
@@ -92,11 +145,16 @@ def holdout_from_modalities(ids: Sequence[str], modalities: Sequence[str], holdo
 def holdout_ids(train_dir: str | Path, holdout: str = "stratified", fraction: float = HOLDOUT_FRACTION,
                 seed: int = HOLDOUT_SEED, workers: int = 2) -> list[str]:
     """The ids ``--holdout`` names in a ``stage1_train`` folder (decodes every image; a training run's
-    data module and checkpoint have them without that: ``NucleiDataModule.holdout_ids``)."""
-    if holdout not in HOLDOUTS:
-        raise ValueError(f"unknown hold-out {holdout!r}; choose one of {', '.join(HOLDOUTS)}")
+    data module and checkpoint have them without that: ``NucleiDataModule.holdout_ids``).
+    ``group:k/K``: the images of the acquisition groups of fold k (``unet_pl.data.groups``)."""
+    check_holdout(holdout)
     if holdout == "none":
         return []
+    if is_group_holdout(holdout):
+        from .groups import folder_groups, group_holdout  # groups imports this module
+
+        groups = folder_groups(train_dir, workers)
+        return group_holdout(list(groups), list(groups.values()), holdout)
     mods = folder_modalities(train_dir, workers)
     return holdout_from_modalities(list(mods), list(mods.values()), holdout, fraction, seed)
 

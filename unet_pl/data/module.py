@@ -40,7 +40,8 @@ from .cache import (
     native_image,
 )
 from .datasets import AugmentSampler, ImageFolderDataset, NucleiDataset, crop_transform
-from .holdout import HOLDOUTS, holdout_from_modalities, keep_ids
+from .groups import group_holdout, image_groups
+from .holdout import check_holdout, holdout_from_modalities, is_group_holdout, keep_ids
 from .readers import INTENSITIES
 from .images import TrainItem, image_size, is_binary, list_images, read_label_image, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
 from .transforms import build_augment
@@ -103,9 +104,11 @@ class NucleiDataModule(pl.LightningDataModule):
         labels_csv: None: masks from ``masks/`` folders; a path, or True for the
             ``stage1_train_labels.csv`` beside ``stage1_train``: masks from its runs.
         empty_masks: "error" (an image without masks is a mistake) or "background" (train it as all background).
-        holdout: "none" or "stratified": the images ``unet_pl.data.holdout`` holds out are in
-            neither split (the split is drawn from the rest). Their ids are in ``holdout_ids``
-            after ``setup`` and travel in the checkpoint (``state_dict``).
+        holdout: "none", "stratified" or "group:k/K" (fold k of the grouped cross-validation,
+            ``unet_pl.data.groups``: the images are decoded once more in ``setup`` for their
+            acquisition groups): the images ``unet_pl.data.holdout`` holds out are in neither
+            split (the split is drawn from the rest). Their ids are in ``holdout_ids`` after
+            ``setup`` and travel in the checkpoint (``state_dict``).
         predict_dir: images to predict (``list_images`` layouts), whole, one a batch; None: the
             validation images, whole.
         decode_workers: threads decoding in ``prepare_data``; progress: show the decoding bar.
@@ -131,8 +134,7 @@ class NucleiDataModule(pl.LightningDataModule):
             raise ValueError(f"channel counts from 1 (as Fiji does), got {channel!r}")
         head_channels(head)  # a bad head name fails here
         img_size = check_side(img_size)  # a plain int in hparams and checkpoints, whatever integer type came in
-        if holdout not in HOLDOUTS:
-            raise ValueError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")
+        check_holdout(holdout)
         if not 0 <= val_split < 1:
             raise ValueError(f"val_split must be in [0, 1), got {val_split}")
         if empty_masks not in EMPTY_MASKS:
@@ -196,7 +198,7 @@ class NucleiDataModule(pl.LightningDataModule):
         ids = self.arrays["ids"]
         keep = np.arange(len(ids))
         if self.hparams.holdout != "none":
-            self.holdout_ids = holdout_from_modalities(ids, self.arrays["modalities"], self.hparams.holdout)
+            self.holdout_ids = self._held_out(ids)
             keep = keep_ids(ids, self.holdout_ids)
         if len(keep) < 2:
             after = " not held out" if self.hparams.holdout != "none" else ""
@@ -205,6 +207,16 @@ class NucleiDataModule(pl.LightningDataModule):
                              "add images")
         train, val = split_indices(len(keep), self.hparams.val_split, self.hparams.seed)
         return keep[train], keep[val]
+
+    def _held_out(self, ids: np.ndarray) -> list[str]:
+        """The ids ``holdout`` names: by the cached modalities, or by acquisition group (decoded here,
+        from the files as stored, so that predict.py and evaluate.py compute the same groups)."""
+        h = self.hparams
+        if not is_group_holdout(h.holdout):
+            return holdout_from_modalities(ids, self.arrays["modalities"], h.holdout)
+        paths = {it.id: it.image for it in self._locate()[2]}
+        groups = image_groups({str(i): paths[str(i)] for i in ids}, h.decode_workers)
+        return group_holdout(list(groups), list(groups.values()), h.holdout)
 
     def _make_datasets(self, train: np.ndarray, val: np.ndarray) -> None:
         h = self.hparams
