@@ -1,0 +1,3 @@
+from unet_pl.cli.crossval import main
+
+main()
