@@ -121,6 +121,16 @@ def test_probabilities_to_labels_dispatch_and_errors():
         probabilities_to_labels(prob[:1], split="watershed")
 
 
+def test_components_are_scikit_image_label():
+    from scipy import ndimage as ndi
+    from skimage.measure import label
+
+    rng = np.random.default_rng(1)
+    for i in range(50):
+        mask = ndi.gaussian_filter(rng.random((57, 64)), 1.0 + i % 3) > 0.5 if i % 2 else rng.random((40, 41)) > 0.6
+        assert np.array_equal(components(mask), label(mask))
+
+
 def test_remove_small_and_relabel():
     lab = np.zeros((6, 6), np.int32)
     lab[0, 0] = 3

@@ -195,7 +195,22 @@ def _elapsed(start, end, cuda: bool) -> float:
     return end - start
 
 
-RUNNERS = {"train": run_train, "infer": run_infer, "loader": run_loader, "keras": run_keras}
+def run_predict_stages(cfg: dict) -> dict:
+    from .benchmark_predict import run_stages
+
+    return run_stages(cfg)
+
+
+def run_predict_e2e(cfg: dict) -> dict:
+    from .benchmark_predict import run_end_to_end
+
+    return run_end_to_end(cfg)
+
+
+RUNNERS = {"train": run_train, "infer": run_infer, "loader": run_loader, "keras": run_keras,
+           "predict_stages": run_predict_stages, "predict_e2e": run_predict_e2e}
+#: What --only chooses from ("predict" is the whole predict section).
+KINDS = ("train", "infer", "loader", "keras", "predict")
 
 
 def _worker(cfg: dict) -> None:
@@ -255,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="add torch.compile rows (bf16-mixed channels_last) in these modes (no mode given: default)")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers for the loader row (default 2)")
     p.add_argument("--data-dir", default=None, help="data for the loader row (default: the bundled sample)")
-    p.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these kinds of rows")
+    p.add_argument("--only", nargs="+", choices=KINDS, help="run only these kinds of rows")
+    p.add_argument("--predict-side", type=int, default=2048, help="predict section: side of its test images (default 2048)")
+    p.add_argument("--predict-images", type=int, default=4, help="predict section: how many test images (default 4)")
+    p.add_argument("--tile", type=int, default=2048, help="predict section: predict.py's --tile (default 2048)")
+    p.add_argument("--huge-side", type=int, default=None,
+                   help="predict section: also one image of this side end to end, e.g. 16384 (minutes; peak memory)")
     args = p.parse_args(argv)
     if args.worker:
         _worker(json.loads(args.worker))
@@ -266,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "benchmark: --device cuda asked for, but no CUDA device is visible; use --device cpu\n")
-    kinds = set(args.only or RUNNERS)
+    kinds = set(args.only or KINDS)
     keras = args.keras == "yes" or (args.keras == "auto" and _has_tensorflow() and device == "cpu")
     base = {"device": device, "size": args.img_size, "steps": args.steps, "warmup": args.warmup}
     rows: list[tuple[str, dict, dict | None]] = []
@@ -274,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     keras_ref: dict[int, float] = {}
     print(f"Machine: {_machine(device)}; {args.img_size}x{args.img_size} images, {args.steps} timed steps after {args.warmup} warm-up")
     mem_label = "peak GPU MiB" if device == "cuda" else "peak RSS growth MiB"
-    print(f"\n| what | images/s | {mem_label} | vs Keras/TF (same batch) |\n|---|---:|---:|---:|", flush=True)
+    if kinds - {"predict"}:
+        print(f"\n| what | images/s | {mem_label} | vs Keras/TF (same batch) |\n|---|---:|---:|---:|", flush=True)
 
     def measure(label: str, cfg: dict) -> dict | None:
         # each row prints as soon as it is measured, so a run cut short keeps what it has
@@ -319,6 +340,10 @@ def main(argv: list[str] | None = None) -> None:
     if "loader" in kinds:
         measure(f"loader alone ({args.loader_workers} workers, default augmentation), batch 16",
                 {"kind": "loader", "batch_size": 16, "num_workers": args.loader_workers, "data_dir": args.data_dir})
+    if "predict" in kinds:
+        from .benchmark_predict import report
+
+        report(_spawn, device, args.predict_side, args.predict_images, args.tile, args.huge_side)
 
 
 if __name__ == "__main__":

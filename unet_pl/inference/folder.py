@@ -89,7 +89,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                    ids: Sequence[str] | None = None, batch_size: int = 8, num_workers: int = 2,
                    out_dir: str | Path | None = None, rois: bool = False, probabilities: bool = False,
                    overlays: bool = False, masks_dir: str | Path | None = None, overlays_dir: str | Path | None = None,
-                   progress: bool = True, keep_memory: bool | None = None) -> dict:
+                   progress: bool = True, keep_memory: bool | None = None, overlap: int = 1) -> dict:
     """Predict every image of ``data_dir`` (an image file or a folder; only ``ids`` when given) and
     write the submission CSV ``out_csv`` and, with ``out_dir``, the label TIFFs, tables and the
     optional ROIs, probability maps and overlays (``unet_pl.inference.outputs``); ``masks_dir`` and
@@ -98,6 +98,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     ``settings``: default ``net.settings`` (see ``unet_pl.inference.predict.settings_of``).
     ``num_workers``: threads decoding images ahead of the network. ``keep_memory``: keep freed
     memory for reuse while predicting (``unet_pl.perf``; None: on the CPU), released at the end.
+    ``overlap``: how many images' post-processing and writing may wait while the network runs
+    the next (0: one after the other).
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths]}``.
     """
     from tqdm.auto import tqdm
@@ -120,26 +122,46 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             yield image
 
     stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders()}
+
+    def finish(image_id: str, raw: np.ndarray, image: np.ndarray, prob: np.ndarray) -> None:
+        """Nuclei and outputs of one image; runs beside the network's next image (numpy, scipy and
+        tifffile release the GIL), one image at a time, in order."""
+        labels = labels_from_probabilities(prob, settings)
+        outputs.add(image_id, image, raw.astype(np.float32).mean(axis=2), labels, prob)
+        n = int(labels.max(initial=0))
+        stats["images"] += 1
+        stats["nuclei"] += n
+        stats["empty"] += n == 0
+        if settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size:
+            stats["squashed"].append(image_id)
+
     results = predict_images(net, images(), settings.decoded(), batch_size)
     bar = tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict", disable=not progress)
-    try:
-        for (image_id, _), prob in bar:
-            raw, image = held.popleft()
-            labels = labels_from_probabilities(prob, settings)
-            outputs.add(image_id, image, raw.astype(np.float32).mean(axis=2), labels, prob)
-            n = int(labels.max(initial=0))
-            stats["images"] += 1
-            stats["nuclei"] += n
-            stats["empty"] += n == 0
-            if settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size:
-                stats["squashed"].append(image_id)
-        stats["written"] = outputs.commit()
-    except BaseException:
-        outputs.abort()
-        raise
-    finally:
-        bar.close()
-        results.close()  # the generators and the read-ahead threads, also after an error
-        release_freed_memory()
+    finishing: deque = deque()  # at most `overlap` images' probabilities wait for post-processing
+    with ThreadPoolExecutor(1, thread_name_prefix="unet_pl-finish") as finisher:
+        try:
+            for (image_id, _), prob in bar:
+                raw, image = held.popleft()
+                if overlap:
+                    finishing.append(finisher.submit(finish, image_id, raw, image, prob))
+                    while len(finishing) > overlap or (finishing and finishing[0].done()):
+                        finishing.popleft().result()
+                else:
+                    finish(image_id, raw, image, prob)
+            while finishing:
+                finishing.popleft().result()
+            stats["written"] = outputs.commit()
+        except BaseException:
+            for f in finishing:
+                f.cancel()
+            for f in finishing:
+                if not f.cancelled():
+                    f.exception()  # wait for the one running: nothing writes while outputs are removed
+            outputs.abort()
+            raise
+        finally:
+            bar.close()
+            results.close()  # the generators and the read-ahead threads, also after an error
+            release_freed_memory()
     log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
     return stats

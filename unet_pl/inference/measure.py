@@ -7,7 +7,8 @@ rasterisation per nucleus; here every property is a handful of whole-image numpy
 foreground pixels grouped by label. Its definitions are scikit-image 0.26's, reproduced step by step:
 
 - moments, inertia tensor, eigenvalues, axis lengths, eccentricity, orientation: as
-  ``skimage.measure._moments`` (central moments about the bbox-local centroid; ``eigvalsh``);
+  ``skimage.measure._moments`` (``eigvalsh`` of the inertia tensor; the central moments computed
+  exactly in integers, or as scikit-image does for regions too large for int64);
 - perimeter: ``skimage.measure.perimeter(region_image, neighborhood=4)`` per region;
 - solidity: area / ``area_convex``, the number of pixel centres inside or on the convex hull of the
   region's pixel-edge midpoints (``convex_hull_image``): the hulls come from a quickhull run on all

@@ -1,0 +1,228 @@
+"""The ``predict`` section of ``scripts/benchmark.py``: how fast the bundled model segments large
+microscopy images, stage by stage, against the network alone on the same pixels.
+
+Test images are made from the bundled sample: mosaics of its fluorescence images (written as
+16-bit TIFFs holding 12-bit data, as cameras write them) and of its H&E tissue (8-bit RGB TIFF),
+``side`` x ``side`` pixels each. One fresh process times the stages on them in turn:
+
+    read            tifffile decoding (``read_raw``)
+    normalise       the model's intensity rule (``to_rgb8``: percentiles for the bundled model)
+    network         the U-Net alone, float32 channels-last, one forward pass per image: the reference
+    probabilities   network + sigmoid + tiling (``predict_images``; tiles above ``--tile``)
+    TTA d4          the same with the eight dihedral views
+    post-processing probabilities -> nuclei (``labels_from_probabilities``: watershed, size filter)
+    outputs         label TIFF, nuclei.csv, summary.csv, submission.csv (``Outputs``)
+
+then ``predict_folder`` end to end over the folder (without and with TTA) in fresh processes of
+their own, each with its peak memory. Start-up is ``scripts/predict.py`` on one small image,
+wall clock, against ``python -c "import torch"``. ``--huge-side 16384`` adds one image of that
+side end to end (its peak memory is the row to read).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mosaic(tiles: list[np.ndarray], side: int, seed: int = 0) -> np.ndarray:
+    """A ``side`` x ``side`` image paved with randomly chosen ``tiles`` (same channel count), row by row."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((side, side, tiles[0].shape[2]), tiles[0].dtype)
+    y = 0
+    while y < side:
+        x, row = 0, 0
+        while x < side:
+            t = tiles[rng.integers(len(tiles))]
+            h, w = min(t.shape[0], side - y), min(t.shape[1], side - x)
+            out[y:y + h, x:x + w] = t[:h, :w]
+            x, row = x + w, max(row, h)
+        y += row
+    return out
+
+
+def make_images(folder: Path, side: int, n: int = 4) -> list[Path]:
+    """``n`` mosaics of the bundled sample in ``folder``: fluorescence as 12-bit data in 16-bit
+    grey TIFFs, every fourth one H&E tissue as 8-bit RGB TIFF. Returns their paths."""
+    import tifffile
+
+    from ..data.holdout import image_modality
+    from ..data.images import list_images, read_image
+    from ..data import SAMPLE_DIR
+
+    images = [read_image(p) for _, p in list_images(SAMPLE_DIR)]
+    kinds = {m: [im for im in images if image_modality(im) == m] for m in ("fluorescence", "histology")}
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"mosaic_{i}_{side}.tif"
+        if i % 4 == 3:
+            tifffile.imwrite(path, mosaic(kinds["histology"], side, seed=i), photometric="rgb")
+        else:
+            grey = mosaic([im[..., :1] for im in kinds["fluorescence"]], side, seed=i)[..., 0]
+            tifffile.imwrite(path, (grey.astype(np.uint16) * 16), photometric="minisblack")  # 12-bit camera data
+        paths.append(path)
+    return paths
+
+
+def _clock(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def run_stages(cfg: dict) -> dict:
+    """Seconds per stage over all of ``cfg["folder"]``'s images (see the module docstring)."""
+    import torch
+
+    from ..data.images import list_images
+    from ..data.readers import read_raw, to_rgb8
+    from ..inference.checkpoint import load_model
+    from ..inference.outputs import Outputs
+    from ..inference.predict import labels_from_probabilities, predict_images, to_input
+    from ..inference.tiling import pad_to_multiple
+    from ..perf import keep_freed_memory
+
+    keep_freed_memory()
+    net = load_model(device=cfg["device"]).eval()
+    settings = net.settings.replace(tile=cfg["tile"])
+    paths = [p for _, p in list_images(cfg["folder"])]
+    secs = dict.fromkeys(("read", "normalise", "network", "probabilities", "tta", "postprocess", "outputs"), 0.0)
+    sync = torch.cuda.synchronize if cfg["device"] == "cuda" else (lambda: None)
+    # warm-up on the first image: oneDNN builds its kernels for each new shape once
+    with torch.inference_mode():
+        warm = to_rgb8(read_raw(paths[0]), settings.intensity)
+        net(pad_to_multiple(to_input(warm, cfg["device"]))[0])
+        next(predict_images(net, [warm], settings.decoded()))
+    pixels = 0
+    with tempfile.TemporaryDirectory() as out:
+        outputs = Outputs(Path(out) / "submission.csv", out)
+        for path in paths:
+            t, raw = _clock(read_raw, path)
+            secs["read"] += t
+            t, image = _clock(to_rgb8, raw, settings.intensity)
+            secs["normalise"] += t
+            pixels += image.shape[0] * image.shape[1]
+            x = pad_to_multiple(to_input(image, cfg["device"]))[0]
+            with torch.inference_mode():
+                sync()
+                t, _ = _clock(net, x)
+                sync()
+            secs["network"] += t
+            t, prob = _clock(lambda: next(predict_images(net, [image], settings.decoded())))
+            secs["probabilities"] += t
+            if cfg["tta"]:
+                t, _ = _clock(lambda: next(predict_images(net, [image], settings.decoded().replace(tta="d4"))))
+                secs["tta"] += t
+            t, labels = _clock(labels_from_probabilities, prob, settings)
+            secs["postprocess"] += t
+            intensity = raw.astype(np.float32).mean(axis=2)
+            t, _ = _clock(outputs.add, path.stem, image, intensity, labels, prob)
+            secs["outputs"] += t
+        t, _ = _clock(outputs.commit)
+        secs["outputs"] += t
+    return {"seconds": secs, "mpx": pixels / 1e6, "threads": torch.get_num_threads()}
+
+
+def run_end_to_end(cfg: dict) -> dict:
+    """``predict_folder`` over the folder in this fresh process: wall seconds and peak memory."""
+    import logging
+
+    from ..data.images import list_images
+    from ..data.readers import image_size
+    from ..inference.checkpoint import load_model
+    from ..inference.folder import predict_folder
+
+    logging.disable(logging.WARNING)
+    rss0 = _peak_rss_mb()
+    net = load_model(device=cfg["device"]).eval()
+    settings = net.settings.replace(tile=cfg["tile"], tta=cfg.get("tta_mode", "none"))
+    pixels = sum(np.prod(image_size(p)) for _, p in list_images(cfg["folder"]))
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        stats = predict_folder(net, cfg["folder"], Path(out) / "submission.csv", settings=settings, out_dir=out,
+                               progress=False)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "mpx": float(pixels) / 1e6, "peak_mb": _peak_rss_mb(), "model_mb": rss0,
+            "nuclei": stats["nuclei"]}
+
+
+def startup(repeats: int = 3) -> tuple[float, float]:
+    """(best wall seconds of ``python -c "import torch"``, of ``scripts/predict.py`` on one small image)."""
+    from ..data.images import list_images
+    from ..data import SAMPLE_DIR
+
+    small = list_images(SAMPLE_DIR)[0][1]
+    script = Path(__file__).resolve().parents[2] / "scripts" / "predict.py"
+    predict = [sys.executable, str(script) if script.is_file() else "-m", *([] if script.is_file() else ["unet_pl.cli.predict"])]
+
+    def best(cmd: list[str]) -> float:
+        times = []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as out:
+                start = time.perf_counter()
+                subprocess.run([*cmd] + ([] if cmd[1] == "-c" else ["--data-dir", str(small), "--out-dir", out, "--gpus", "0"]),
+                               check=True, capture_output=True)
+                times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best([sys.executable, "-c", "import torch"]), best(predict)
+
+
+def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | None, tta: bool = True) -> None:
+    """Print the predict table; ``spawn(cfg)`` runs a measurement in a fresh process (benchmark's ``_spawn``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        make_images(folder, side, n)
+        base = {"device": device, "folder": str(folder), "tile": tile}
+        stages = spawn({**base, "kind": "predict_stages", "tta": tta})
+        e2e = spawn({**base, "kind": "predict_e2e"})
+        e2e_tta = spawn({**base, "kind": "predict_e2e", "tta_mode": "d4"}) if tta else None
+        huge = None
+        if huge_side:
+            big = Path(tmp) / "huge"
+            make_images(big, huge_side, 1)
+            huge = spawn({**base, "folder": str(big), "kind": "predict_e2e"}, timeout=3600)
+    torch_s, predict_s = startup()
+    print(f"\n### predict: {n} images of {side} x {side} ({n * side * side / 1e6:.1f} Mpx; 3 of 4 fluorescence 12-bit in "
+          f"16-bit TIFF, 1 of 4 H&E RGB), bundled model, tile {tile}, {device}\n")
+    print("| stage | seconds | Mpx/s | vs network alone |\n|---|---:|---:|---:|")
+    if stages:
+        s, mpx = stages["seconds"], stages["mpx"]
+        net = s["network"]
+        names = [("read", "read (tifffile)"), ("normalise", "normalise (percentile)"), ("network", "**network alone** (reference)"),
+                 ("probabilities", "probabilities (network, sigmoid, tiles)"), ("tta", "probabilities with TTA d4 (8 views)"),
+                 ("postprocess", "post-processing (watershed, size filter)"), ("outputs", "outputs (label TIFF, CSVs)")]
+        for key, label in names:
+            if key == "tta" and not tta:
+                continue
+            ratio = f"{net / s[key]:.2f}x" if key in ("probabilities", "network") else (f"{8 * net / s[key]:.2f}x of 8 views" if key == "tta" else "")
+            print(f"| {label} | {s[key]:.2f} | {mpx / s[key]:.2f} | {ratio} |")
+    for label, res, ref in (("end to end (`predict_folder`)", e2e, 1), ("end to end, TTA d4", e2e_tta, 8)):
+        if res and stages:
+            net = stages["seconds"]["network"] * ref
+            print(f"| **{label}** | {res['seconds']:.2f} | {res['mpx'] / res['seconds']:.2f} | "
+                  f"**{net / res['seconds']:.2f}x**{' of 8 views' if ref == 8 else ''} |")
+    print("\n| measure | value |\n|---|---:|")
+    print(f"| start-up: `python -c \"import torch\"` | {torch_s:.2f} s |")
+    print(f"| start-up: `scripts/predict.py` on one 256 x 256 image, whole run | {predict_s:.2f} s ({predict_s / torch_s:.2f}x) |")
+    if e2e:
+        print(f"| peak memory, end to end ({side} x {side}) | {e2e['peak_mb']:.0f} MiB |")
+    if e2e_tta:
+        print(f"| peak memory, end to end with TTA d4 | {e2e_tta['peak_mb']:.0f} MiB |")
+    if huge:
+        print(f"| {huge_side} x {huge_side} ({huge_side ** 2 / 1e6:.0f} Mpx) end to end | {huge['seconds']:.1f} s, "
+              f"{huge['mpx'] / huge['seconds']:.2f} Mpx/s, {huge['nuclei']:,} nuclei, peak memory {huge['peak_mb']:.0f} MiB |")
+    elif huge_side:
+        print(f"| {huge_side} x {huge_side} end to end | failed |")
+    print(f"\n(threads: {stages['threads'] if stages else '?'}; cores: {os.cpu_count()})")
