@@ -10,6 +10,9 @@
 - ``Throughput``: training images per second (forward + backward + data), for the summary.
 - ``KeepFreedMemory``: on CPU runs, glibc keeps freed memory for reuse (``unet_pl.perf``), and
   gives it back when the run ends; logged when it takes effect.
+- ``AdaptiveThreads``: on single-process CPU runs, the number of threads follows the machine's
+  load (``unet_pl.perf.ThreadChooser``): all cores when it is quiet, fewer while another program
+  holds a core; logged when it changes.
 - ``TunePostprocessing``: at the end of fit, the post-processing is chosen on the validation
   images with the best weights (``unet_pl.inference.tune``) and stored in the model and its
   checkpoints, so prediction uses it by default.
@@ -28,7 +31,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .perf import keep_freed_memory, release_freed_memory
+from .perf import ThreadChooser, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,43 @@ class KeepFreedMemory(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.active:
             release_freed_memory()
+
+
+class AdaptiveThreads(Callback):
+    """Time each training step and let ``ThreadChooser`` set torch's thread count (CPU, one
+    process, more than one thread). Off with ``UNET_PL_ADAPTIVE_THREADS=0``. The count in force
+    at the start is restored when training ends."""
+
+    def __init__(self) -> None:
+        self.chooser: ThreadChooser | None = None
+        self._start = 0.0
+        self._threads = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import os
+
+        off = os.environ.get("UNET_PL_ADAPTIVE_THREADS", "1").strip().lower() in ("0", "false", "no", "off")
+        self._threads = torch.get_num_threads()
+        if not off and pl_module.device.type == "cpu" and trainer.world_size == 1 and self._threads > 1:
+            self.chooser = ThreadChooser(self._threads)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.chooser is not None:
+            self.chooser.step(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self.chooser is not None and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+        self.chooser = None
 
 
 class TunePostprocessing(Callback):

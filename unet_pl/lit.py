@@ -149,10 +149,12 @@ class LitUNet(pl.LightningModule):
 
     def configure_callbacks(self) -> list:
         """``KeepFreedMemory``: on CPU runs glibc keeps freed memory for reuse (no page faults per
-        activation; ``unet_pl.perf``), logged when it takes effect, released when the run ends."""
-        from .callbacks import KeepFreedMemory
+        activation; ``unet_pl.perf``), logged when it takes effect, released when the run ends.
+        ``AdaptiveThreads``: on CPU runs the thread count follows the machine's load (fewer threads
+        while another program holds a core; ``unet_pl.perf.ThreadChooser``)."""
+        from .callbacks import AdaptiveThreads, KeepFreedMemory
 
-        return [KeepFreedMemory()]
+        return [KeepFreedMemory(), AdaptiveThreads()]
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if self._trainer is not None and self.trainer.predicting:

@@ -25,6 +25,8 @@ import functools
 import logging
 import os
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # mallopt parameter numbers from glibc's <malloc.h>
@@ -85,3 +87,78 @@ def _glibc():
     except (OSError, AttributeError):  # musl, macOS, Windows: their allocators differ
         return None
     return libc
+
+
+class ThreadChooser:
+    """Picks the number of threads for CPU training from the measured step times, so that a run
+    keeps its speed when another process takes a core.
+
+    torch's OpenMP threads meet at a barrier after every operation: with all cores in use, one
+    core taken by another program (a browser, a second run, ``yes > /dev/null``) makes every
+    barrier wait for the thread that lost its core, and a 2-core step fell to 36% of its quiet
+    speed where one thread kept 70% (issue 17). Nothing in the step can know this in advance, so
+    the chooser measures: it compares the median of ``window`` step times on all threads (``full``)
+    with the same on ``fewer`` (default half, at least one), keeps the faster by a clear margin
+    (``gain``), and probes again after ``period`` steps (doubling up to ``max_period`` each time
+    the choice holds) or at once when steps become ``slowdown`` times slower than the best seen
+    with the current count. On a quiet machine the probes cost well under 1% of a long run.
+
+    ``step(seconds)`` after every training step; ``set_threads`` is ``torch.set_num_threads``.
+    """
+
+    def __init__(self, full: int, fewer: int | None = None, *, window: int = 6, settle: int = 1, first_probe: int = 16,
+                 max_period: int = 1024, slowdown: float = 1.3, gain: float = 0.9, set_threads=None) -> None:
+        import torch
+
+        self.full = full
+        self.fewer = max(1, full // 2) if fewer is None else fewer
+        self.window, self.settle, self.first_probe, self.max_period = window, settle, first_probe, max_period
+        self.slowdown, self.gain = slowdown, gain
+        self.set_threads = set_threads or torch.set_num_threads
+        self.current = full
+        self.period = first_probe
+        self.since_probe = 0
+        self.skip = settle
+        self.times: list[float] = []
+        self.best: dict[int, float] = {}
+        self.probe_from: tuple[int, float] | None = None  # (count left, its median) while probing
+        self.changes: list[tuple[int, int, float, float]] = []  # (step, threads, median before, median after)
+        self.steps = 0
+
+    def _use(self, n: int) -> None:
+        self.current = n
+        self.set_threads(n)
+        self.skip, self.times = self.settle, []
+
+    def step(self, seconds: float) -> None:
+        """Record one training step's duration; may change the thread count for the next steps."""
+        self.steps += 1
+        self.since_probe += 1
+        if self.skip:
+            self.skip -= 1  # the first steps after a change rebuild the thread team
+            return
+        self.times.append(seconds)
+        if len(self.times) < self.window:
+            return
+        median = float(np.median(self.times))
+        self.times = []
+        if self.probe_from is not None:
+            left, before = self.probe_from
+            self.probe_from = None
+            if median < self.gain * before:  # the other count is clearly faster: stay
+                self.changes.append((self.steps, self.current, before, median))
+                log.info("training on %d thread%s instead of %d: %.0f ms per step instead of %.0f (another program is "
+                         "using the CPU, or has stopped)", self.current, "" if self.current == 1 else "s", left,
+                         1000 * median, 1000 * before)
+                self.period = self.first_probe
+            else:
+                self._use(left)
+                self.period = min(2 * self.period, self.max_period)
+            self.best[self.current] = min(self.best.get(self.current, median), median)
+            self.since_probe = 0
+            return
+        best = self.best.get(self.current, median)
+        self.best[self.current] = min(best, median)
+        if self.since_probe >= self.period or median > self.slowdown * best:
+            self.probe_from = (self.current, median)
+            self._use(self.fewer if self.current == self.full else self.full)

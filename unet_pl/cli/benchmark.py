@@ -210,10 +210,15 @@ def run_predict_e2e(cfg: dict) -> dict:
 RUNNERS = {"train": run_train, "infer": run_infer, "loader": run_loader, "keras": run_keras,
            "predict_stages": run_predict_stages, "predict_e2e": run_predict_e2e}
 #: What --only chooses from ("predict" is the whole predict section).
-KINDS = ("train", "infer", "loader", "keras", "predict")
+KINDS = ("train", "infer", "loader", "keras", "loaded", "predict")
 
 
 def _worker(cfg: dict) -> None:
+    os.environ.update(cfg.get("env", {}))
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(cfg["threads"])
     print("RESULT " + json.dumps(RUNNERS[cfg["kind"]](cfg)), flush=True)
 
 
@@ -271,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers for the loader row (default 2)")
     p.add_argument("--data-dir", default=None, help="data for the loader row (default: the bundled sample)")
     p.add_argument("--only", nargs="+", choices=KINDS, help="run only these kinds of rows")
+    p.add_argument("--loaded-steps", type=int, default=300,
+                   help="loaded rows: timed training steps with and without a busy process beside (default 300)")
     p.add_argument("--predict-side", type=int, default=2048, help="predict section: side of its test images (default 2048)")
     p.add_argument("--predict-images", type=int, default=4, help="predict section: how many test images (default 4)")
     p.add_argument("--tile", type=int, default=2048, help="predict section: predict.py's --tile (default 2048)")
@@ -340,6 +347,19 @@ def main(argv: list[str] | None = None) -> None:
     if "loader" in kinds:
         measure(f"loader alone ({args.loader_workers} workers, default augmentation), batch 16",
                 {"kind": "loader", "batch_size": 16, "num_workers": args.loader_workers, "data_dir": args.data_dir})
+    if "loaded" in kinds and device == "cpu":
+        # Another program holding one core (as `yes > /dev/null` would), against the same run quiet:
+        # the thread count adapts (unet_pl.perf.ThreadChooser); the fixed-threads row is the old behaviour.
+        row = {"kind": "train", "batch_size": 16, "precision": "32-true", "channels_last": True, "steps": args.loaded_steps}
+        quiet = measure(f"train 32-true channels_last, batch 16, {args.loaded_steps} steps, quiet", row)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for label, env in (("adaptive threads (default)", {}), ("fixed threads", {"UNET_PL_ADAPTIVE_THREADS": "0"})):
+                res = measure(f"same, one core busy with another process, {label}", {**row, "env": env})
+                if res and quiet:
+                    print(f"|   (keeps {res['img_s'] / quiet['img_s']:.0%} of its quiet speed) | | | |", flush=True)
+        finally:
+            busy.kill()
     if "predict" in kinds:
         from .benchmark_predict import report
 

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "Fiji does. Default: grey or RGB as stored (files with 2 or more than 3 channels need it)")
     data.add_argument("--intensity", choices=INTENSITIES, default=None,
                       help="fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
-                           "percentile: each image stretched between its 1st and 99.8th percentiles. Default: from --mode "
+                           "percentile: each image stretched between its 1st and 99.8th percentiles; grey: channels averaged, "
+                           "stretched the same way, bright backgrounds (brightfield, H&E) inverted. Default: from --mode "
                            "(fixed for notebook, percentile for instance); saved in the checkpoint, predict.py applies it")
     data.add_argument("--labels-csv", default=None, metavar="PATH",
                       help="masks from this stage1_train_labels.csv (run-length rows) instead of the masks/ folders")

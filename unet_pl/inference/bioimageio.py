@@ -47,6 +47,10 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     from ..data.readers import read_raw
 
     s: Settings = net.settings
+    if s.intensity not in ("fixed", "percentile"):
+        raise ValueError(f"the model reads images with intensity {s.intensity!r}, which bioimage.io's preprocessing "
+                         "cannot express (it inverts bright backgrounds per image); export it as a checkpoint instead "
+                         "(export.py without --bioimageio)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(__file__).resolve().parents[1] / "model.py", out / "unet.py")

@@ -43,7 +43,7 @@ class Settings:
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles.
     Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
-    (1-based), None: grey or RGB as stored; ``intensity`` "fixed" or "percentile", applied to
+    (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile" or "grey", applied to
     uint8/uint16 arrays and files the same way as in training.
     """
 
@@ -116,5 +116,6 @@ class Settings:
         extras += ["holes filled"] if self.fill_holes else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
-        extras += ["intensity: per-image percentiles"] if self.intensity == "percentile" else []
+        extras += {"percentile": ["intensity: per-image percentiles"],
+                   "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"]}.get(self.intensity, [])
         return f"{geo}, threshold {self.threshold:g}, {how}" + "".join(f", {e}" for e in extras)
