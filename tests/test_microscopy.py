@@ -271,3 +271,24 @@ def test_percentiles_from_the_histogram_are_numpys_and_the_lookup_is_the_formula
         assert percentiles(raw, (1.0, 99.8)) == (lo, hi)
         by_formula = np.clip(np.rint((raw.astype(np.float32) - lo) * (255.0 / max(float(hi - lo), 1e-6))), 0, 255)
         assert np.array_equal(to_rgb8(raw, "percentile")[..., 0], by_formula[..., 0].astype(np.uint8))
+
+
+def test_binary_mask_warning_only_for_label_image_annotations(tmp_path, caplog):
+    """A competition folder with one nucleus has one binary mask file, by design: no warning. A
+    binary file in the label-image layout merges touching nuclei: warned, naming the file."""
+    from unet_pl.data.images import TrainItem
+    from unet_pl.data.module import warn_if_binary
+
+    disc = np.zeros((32, 32), np.uint8)
+    disc[8:20, 8:20] = 255
+    comp = tmp_path / "abc" / "masks"
+    comp.mkdir(parents=True)
+    Image.fromarray(disc).save(comp / "m1.png")
+    flat = tmp_path / "flat" / "masks"
+    flat.mkdir(parents=True)
+    Image.fromarray(disc).save(flat / "abc.png")
+    with caplog.at_level(logging.WARNING):
+        warn_if_binary([TrainItem("abc", tmp_path / "abc/images/abc.png", (comp / "m1.png",))])
+        assert "binary mask" not in caplog.text
+        warn_if_binary([TrainItem("abc", tmp_path / "flat/images/abc.png", (flat / "abc.png",))])
+        assert "binary mask" in caplog.text and "abc.png" in caplog.text

@@ -55,3 +55,33 @@ def test_jitter_alone_never_switches():
     for _ in range(5000):
         chooser.step(0.1 * rng.uniform(0.9, 1.1))  # same speed whatever the count
     assert not chooser.changes and chooser.current == 4
+
+
+def test_litunet_fits_with_adaptive_threads_and_gives_the_threads_back(monkeypatch):
+    """The callback comes with every LitUNet fit on the CPU, changes torch's thread count when its
+    chooser says so, and restores the count the run started with."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from unet_pl import LitUNet
+    from unet_pl.callbacks import AdaptiveThreads
+    import unet_pl.callbacks as callbacks
+
+    model = LitUNet(img_size=32)
+    assert any(isinstance(c, AdaptiveThreads) for c in model.configure_callbacks())
+    eager = lambda full: ThreadChooser(full, window=1, settle=0, first_probe=1)  # noqa: E731  probe after one step
+    monkeypatch.setattr(callbacks, "ThreadChooser", eager)
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    start = torch.get_num_threads()
+    real(2)
+    try:
+        batch = {"image": torch.rand(2, 3, 32, 32), "mask": (torch.rand(2, 1, 32, 32) > 0.5).float()}
+        trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(model, DataLoader([batch] * 4, batch_size=None))
+        assert 1 in calls and torch.get_num_threads() == 2
+    finally:
+        real(start)

@@ -16,7 +16,7 @@ from ..data.holdout import HOLDOUTS
 from ..data.readers import INTENSITIES
 from ..inference.postprocess import SPLITS
 from ..inference.tta import TTAS
-from .common import Parser, fail
+from .common import Parser, fail, holdout_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed, percentile or grey (default: the checkpoint's, i.e. as it was trained)")
     p.add_argument("--tta", choices=TTAS, default="none",
                    help="test-time augmentation: average 4 flips or all 8 flips and 90-degree rotations (none: the notebook)")
-    p.add_argument("--holdout", choices=HOLDOUTS, default="none",
+    p.add_argument("--holdout", choices=HOLDOUTS, type=holdout_arg, default="none",
                    help="stratified: predict only the fixed hold-out of a stage1_train --data-dir (the ids the "
-                        "checkpoint's run held out; computed from the images for older checkpoints)")
+                        "checkpoint's run held out; computed from the images for older checkpoints); group:k/K: only "
+                        "fold k of K of the grouped cross-validation (unet_pl.data.groups)")
     p.add_argument("--tile", type=int, default=2048,
                    help="native-resolution checkpoints: images with a side above this go through in overlapping tiles of at most this side (default 2048: about 0.9 GB for the network)")
     p.add_argument("--masks-dir", help="also write a 16-bit label PNG per image (original size) here (older; see --out-dir)")

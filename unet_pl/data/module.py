@@ -76,7 +76,9 @@ def default_workers(gpus: int) -> int:
 def warn_if_binary(items) -> None:
     """The boundary head learns where touching nuclei meet: say so when the first single-file
     annotation is a binary mask (touching nuclei there are one blob)."""
-    single = next((it for it in items if len(it.masks) == 1), None)
+    # label-image layout (images/ + masks/<id>.png) only: in the competition's <id>/masks/ one
+    # file is one nucleus, binary by design
+    single = next((it for it in items if len(it.masks) == 1 and it.masks[0].parent.parent.name != it.id), None)
     if single is not None and is_binary(read_label_image(single.masks[0])):
         log.warning("%s is a binary mask, not a label image: touching nuclei in it are one blob, and the boundary "
                     "head cannot learn to separate them; export label images (one integer per nucleus) instead",
