@@ -256,3 +256,35 @@ def test_the_bundled_model_loads_in_one_call_as_the_readme_shows():
     assert segment(net, image).max() > 0
     lit = LitUNet.load_from_checkpoint(PRETRAINED)  # the exported file is a Lightning checkpoint too
     assert lit.settings == net.settings
+
+
+def _content(path: Path):
+    """A file's bytes; for a zip, its members' bytes (the archive stores the time it was written)."""
+    import zipfile
+
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as z:
+            return {name: z.read(name) for name in z.namelist()}
+    return path.read_bytes()
+
+
+def test_finishing_beside_the_network_writes_what_one_after_the_other_writes(tmp_path):
+    """predict_folder(overlap=1) post-processes and writes each image in a second thread while the
+    network runs the next: every file it writes is byte for byte what overlap=0 writes."""
+    from unet_pl.data.images import list_images
+    from unet_pl.inference import load_model
+    from unet_pl.inference.folder import predict_folder
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for _, path in list_images(SAMPLE_DIR)[:6]:
+        shutil.copy(path, images / path.name)
+    net = load_model()
+    outs = {}
+    for overlap in (0, 1):
+        out = tmp_path / f"out{overlap}"
+        stats = predict_folder(net, images, out / "submission.csv", out_dir=out, rois=True, overlap=overlap, progress=False)
+        assert stats["images"] == 6 and stats["nuclei"] > 0
+        outs[overlap] = {p.relative_to(out): _content(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 3 + 6 + 6  # 3 CSVs, a label TIFF and an ROI zip each
+    assert all(outs[0][k] == outs[1][k] for k in outs[0])
