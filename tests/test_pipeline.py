@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from unet_pl import LitUNet, NucleiDataModule
+from unet_pl.data import SAMPLE_DIR
 from unet_pl.metrics import dsb_image_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +176,18 @@ def test_segment_takes_image_arrays_and_says_what_else_to_do():
     for bad in (rgb.astype(np.float32) / 255, rgb[None]):
         with pytest.raises(ValueError, match="uint8|shape"):
             segment(model, bad)
+
+
+def test_predict_cli_runs_without_importing_lightning(tmp_path):
+    """predict.py with the bundled model, one image, in a fresh interpreter: Lightning never loads
+    (it cost ~6 s of start-up before issue 17)."""
+    image = sorted(SAMPLE_DIR.glob("*/images/*.png"))[0]
+    code = f"""
+import sys
+from unet_pl.cli.predict import main
+main(["--data-dir", {str(image)!r}, "--out-dir", {str(tmp_path / 'out')!r}, "--gpus", "0", "--no-progress"])
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics')))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[]" and (tmp_path / "out" / "labels").is_dir()
