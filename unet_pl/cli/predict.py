@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stratified: predict only the fixed hold-out of a stage1_train --data-dir (the ids the "
                         "checkpoint's run held out; computed from the images for older checkpoints); group:k/K: only "
                         "fold k of K of the grouped cross-validation (unet_pl.data.groups)")
+    p.add_argument("--scale", default=None, metavar="auto|FACTOR",
+                   help="native-resolution checkpoints: resize each image by FACTOR before the network (0.5 for images at "
+                        "twice the training magnification), or auto: when the nuclei of a first pass are larger or "
+                        "smaller than in any of the training images, resize them to the typical training size and "
+                        "predict again (default 1: as they are)")
     p.add_argument("--tile", type=int, default=2048,
                    help="native-resolution checkpoints: images with a side above this go through in overlapping tiles of at most this side (default 2048: about 0.9 GB for the network)")
     p.add_argument("--masks-dir", help="also write a 16-bit label PNG per image (original size) here (older; see --out-dir)")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = read_checkpoint(args.ckpt or PRETRAINED) if not args.keras_h5 else None
         net = load_model(ckpt, args.keras_h5, device, name=source)
         settings = net.settings.replace(threshold=args.threshold, min_size=args.min_size, fill_holes=args.fill_holes,
-                                        seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile,
+                                        seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile, scale=args.scale,
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split,
                                         channel=args.channel, intensity=args.intensity)
     except (FileNotFoundError, ValueError) as e:
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _flag_names(message: str) -> str:
     """Settings' messages name their fields; the user typed flags."""
-    for name in ("threshold", "seed_threshold", "min_size", "img_size", "tile"):
+    for name in ("threshold", "seed_threshold", "min_size", "img_size", "tile", "scale"):
         message = message.replace(f"{name} ", f"--{name.replace('_', '-')} ", 1) if message.startswith(name) else message
     return message
 

@@ -27,6 +27,7 @@ from torch import nn
 from ..data.readers import to_rgb8
 from ..geometry import resize_back, resize_image
 from .postprocess import probabilities_to_labels
+from .scale import auto_factor, resize, scaled_size
 from .settings import Settings
 from .tiling import predict_whole
 from .tta import tta_predict
@@ -121,16 +122,31 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
 
     Resize mode: images are squashed to ``img_size`` squares and run ``batch_size`` at a time,
     each result resized back to its image's size. Native mode: one image at a time, whole
-    (padded to a multiple of 16) or in overlapping tiles above ``settings.tile``.
+    (padded to a multiple of 16) or in overlapping tiles above ``settings.tile``, resized by
+    ``settings.scale`` first and back after (``unet_pl.inference.scale``).
     """
     device = _device(net)
     images = (check_image(image, settings) for image in images)
     if settings.resolution == "native":
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return predict_whole(lambda v: network_probabilities(net, v, settings.tta), x, tile=settings.tile,
+                                 prepare=lambda t: to_input(t, device))
+
         for image in images:
             # uint8 until a batch of tiles goes in: a 16k x 16k image is 0.8 GB as uint8, 3.2 GB as float
             x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-            prob = predict_whole(lambda v: network_probabilities(net, v, settings.tta), x, tile=settings.tile,
-                                 prepare=lambda t: to_input(t, device))
+            factor = 1.0 if settings.scale == "auto" else float(settings.scale)
+            if settings.scale == "auto":
+                prob = run(x)
+                factor = auto_factor(labels_from_probabilities(prob[0].cpu().numpy(), settings))
+                if factor == 1.0:
+                    yield prob[0].cpu().numpy()
+                    continue
+            if factor != 1.0:
+                size = image.shape[:2]
+                prob = resize(run(resize(x, scaled_size(size, factor))), size)
+            else:
+                prob = run(x)
             yield prob[0].cpu().numpy()
         return
     batch: list[np.ndarray] = []

@@ -16,6 +16,7 @@ from typing import Any
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
 from ..data.readers import INTENSITIES
 from .postprocess import SPLITS
+from .scale import check_scale
 from .tiling import check_tile
 from .tta import TTAS
 
@@ -41,7 +42,8 @@ class Settings:
     probability is below it; ``min_size`` drop nuclei under this many pixels (at the image's own
     size); ``fill_holes`` fill holes inside nuclei.
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
-    through in overlapping tiles.
+    through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
+    network, or "auto" (``unet_pl.inference.scale``).
     Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
     (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile" or "grey", applied to
     uint8/uint16 arrays and files the same way as in training.
@@ -59,6 +61,7 @@ class Settings:
     tile: int = 2048
     channel: int | None = None
     intensity: str = "fixed"
+    scale: float | str = 1.0
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
@@ -81,6 +84,10 @@ class Settings:
             raise ValueError(f"unknown intensity rule {self.intensity!r}; choose one of {', '.join(INTENSITIES)}")
         if self.channel is not None and self.channel < 1:
             raise ValueError(f"channel counts from 1 (as Fiji does), got {self.channel}")
+        object.__setattr__(self, "scale", check_scale(self.scale))
+        if self.scale != 1.0 and self.resolution != "native":
+            raise ValueError("scale resizes images for a native-resolution model; a resize-mode model squashes every "
+                             "image to its square anyway")
 
     @property
     def watershed(self) -> bool:
@@ -115,6 +122,8 @@ class Settings:
         extras = [f"min size {self.min_size} px"] if self.min_size else []
         extras += ["holes filled"] if self.fill_holes else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
+        extras += [f"scale {self.scale}" if self.scale != "auto" else "scale auto (nuclei outside the training sizes "
+                   "resized to them)"] if self.scale != 1.0 else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
         extras += {"percentile": ["intensity: per-image percentiles"],
                    "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"]}.get(self.intensity, [])
