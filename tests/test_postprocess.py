@@ -7,7 +7,7 @@ import torch
 
 from unet_pl.metrics import dsb_image_score
 from unet_pl.inference.postprocess import (
-    components, fill_holes, probabilities_to_labels, relabel, remove_small, split_nuclei,
+    components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, split_nuclei,
 )
 from unet_pl.data.targets import boundaries, head_channels, make_targets
 from unet_pl.inference.tiling import pad_to_multiple, predict_whole, tile_side, tile_starts
@@ -252,3 +252,21 @@ def test_tiles_agree_with_whole_image_for_a_local_model():
     assert torch.allclose(tiled, whole, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 16"):
         predict_whole(conv, x, tile=100)
+
+
+def test_remove_doubtful_by_relative_size_and_mean_probability():
+    lab = np.zeros((40, 40), np.int32)
+    lab[0:10, 0:10] = 3  # 100 px
+    lab[20:30, 0:10] = 5  # 100 px
+    lab[0:10, 20:30] = 8  # 100 px
+    lab[35:37, 35:37] = 9  # 4 px speck
+    fg = np.full((40, 40), 0.9, np.float32)
+    fg[20:30, 0:10] = 0.55  # a faint nucleus
+    # median area 100: the speck is 0.04 of it
+    assert np.array_equal(remove_doubtful(lab, fg, min_relative_size=0.1), relabel(np.where(lab == 9, 0, lab)))
+    assert np.array_equal(remove_doubtful(lab, fg, min_probability=0.6), relabel(np.where(lab == 5, 0, lab)))
+    both = remove_doubtful(lab, fg, 0.1, 0.6)
+    assert both.max() == 2 and set(np.unique(both[lab == 3])) == {1} and set(np.unique(both[lab == 8])) == {2}
+    assert np.array_equal(remove_doubtful(lab, fg), relabel(lab))  # both off: only renumbered
+    prob = np.stack([fg, np.zeros_like(fg)])
+    assert probabilities_to_labels(prob, 0.5, split="components", min_relative_size=0.1).max() == 1  # one blob of fg

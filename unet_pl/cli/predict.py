@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "checkpoints without: threshold 0.5, no size filter, seed threshold 0.15 native / 0.5 resized)")
     post.add_argument("--threshold", type=float, default=None, help="probability above which a pixel is nucleus")
     post.add_argument("--min-size", type=int, default=None, help="drop predicted nuclei smaller than this many pixels")
+    post.add_argument("--min-relative-size", type=float, default=None, metavar="F",
+                      help="drop nuclei smaller than F times the image's median nucleus area, e.g. 0.2 (default 0: off)")
+    post.add_argument("--min-probability", type=float, default=None, metavar="P",
+                      help="drop nuclei whose mean foreground probability is under P, e.g. 0.7 (default 0: off)")
     post.add_argument("--fill-holes", action="store_true", default=None, help="fill holes inside each predicted nucleus")
     post.add_argument("--split", choices=("auto", *SPLITS), default="auto",
                       help="how foreground becomes nuclei: components (the notebook), watershed (needs a --head mask+boundary "
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = read_checkpoint(args.ckpt or PRETRAINED) if not args.keras_h5 else None
         net = load_model(ckpt, args.keras_h5, device, name=source)
         settings = net.settings.replace(threshold=args.threshold, min_size=args.min_size, fill_holes=args.fill_holes,
+                                        min_relative_size=args.min_relative_size, min_probability=args.min_probability,
                                         seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile, scale=args.scale,
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split,
                                         channel=args.channel, intensity=args.intensity)
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _flag_names(message: str) -> str:
     """Settings' messages name their fields; the user typed flags."""
-    for name in ("threshold", "seed_threshold", "min_size", "img_size", "tile", "scale"):
+    for name in ("threshold", "seed_threshold", "min_size", "img_size", "tile", "scale", "min_relative_size",
+                 "min_probability"):
         message = message.replace(f"{name} ", f"--{name.replace('_', '-')} ", 1) if message.startswith(name) else message
     return message
 

@@ -109,12 +109,15 @@ def split_nuclei(fg: np.ndarray, boundary: np.ndarray, threshold: float = 0.5, s
 
 
 def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5, *, split: str | None = None,
-                            seed_threshold: float = 0.5, min_size: int = 0, holes: bool = False) -> np.ndarray:
+                            seed_threshold: float = 0.5, min_size: int = 0, holes: bool = False,
+                            min_relative_size: float = 0.0, min_probability: float = 0.0) -> np.ndarray:
     """Model probabilities ``(C, H, W)`` (or ``(H, W)`` for one channel) -> int32 nuclei ``(H, W)``.
 
     ``split``: "components" (the notebook: 8-connected blobs of channel 0 > ``threshold``) or
     "watershed" (``split_nuclei`` with channel 1 as the boundary); None: watershed when there is
-    a boundary channel. Then nuclei under ``min_size`` pixels go, and ``holes`` fills holes.
+    a boundary channel. Then ``holes`` fills holes, nuclei under ``min_size`` pixels go, and
+    ``remove_doubtful`` drops those under ``min_relative_size`` x the image's median nucleus area
+    or with a mean foreground probability under ``min_probability`` (0: off).
     """
     prob = np.asarray(prob)
     if prob.ndim == 2:
@@ -130,4 +133,31 @@ def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5, *, split: 
         labels = components(prob[0] > threshold)
     if holes:
         labels = fill_holes(labels)
-    return remove_small(labels, min_size)
+    labels = remove_small(labels, min_size)
+    if min_relative_size > 0 or min_probability > 0:
+        labels = remove_doubtful(labels, prob[0], min_relative_size, min_probability)
+    return labels
+
+
+def remove_doubtful(labels: np.ndarray, fg: np.ndarray, min_relative_size: float = 0.0,
+                    min_probability: float = 0.0) -> np.ndarray:
+    """Drop nuclei smaller than ``min_relative_size`` times the image's median nucleus area, or
+    whose mean foreground probability ``fg`` is under ``min_probability``; renumber 1..k.
+
+    The specks a model adds around a few large nuclei are tiny next to them and faint: an absolute
+    ``min_size`` small enough for images of small nuclei keeps them, a size relative to the
+    image's own nuclei does not."""
+    labels = np.asarray(labels)
+    if not labels.max(initial=0):
+        return labels.astype(np.int32)
+    flat = labels.ravel()
+    area = np.bincount(flat)
+    keep = area > 0
+    keep[0] = False
+    if min_relative_size > 0:
+        keep &= area >= min_relative_size * float(np.median(area[keep]))
+    if min_probability > 0:
+        mean = np.bincount(flat, weights=np.asarray(fg, np.float64).ravel(), minlength=len(area)) / np.maximum(area, 1)
+        keep &= mean >= min_probability
+    new_id = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
+    return new_id[labels]

@@ -40,7 +40,9 @@ class Settings:
     blobs, the notebook) or "watershed" (needs the boundary channel), None: watershed when there
     is a boundary; ``seed_threshold`` watershed seeds are foreground pixels whose boundary
     probability is below it; ``min_size`` drop nuclei under this many pixels (at the image's own
-    size); ``fill_holes`` fill holes inside nuclei.
+    size); ``fill_holes`` fill holes inside nuclei; ``min_relative_size`` drop nuclei under this
+    fraction of the image's median nucleus area; ``min_probability`` drop nuclei whose mean
+    foreground probability is under it (both 0: off).
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
     network, or "auto" (``unet_pl.inference.scale``).
@@ -57,6 +59,8 @@ class Settings:
     seed_threshold: float = 0.5
     min_size: int = 0
     fill_holes: bool = False
+    min_relative_size: float = 0.0
+    min_probability: float = 0.0
     tta: str = "none"
     tile: int = 2048
     channel: int | None = None
@@ -68,11 +72,14 @@ class Settings:
         check_side(self.img_size)
         if self.out_channels not in HEADS.values():
             raise ValueError(f"out_channels must be one of {sorted(set(HEADS.values()))}, got {self.out_channels}")
-        for name in ("threshold", "seed_threshold"):
+        for name in ("threshold", "seed_threshold", "min_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1]")
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
+        if not 0.0 <= self.min_relative_size < 1.0:
+            raise ValueError(f"min_relative_size {self.min_relative_size} must lie in [0, 1): a fraction of the image's "
+                             "median nucleus area")
         if self.split is not None and self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
         if self.split == "watershed" and self.out_channels < 2:
@@ -121,6 +128,8 @@ class Settings:
         geo = f"images resized to {self.img_size} px squares" if self.resolution == "resize" else "images at their own size"
         extras = [f"min size {self.min_size} px"] if self.min_size else []
         extras += ["holes filled"] if self.fill_holes else []
+        extras += [f"nuclei under {self.min_relative_size:g} x the median area dropped"] if self.min_relative_size else []
+        extras += [f"nuclei under mean probability {self.min_probability:g} dropped"] if self.min_probability else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
         extras += [f"scale {self.scale}" if self.scale != "auto" else "scale auto (nuclei outside the training sizes "
                    "resized to them)"] if self.scale != 1.0 else []
