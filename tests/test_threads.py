@@ -85,3 +85,29 @@ def test_litunet_fits_with_adaptive_threads_and_gives_the_threads_back(monkeypat
         assert 1 in calls and torch.get_num_threads() == 2
     finally:
         real(start)
+
+
+def test_deterministic_fits_keep_their_thread_count():
+    """The thread count changes the order of float sums: a --deterministic run must not adapt."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from unet_pl import LitUNet
+    from unet_pl.callbacks import AdaptiveThreads
+
+    model = LitUNet(img_size=32)
+    batch = {"image": torch.rand(2, 3, 32, 32), "mask": (torch.rand(2, 1, 32, 32) > 0.5).float()}
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(next(c for c in trainer.callbacks if isinstance(c, AdaptiveThreads)).chooser)
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, deterministic=True,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Spy()])
+    try:
+        trainer.fit(model, DataLoader([batch] * 2, batch_size=None))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen and all(c is None for c in seen)

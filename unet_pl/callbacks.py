@@ -157,8 +157,8 @@ class KeepFreedMemory(Callback):
 
 class AdaptiveThreads(Callback):
     """Time each training step and let ``ThreadChooser`` set torch's thread count (CPU, one
-    process, more than one thread). Off with ``UNET_PL_ADAPTIVE_THREADS=0``. The count in force
-    at the start is restored when training ends."""
+    process, more than one thread, not ``deterministic``). Off with ``UNET_PL_ADAPTIVE_THREADS=0``.
+    The count in force at the start is restored when training ends."""
 
     def __init__(self) -> None:
         self.chooser: ThreadChooser | None = None
@@ -170,7 +170,10 @@ class AdaptiveThreads(Callback):
 
         off = os.environ.get("UNET_PL_ADAPTIVE_THREADS", "1").strip().lower() in ("0", "false", "no", "off")
         self._threads = torch.get_num_threads()
-        if not off and pl_module.device.type == "cpu" and trainer.world_size == 1 and self._threads > 1:
+        # A deterministic run keeps its thread count: the count changes the order of float sums,
+        # and a resumed run must end on the same weights as an uninterrupted one.
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if not off and not deterministic and pl_module.device.type == "cpu" and trainer.world_size == 1 and self._threads > 1:
             self.chooser = ThreadChooser(self._threads)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
