@@ -7,6 +7,7 @@ whether a second program is running, with the figures measured on a 2-core EPYC 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from unet_pl.perf import ThreadChooser
 
@@ -87,8 +88,10 @@ def test_litunet_fits_with_adaptive_threads_and_gives_the_threads_back(monkeypat
         real(start)
 
 
-def test_deterministic_fits_keep_their_thread_count():
-    """The thread count changes the order of float sums: a --deterministic run must not adapt."""
+@pytest.mark.parametrize("case", ["deterministic", "env"])
+def test_deterministic_fits_and_the_off_switch_keep_the_thread_count(case, monkeypatch):
+    """The thread count changes the order of float sums: a --deterministic run must not adapt;
+    nor any run with UNET_PL_ADAPTIVE_THREADS=0."""
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
@@ -104,7 +107,10 @@ def test_deterministic_fits_keep_their_thread_count():
         def on_train_batch_end(self, trainer, *args):
             seen.append(next(c for c in trainer.callbacks if isinstance(c, AdaptiveThreads)).chooser)
 
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, deterministic=True,
+    if case == "env":
+        monkeypatch.setenv("UNET_PL_ADAPTIVE_THREADS", "0")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         deterministic=case == "deterministic",
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Spy()])
     try:
         trainer.fit(model, DataLoader([batch] * 2, batch_size=None))

@@ -136,18 +136,11 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
         for image in images:
             # uint8 until a batch of tiles goes in: a 16k x 16k image is 0.8 GB as uint8, 3.2 GB as float
             x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-            factor = 1.0 if settings.scale == "auto" else float(settings.scale)
-            if settings.scale == "auto":
-                prob = run(x)
-                factor = auto_factor(labels_from_probabilities(prob[0].cpu().numpy(), settings))
-                if factor == 1.0:
-                    yield prob[0].cpu().numpy()
-                    continue
+            prob = run(x) if settings.scale in (1.0, "auto") else None  # "auto": the first pass measures the nuclei
+            factor = (auto_factor(labels_from_probabilities(prob[0].cpu().numpy(), settings))
+                      if settings.scale == "auto" else float(settings.scale))
             if factor != 1.0:
-                size = image.shape[:2]
-                prob = resize(run(resize(x, scaled_size(size, factor))), size)
-            else:
-                prob = run(x)
+                prob = resize(run(resize(x, scaled_size(image.shape[:2], factor))), image.shape[:2])
             yield prob[0].cpu().numpy()
         return
     batch: list[np.ndarray] = []

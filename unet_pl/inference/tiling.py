@@ -66,8 +66,7 @@ def tile_starts(n: int, side: int, margin: int = MARGIN) -> list[int]:
 
 
 def predict_whole(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = 2048,
-                  margin: int = MARGIN, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  margin: int = MARGIN, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Per-pixel outputs ``(N, C', H, W)`` of ``predict`` for images ``x`` ``(N, C, H, W)`` of any size.
 
     ``predict`` must take multiples of 16 (it gets padded input). Images no larger than ``tile``
@@ -76,16 +75,14 @@ def predict_whole(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     ``margin`` pixels are discarded except at the image's own edges. Tiles go to ``predict``
     several at a time while their pixels fit in one ``tile`` x ``tile`` square.
     ``prepare`` turns a crop of ``x`` into ``predict``'s input (e.g. uint8 -> float), so that
-    only one batch of tiles is ever converted; ``out_dtype``: the stitched result's dtype
-    (default ``predict``'s).
+    only one batch of tiles is ever converted.
     """
     check_tile(tile, margin)
     prepare = prepare or (lambda t: t)
     n, h, w = x.shape[0], *x.shape[-2:]
     if h <= tile and w <= tile:
         padded, _ = pad_to_multiple(prepare(x))
-        y = predict(padded)[..., :h, :w]
-        return y if out_dtype is None else y.to(out_dtype)
+        return predict(padded)[..., :h, :w]
     th, tw = tile_side(h, tile, margin), tile_side(w, tile, margin)
     origins = [(y0, x0) for y0 in tile_starts(h, th, margin) for x0 in tile_starts(w, tw, margin)]
     per_batch = max(1, tile * tile // (th * tw * n))
@@ -96,7 +93,7 @@ def predict_whole(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
         padded, _ = pad_to_multiple(prepare(crops))
         ys = predict(padded)[..., :th, :tw]
         if out is None:
-            out = ys.new_zeros((n, ys.shape[1], h, w), dtype=out_dtype or ys.dtype)
+            out = ys.new_zeros((n, ys.shape[1], h, w))
         for j, (y0, x0) in enumerate(group):
             # Keep the tile's centre; at the image's border keep up to the border.
             top = 0 if y0 == 0 else margin
