@@ -166,3 +166,13 @@ def test_full_set_groups_are_pinned(real_train_dir):
         ("fluorescence 1040x1388 dark", 1), ("brightfield 1024x1024", 16), ("histology 256x320 lavender", 66),
         ("histology 256x320 pale", 38), ("histology 256x320 pink", 4)]
     assert [f for _, _, f in rows] == [3, 2, 1, 1, 1, 2, 2, 2, 2, 2, 3, 2, 1, 3]
+
+
+def test_groups_module_usage_and_a_missing_folder_are_one_line_with_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "unet_pl.data.groups", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "STAGE1_TRAIN" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "unet_pl.data.groups", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr

@@ -99,3 +99,11 @@ def test_auto_scale_recovers_an_image_at_four_times_the_magnification():
     as_is = dsb_image_score(big_truth, segment(net, big)).score
     auto = dsb_image_score(big_truth, segment(net, big, scale="auto")).score
     assert as_is < original - 0.3 and auto > original - 0.1, (original, as_is, auto)
+
+
+def test_the_settings_line_says_how_images_meet_the_network():
+    s = Settings(resolution="native")
+    assert s.describe().startswith("images at their own size,")
+    assert s.replace(scale=0.5).describe().startswith("images resized by 0.5,")
+    assert "scale auto" in s.replace(scale="auto").describe()
+    assert s.replace(tile=512).describe().startswith("images at their own size in tiles of at most 512 px,")

@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, dict, dict | None]] = []
 
     keras_ref: dict[int, float] = {}
-    print(f"Machine: {_machine(device)}; {args.img_size}x{args.img_size} images, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"Machine: {_machine(device)}" + (f"; {args.img_size}x{args.img_size} images, {args.steps} timed steps after "
+                                            f"{args.warmup} warm-up" if kinds - {"predict"} else ""))
     mem_label = "peak GPU MiB" if device == "cuda" else "peak RSS growth MiB"
     if kinds - {"predict"}:
         print(f"\n| what | images/s | {mem_label} | vs Keras/TF (same batch) |\n|---|---:|---:|---:|", flush=True)
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     # Emulated bf16 (CPUs without AVX512-BF16 or AMX) runs several times slower than float32: rows
     # of it measure the emulation, so they are left out unless asked for with --precisions.
     bf16 = ["bf16-mixed"] if native_bf16(device == "cuda") else []
-    if not bf16 and args.precisions is None:
+    if not bf16 and args.precisions is None and kinds & {"train", "infer"}:
         print("(no native bfloat16 on this machine: bf16-mixed rows left out; --precisions bf16-mixed adds them)")
     for bs in args.batch_sizes:
         if keras and "keras" in kinds:

@@ -197,8 +197,9 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
             make_images(big, huge_side, 1)
             huge = spawn({**base, "folder": str(big), "kind": "predict_e2e", "warmup": False}, timeout=3600)
     torch_s, predict_s = startup()
-    print(f"\n### predict: {n} images of {side} x {side} ({n * side * side / 1e6:.1f} Mpx; 3 of 4 fluorescence 12-bit in "
-          f"16-bit TIFF, 1 of 4 H&E RGB), bundled model, tile {tile}, {device}\n")
+    he = len(range(3, n, 4))
+    print(f"\n### predict: {n} images of {side} x {side} ({n * side * side / 1e6:.1f} Mpx; {n - he} fluorescence as 12-bit "
+          f"data in 16-bit TIFF, {he} H&E as RGB TIFF), bundled model, tile {tile}, {device}\n")
     print("| stage | seconds | Mpx/s | vs network alone |\n|---|---:|---:|---:|")
     if stages:
         s, mpx = stages["seconds"], stages["mpx"]

@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
                 ids = holdout_ids(args.data_dir, args.holdout)
             except (FileNotFoundError, ValueError) as e:
                 fail(str(e))
+            print(f"hold-out: {len(ids)} images, computed from the images of {args.data_dir} (the full stage1_train "
+                  "gives the hold-out train.py and crossval.py use; a subset of it gives other images)")
+            if saved.get("holdout") not in (None, "none", args.holdout):
+                print(f"warning: {source} was trained with --holdout {saved['holdout']}, not {args.holdout}: some of "
+                      "these images may have been in its training set")
     tuned = bool(ckpt and (ckpt.get("hyper_parameters") or {}).get("postprocess"))
     print(f"settings ({'tuned on the run' + chr(39) + 's validation images' if tuned else 'defaults'}, then flags): {settings.describe()}")
     t0 = time.perf_counter()

@@ -170,11 +170,18 @@ def group_table(groups: Mapping[str, str], folds: int = DEFAULT_FOLDS) -> list[t
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m unet_pl.data.groups STAGE1_TRAIN [FOLDS]``: the group table of a folder."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or len(argv) > 2:
-        raise SystemExit("usage: python -m unet_pl.data.groups STAGE1_TRAIN [FOLDS]")
-    folds = int(argv[1]) if len(argv) > 1 else DEFAULT_FOLDS
-    groups = folder_groups(argv[0])
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m unet_pl.data.groups", description="the acquisition groups of a "
+                                "stage1_train folder and the fold of K each is held out by")
+    p.add_argument("data_dir", metavar="STAGE1_TRAIN")
+    p.add_argument("folds", metavar="FOLDS", type=int, nargs="?", default=DEFAULT_FOLDS)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    folds = args.folds
+    try:
+        groups = folder_groups(args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"{e}\n")
     rows = group_table(groups, folds)
     width = max(len(g) for g, _, _ in rows)
     print(f"{'group':<{width}} images fold of {folds}")

@@ -125,14 +125,15 @@ class Settings:
     def describe(self) -> str:
         """One line for the user: what prediction will do."""
         how = (f"watershed (seed threshold {self.seed_threshold:g})" if self.watershed else "connected components")
-        geo = f"images resized to {self.img_size} px squares" if self.resolution == "resize" else "images at their own size"
+        geo = (f"images resized to {self.img_size} px squares" if self.resolution == "resize" else
+               "images at their own size" if self.scale in (1.0, "auto") else f"images resized by {self.scale:g}")
+        geo += f" in tiles of at most {self.tile} px" if self.resolution == "native" and self.tile != 2048 else ""
         extras = [f"min size {self.min_size} px"] if self.min_size else []
         extras += ["holes filled"] if self.fill_holes else []
         extras += [f"nuclei under {self.min_relative_size:g} x the median area dropped"] if self.min_relative_size else []
         extras += [f"nuclei under mean probability {self.min_probability:g} dropped"] if self.min_probability else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
-        extras += [f"scale {self.scale}" if self.scale != "auto" else "scale auto (nuclei outside the training sizes "
-                   "resized to them)"] if self.scale != 1.0 else []
+        extras += ["scale auto (images whose nuclei are outside the training sizes resized to them)"] if self.scale == "auto" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
         extras += {"percentile": ["intensity: per-image percentiles"],
                    "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"]}.get(self.intensity, [])
