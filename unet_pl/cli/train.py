@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",
-                      help="training augmentation: default = flips/rotations (unet_pl.data.transforms); none = the notebook")
+                      help="training augmentation (unet_pl.data.transforms): default = flips/rotations; none = the notebook; "
+                           "colour = also hue, channel, grey and inversion changes for unseen stains; scale = also nuclei "
+                           "at 0.67-1.5x (native resolution only); colour+scale = both")
     data.add_argument("--channel", type=int, default=None, metavar="N",
                       help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
                            "Fiji does. Default: grey or RGB as stored (files with 2 or more than 3 channels need it)")
@@ -137,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "img_size", "num_nodes", "cpu_processes"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if "scale" in args.augment.split("+") and args.resolution != "native":
+        fail(f"--augment {args.augment} changes the crops' magnification, which needs --resolution native "
+             "(or --mode instance); resized squares have no nucleus size to keep")
     if args.compile != "off" and args.resolution == "native":
         fail("--compile needs fixed image sizes: use it with --resolution resize (native validation images vary in size)")
     if args.num_workers is not None and args.num_workers < 0 or args.patience < 0 or args.lr <= 0 or args.l2 < 0:

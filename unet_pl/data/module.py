@@ -44,7 +44,7 @@ from .groups import group_holdout, image_groups
 from .holdout import check_holdout, holdout_from_modalities, is_group_holdout, keep_ids
 from .readers import INTENSITIES
 from .images import TrainItem, image_size, is_binary, list_images, read_label_image, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
-from .transforms import build_augment
+from .transforms import build_augment, zoom_range
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class NucleiDataModule(pl.LightningDataModule):
         num_workers: loader processes (augmentation runs in them); None: ``default_workers`` for
             the device the Trainer trains on (0 on the CPU, up to 8 per GPU).
         seed: the split's seed (augmentation follows Lightning's ``seed_everything``).
-        augment: "default", "none" (the notebook) or an albumentations transform; train only
+        augment: a preset of ``unet_pl.data.transforms`` ("default", "none" (the notebook), "colour",
+            "scale" (native only), "colour+scale") or an albumentations transform; train only
             (native: after the crop).
         cache_dir: where the decoded cache goes; None: ``$XDG_CACHE_HOME/unet_pl`` or ``~/.cache/unet_pl``.
         labels_csv: None: masks from ``masks/`` folders; a path, or True for the
@@ -143,6 +144,9 @@ class NucleiDataModule(pl.LightningDataModule):
         if empty_masks not in EMPTY_MASKS:
             raise ValueError(f"empty_masks must be one of {', '.join(EMPTY_MASKS)}, got {empty_masks!r}")
         self.transform = build_augment(augment)  # a bad preset name fails here, not in a worker
+        if zoom_range(augment) is not None and resolution != "native":
+            raise ValueError(f"augment={augment!r} changes the crop's magnification, which needs resolution='native' "
+                             "(a resized square has no size to keep); use 'default' or 'colour'")
         self.save_hyperparameters(ignore=["augment"])
         self.hparams["augment"] = augment if isinstance(augment, str) or augment is None else type(augment).__name__
         for key, value in self.hparams.items():  # checkpoints hold these: plain types load with weights_only
@@ -225,7 +229,8 @@ class NucleiDataModule(pl.LightningDataModule):
         h = self.hparams
         common = dict(head=h.head, resolution=h.resolution)
         if h.resolution == "native":
-            self.train_set = NucleiDataset(self.arrays, train, crop_transform(h.img_size, self.transform, train=True), **common)
+            self.train_set = NucleiDataset(self.arrays, train, crop_transform(h.img_size, self.transform, train=True,
+                                                                                  zoom=zoom_range(h.augment)), **common)
             self.val_set = NucleiDataset(self.arrays, val, crop_transform(h.img_size, None, train=False), with_labels=True, **common)
         else:
             self.train_set = NucleiDataset(self.arrays, train, self.transform, **common)

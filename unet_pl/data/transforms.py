@@ -1,11 +1,20 @@
 """Paired image/mask augmentation for training (albumentations). Validation, test and predict never augment.
 
-Presets (``NucleiDataModule(augment=...)``):
+Presets (``NucleiDataModule(augment=...)``, ``train.py --augment``):
     "none":    no augmentation, the notebook's training.
     "default": horizontal and vertical flips, 90-degree rotations (the dihedral group a
                microscope image has no preferred orientation in), and mild brightness and
                contrast jitter (+-10%). Geometry moves image and mask together; the jitter
                touches the image only.
+    "colour":  "default" and, for stains and modalities not in the training set, on the image
+               only: one of a hue/saturation shift over the whole colour circle, a channel
+               shuffle or grey (70% of crops); inversion (25%: dark nuclei on a bright
+               background and the reverse); gamma 0.7-1.5 (30%).
+    "scale":   "default" and nuclei at another magnification: each training crop is cut at a
+               random side between ``crop / 1.5`` and ``crop / 0.67`` and resized to ``crop``
+               (``ZOOM``), so the network sees every nucleus between 0.67x and 1.5x its size.
+               Native resolution only (``crop_transform``): a resized square has no size to keep.
+    "colour+scale": both.
     or an ``A.Compose`` (or any albumentations transform) of your own, called as
     ``t(image=uint8 (H, W, 3), mask=uint8 (H, W))`` and expected to return the same keys.
 """
@@ -13,7 +22,8 @@ from __future__ import annotations
 
 import albumentations as A
 
-PRESETS = ("none", "default")
+PRESETS = ("none", "default", "colour", "scale", "colour+scale")
+ZOOM = (0.67, 1.5)  # the "scale" presets' range of magnifications (crop_transform)
 
 
 def default_augment() -> A.Compose:
@@ -28,6 +38,22 @@ def default_augment() -> A.Compose:
     )
 
 
+def colour_augment() -> list[A.BasicTransform]:
+    """The "colour" part: stain, hue, channel and polarity changes (image only)."""
+    return [
+        A.OneOf([A.HueSaturationValue(hue_shift_limit=180, sat_shift_limit=60, val_shift_limit=0, p=1.0),
+                 A.ChannelShuffle(p=1.0),
+                 A.ToGray(p=1.0)], p=0.7),
+        A.InvertImg(p=0.25),
+        A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+    ]
+
+
+def zoom_range(augment) -> tuple[float, float] | None:
+    """The magnifications a preset trains at (``crop_transform``'s ``zoom``), None: the crop as cut."""
+    return ZOOM if isinstance(augment, str) and "scale" in augment.lower().split("+") else None
+
+
 def build_augment(augment: str | A.BasicTransform | A.BaseCompose | None) -> A.BaseCompose | None:
     """A preset name, an albumentations transform, or None -> a transform to call, or None for no augmentation."""
     if augment is None:
@@ -36,8 +62,10 @@ def build_augment(augment: str | A.BasicTransform | A.BaseCompose | None) -> A.B
         name = augment.lower()
         if name == "none":
             return None
-        if name == "default":
+        if name == "default" or name == "scale":  # scale is the crop's (crop_transform)
             return default_augment()
+        if name in ("colour", "colour+scale"):
+            return A.Compose([*default_augment().transforms, *colour_augment()])
         raise ValueError(f"unknown augment preset {augment!r}; choose one of {', '.join(PRESETS)} or pass an A.Compose")
     if isinstance(augment, A.BaseCompose):
         return augment
