@@ -5,7 +5,11 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from unet_pl.data.transforms import PRESETS, build_augment, default_augment
+from scipy import ndimage as ndi
+
+from unet_pl.data import NucleiDataModule
+from unet_pl.data.datasets import crop_transform
+from unet_pl.data.transforms import PRESETS, ZOOM, build_augment, default_augment, zoom_range
 
 
 def test_none_means_no_augmentation():
@@ -18,7 +22,7 @@ def test_default_preset_is_flips_rotations_and_mild_jitter():
     assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "RandomBrightnessContrast"]
     jitter = t.transforms[-1]
     assert max(abs(v) for v in (*jitter.brightness_limit, *jitter.contrast_limit)) <= 0.1
-    assert set(PRESETS) == {"none", "default"}
+    assert {"none", "default"} <= set(PRESETS)
 
 
 def test_user_transforms_pass_through_or_get_wrapped():
@@ -52,3 +56,88 @@ def test_default_keeps_uint8_shapes_and_binary_masks_and_moves_them_together():
         np.testing.assert_array_equal(out["mask"], (out["image"][..., 0] > 120).astype(np.uint8))
         seen.add(out["mask"].tobytes())
     assert len(seen) >= 4  # several of the 8 orientations drawn
+
+
+# --- the colour and scale presets --------------------------------------------------------------
+
+
+def _discs(side: int = 320, radius: int = 9, step: int = 32) -> np.ndarray:
+    """Labels: a grid of equal discs, one label each (int32, label values above 65535 included)."""
+    yy, xx = np.mgrid[:side, :side]
+    labels = np.zeros((side, side), np.int32)
+    n = 0
+    for cy in range(step // 2, side, step):
+        for cx in range(step // 2, side, step):
+            n += 1
+            labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = 70000 + n
+    return labels
+
+
+def _whole_areas(labels: np.ndarray) -> np.ndarray:
+    """Areas of the labels that do not touch the crop's edge."""
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    ids = np.setdiff1d(np.unique(labels), np.concatenate([[0], edge]))
+    return np.array([(labels == i).sum() for i in ids])
+
+
+def test_scale_preset_shows_nuclei_between_its_magnifications_with_labels_in_place():
+    labels = _discs()
+    area0 = (labels == labels.max()).sum()
+    image = np.repeat(np.where(labels > 0, 220, 30).astype(np.uint8)[..., None], 3, 2)
+    t = crop_transform(96, build_augment("scale"), train=True, zoom=zoom_range("scale"))
+    t.set_random_seed(0)
+    factors = []
+    for _ in range(40):
+        out = t(image=image, mask=(labels > 0).astype(np.uint8), masks=[labels])
+        lab = out["masks"][0]
+        assert out["image"].shape == (96, 96, 3) and lab.dtype == np.int32
+        assert set(np.unique(lab)) <= set(np.unique(labels))  # nearest neighbour: no made-up label values
+        np.testing.assert_array_equal(out["mask"], (lab > 0).astype(np.uint8))
+        # the image moved with the labels: bright where a nucleus is, away from the interpolated rims
+        inner, outer = ndi.binary_erosion(lab > 0, iterations=2), ndi.binary_dilation(lab > 0, iterations=2)
+        grey, rim = out["image"][..., 0].astype(int), np.pad(np.ones((92, 92), bool), 2)  # rim: the crop's edge, resampled either side
+        assert (grey[inner & rim] > 150).all() and (grey[~outer & rim] < 100).all()
+        areas = _whole_areas(lab)
+        if len(areas):
+            factors.append(np.sqrt(np.median(areas) / area0))  # linear magnification of this crop
+    factors = np.array(factors)
+    lo, hi = ZOOM
+    assert len(factors) >= 30
+    assert factors.min() >= lo * 0.9 and factors.max() <= hi * 1.1  # within the range (pixel rounding)
+    assert factors.min() < 0.8 and factors.max() > 1.3  # and it does zoom both ways
+
+
+def test_without_zoom_the_crop_keeps_the_size():
+    labels = _discs()
+    t = crop_transform(96, build_augment("default"), train=True)
+    t.set_random_seed(0)
+    for _ in range(10):
+        areas = _whole_areas(t(image=np.zeros((*labels.shape, 3), np.uint8), mask=(labels > 0).astype(np.uint8), masks=[labels])["masks"][0])
+        assert (areas == (labels == labels.max()).sum()).all()
+
+
+def test_colour_preset_changes_colour_and_polarity_but_not_where_nuclei_are():
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:12, 6:20] = 1
+    # H&E-like: purple nuclei on a pink background
+    image = np.where(mask[..., None] == 1, np.array([90, 40, 140]), np.array([235, 170, 210])).astype(np.uint8)
+    t = build_augment("colour")
+    t.set_random_seed(0)
+    inverted = recoloured = 0
+    for _ in range(200):
+        out = t(image=image, mask=mask)
+        m, im = out["mask"], out["image"].astype(int)
+        assert m.sum() == mask.sum() and out["image"].dtype == np.uint8
+        fg, bg = im[m == 1].mean(), im[m == 0].mean()
+        assert abs(fg - bg) > 20  # nuclei stay distinguishable from the background
+        inverted += fg > bg  # the input has dark nuclei on a bright background
+        order = tuple(np.argsort(im[m == 0].mean(0)))
+        recoloured += order != (1, 2, 0)  # the background's channel order (G < B < R) changed: another hue
+    assert 25 <= inverted <= 75  # about a quarter inverted
+    assert recoloured >= 60  # hue shifts, channel shuffles and grey
+
+
+def test_scale_needs_native_resolution():
+    with pytest.raises(ValueError, match="needs resolution='native'"):
+        NucleiDataModule(augment="scale")
+    assert zoom_range("colour") is None and zoom_range("colour+scale") == ZOOM and zoom_range(None) is None

@@ -9,7 +9,8 @@ Presets (``NucleiDataModule(augment=...)``, ``train.py --augment``):
     "colour":  "default" and, for stains and modalities not in the training set, on the image
                only: one of a hue/saturation shift over the whole colour circle, a channel
                shuffle or grey (70% of crops); inversion (25%: dark nuclei on a bright
-               background and the reverse); gamma 0.7-1.5 (30%).
+               background and the reverse); gamma 0.7-1.5 (30%). Grey images stay grey (a hue
+               shift or a shuffle of equal channels changes nothing): for them, polarity and gamma.
     "scale":   "default" and nuclei at another magnification: each training crop is cut at a
                random side between ``crop / 1.5`` and ``crop / 0.67`` and resized to ``crop``
                (``ZOOM``), so the network sees every nucleus between 0.67x and 1.5x its size.
