@@ -270,3 +270,43 @@ def test_remove_doubtful_by_relative_size_and_mean_probability():
     assert np.array_equal(remove_doubtful(lab, fg), relabel(lab))  # both off: only renumbered
     prob = np.stack([fg, np.zeros_like(fg)])
     assert probabilities_to_labels(prob, 0.5, split="components", min_relative_size=0.1).max() == 1  # one blob of fg
+
+
+# --- contact weights ---------------------------------------------------------------------------
+
+
+def test_contacts_mark_pixels_near_two_nuclei_by_a_brute_force_count():
+    from unet_pl.data.targets import contacts
+
+    lab = np.zeros((24, 30), np.int32)
+    lab[3:10, 3:10] = 1
+    lab[3:10, 10:16] = 2  # touches 1
+    lab[12:20, 4:9] = 3  # 3 px below 1: near, not touching
+    lab[14:20, 20:28] = 70000  # alone
+    expected = np.zeros(lab.shape, np.uint8)
+    for y in range(lab.shape[0]):
+        for x in range(lab.shape[1]):
+            window = lab[max(0, y - 2):y + 3, max(0, x - 2):x + 3]
+            expected[y, x] = len(set(window[window > 0].tolist())) >= 2
+    np.testing.assert_array_equal(contacts(lab), expected)
+    assert expected[3:10, 8:12].all() and not expected[14:20, 20:28].any()
+    assert expected[10:12, 4:9].all()  # the 2-px gap between 1 and 3 counts: a watershed must cut there too
+
+
+def test_contact_weight_weighs_the_loss_by_hand():
+    import torch
+
+    from unet_pl import LitUNet
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(2, 2, 8, 8), (torch.rand(2, 2, 8, 8) > 0.7).float()
+    contact = (torch.rand(2, 1, 8, 8) > 0.8).to(torch.uint8)
+    model = LitUNet(head="mask+boundary", contact_weight=3.0)
+    got = model._loss(logits, y, model._weights({"contact": contact}))
+    p = torch.sigmoid(logits)
+    pos = torch.tensor([1.0, 5.0]).view(1, 2, 1, 1)  # boundary_weight 5 on the boundary's positives
+    by_hand = -(pos * y * torch.log(p) + (1 - y) * torch.log(1 - p)) * (1 + 3 * contact.float())
+    torch.testing.assert_close(got, by_hand.mean())
+    assert LitUNet(head="mask+boundary")._weights({"contact": contact}) is None
+    with pytest.raises(ValueError, match="needs the 'mask\\+boundary' head"):
+        LitUNet(contact_weight=1.0)

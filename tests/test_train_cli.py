@@ -116,6 +116,7 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "-1"], "--gpus must be >= 0"),
     (["--gpus", "0", "--compile", "default", "--mode", "instance"], "--compile needs fixed image sizes"),
     (["--gpus", "0", "--augment", "colour+scale"], "needs --resolution native"),
+    (["--gpus", "0", "--contact-weight", "2"], "--contact-weight 2.0 needs the boundary head"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     from unet_pl.cli.train import resolve_run_dir

@@ -6,6 +6,7 @@ The batch (a dict, as ``unet_pl.data`` yields it):
     labels: int (N, H, W), 0 background, 1..k one per nucleus (val/test, optional)
     id:     list[str]; size: int64 (N, 2) original (H, W) of each image (predict)
     boundary: uint8 (N, 1, H, W), nucleus boundaries (train/val/test with the mask+boundary head)
+    contact: uint8 (N, 1, H, W), where two nuclei touch (with boundary; used with ``contact_weight``)
 ``on_after_batch_transfer`` turns images into float [0, 1] on the device (the seed's
 ``Lambda(x / 255)``), so only uint8 crosses the host-device link.
 """
@@ -54,6 +55,9 @@ class LitUNet(pl.LightningModule):
             many times). Boundaries are a few percent of the pixels: with a plain BCE the output
             stayed under 0.4 everywhere and the watershed split almost nothing (hold-out score
             0.374 against 0.433 with 5, both at seed threshold 0.5). The notebook head ignores it.
+        contact_weight: where two nuclei touch (the batch's ``contact``, ``unet_pl.data.targets.contacts``),
+            both outputs' loss counts ``1 + contact_weight`` times; 0: not weighted (the default).
+            ``mask+boundary`` head only.
         channel, intensity: how the files are read (``unet_pl.data.readers``): the nuclear channel of
             multi-channel files and the intensity rule. None: the data module's (without one:
             no channel selection, "fixed").
@@ -79,6 +83,7 @@ class LitUNet(pl.LightningModule):
         head: str = "mask",
         resolution: str | None = None,
         boundary_weight: float = 5.0,
+        contact_weight: float = 0.0,
         postprocess: dict | None = None,
         channel: int | None = None,
         intensity: str | None = None,
@@ -90,6 +95,8 @@ class LitUNet(pl.LightningModule):
             check_resolution(resolution)
         if img_size is not None:
             img_size = check_side(img_size)  # a plain int in hparams and checkpoints
+        if contact_weight < 0 or (contact_weight and head_channels(head) == 1):
+            raise ValueError(f"contact_weight must be >= 0 and needs the 'mask+boundary' head, got {contact_weight} with {head!r}")
         if out_channels != head_channels(head):
             if out_channels != 1:  # an explicit choice that contradicts the head
                 raise ValueError(f"head {head!r} has {head_channels(head)} output channels but out_channels={out_channels}; "
@@ -197,7 +204,7 @@ class LitUNet(pl.LightningModule):
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         x, y = batch["image"], self._targets(batch)
         logits = self(x)
-        loss = self._loss(logits, y)
+        loss = self._loss(logits, y, self._weights(batch))
         n = x.shape[0]
         # Epoch-level values reduce across DDP ranks at the epoch's end only; nothing here syncs
         # the host with the device per step (the progress bar reads the step loss when it redraws).
@@ -221,13 +228,23 @@ class LitUNet(pl.LightningModule):
             self.log(f"{stage}/dsb_score", dsb, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Keras' sigmoid + binary_crossentropy, computed from logits for numerical safety; with the
-        boundary head the mean over both outputs, the boundary's positives weighted by ``boundary_weight``."""
+        boundary head the mean over both outputs, the boundary's positives weighted by ``boundary_weight``
+        and every pixel by ``weight`` (``(N, 1, H, W)``, the contact weights) when given."""
         if self.hparams.out_channels == 1:
             return F.binary_cross_entropy_with_logits(logits.float(), y)
         pos_weight = torch.tensor([1.0, float(self.hparams.boundary_weight)], device=y.device).view(2, 1, 1)
-        return F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+        return F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight, pos_weight=pos_weight)
+
+    def _weights(self, batch: dict) -> torch.Tensor | None:
+        """Per-pixel loss weights ``1 + contact_weight * contact``, or None without contact weighting."""
+        w = float(self.hparams.get("contact_weight", 0.0))
+        if not w:
+            return None
+        if "contact" not in batch:
+            raise ValueError("contact_weight needs the batch's 'contact' maps (NucleiDataModule with head='mask+boundary' makes them)")
+        return 1.0 + w * batch["contact"].float()
 
     def _targets(self, batch: dict) -> torch.Tensor:
         """The loss' targets ``(N, out_channels, H, W)``: the mask, then the boundary for that head."""

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--head", choices=tuple(HEADS), default=None,
                         help="mask: one output, the foreground (the notebook); mask+boundary: a second output, each "
                              "nucleus' boundary, which predict.py uses to split touching nuclei. Default: from --mode")
+    beyond.add_argument("--contact-weight", type=float, default=0.0,
+                        help="mask+boundary head: the loss counts 1 + this many times where two nuclei touch (within 2 px), "
+                             "so the network learns to cut them apart; 0: off")
     beyond.add_argument("--tune", choices=("on", "off"), default=None,
                         help="on: at the end, choose the threshold, watershed seed threshold and minimum nucleus size "
                              "on the validation images by the competition score and store them in the checkpoints "
@@ -139,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "img_size", "num_nodes", "cpu_processes"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.contact_weight < 0 or (args.contact_weight and args.head != "mask+boundary"):
+        fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary) and must be >= 0")
     if "scale" in args.augment.split("+") and args.resolution != "native":
         fail(f"--augment {args.augment} changes the crops' magnification, which needs --resolution native "
              "(or --mode instance); resized squares have no nucleus size to keep")
@@ -240,6 +245,7 @@ def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=side(args), head=args.head,
+                    contact_weight=args.contact_weight,
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
         # in place: the parameters keep their names, so checkpoints load without torch.compile

@@ -4,7 +4,8 @@ sampler that seeds each item's augmentation.
 Items follow docs/design.md's batch: ``image`` uint8 (3, S, S), ``mask`` uint8 (1, S, S) in
 {0, 1}, ``id`` str, ``size`` int64 (2,) the image's own (H, W); ``labels`` int32 (S, S) with
 ``with_labels``; ``boundary`` uint8 (1, S, S) for the ``mask+boundary`` head, made after
-augmentation from the moved labels (``unet_pl.data.targets``).
+augmentation from the moved labels (``unet_pl.data.targets``), and with it ``contact`` uint8
+(1, S, S), where two nuclei touch (``LitUNet(contact_weight=...)`` weighs the loss there).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from ..geometry import check_resolution, head_channels
 from .cache import native_image
 from .images import image_size, read_image
-from .targets import make_targets
+from .targets import contacts, make_targets
 
 
 def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
@@ -113,6 +114,7 @@ class NucleiDataset(Dataset):
         }
         if self.boundary:
             item["boundary"] = torch.from_numpy(make_targets(labels, "mask+boundary")[1:])
+            item["contact"] = torch.from_numpy(contacts(labels))[None]
         if self.with_labels:
             item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
         return item
