@@ -13,6 +13,7 @@ import torch
 from unet_pl import LitUNet, NucleiDataModule
 from unet_pl.data.cache import native_image
 from unet_pl.data.holdout import holdout_ids
+from unet_pl.data.targets import contacts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +41,11 @@ def test_native_crops_keep_image_mask_labels_and_boundary_aligned(make_train_dir
         assert torch.equal(img[0] > 110, mask.bool())
         assert bnd.bool().logical_and(~mask.bool()).sum() == 0 and (bnd.sum() > 0) == (mask.sum() > 0)
         assert tuple(item["size"].tolist()) == (40, 48)
+        # where nuclei touch, from the labels as they were moved (the brute-force count is in test_postprocess)
+        assert item["contact"].dtype == torch.uint8 and item["contact"].shape == (1, crop, crop)
     val = dm.val_set[0]
     assert torch.equal(val["image"], dm.val_set[0]["image"]) and val["labels"].shape == (crop, crop)
+    np.testing.assert_array_equal(val["contact"][0].numpy(), contacts(val["labels"].numpy()))
 
 
 def test_holdout_images_are_never_trained_or_validated(sample_dir, tmp_path):
@@ -89,6 +93,37 @@ def test_head_sets_the_output_channels_and_checkpoints_remember_it(tmp_path):
     torch.save(ckpt, tmp_path / "old.ckpt")
     old = LitUNet.load_from_checkpoint(tmp_path / "old.ckpt")
     assert (old.hparams.head, old.settings.resolution, old.unet.head.out_channels) == ("mask", "resize", 1)
+
+
+def test_contact_weight_weighs_the_step_loss():
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "mask": (torch.rand(2, 1, 32, 32) > 0.5).to(torch.uint8), "boundary": (torch.rand(2, 1, 32, 32) > 0.9).to(torch.uint8),
+             "contact": torch.zeros(2, 1, 32, 32, dtype=torch.uint8)}
+    batch["contact"][:, :, :16] = 1  # the top half: where nuclei touch
+
+    def val_loss(model):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        loader = torch.utils.data.DataLoader([{k: v[i] for k, v in batch.items()} for i in range(2)], batch_size=2)
+        return trainer.validate(model, loader, verbose=False)[0]["val/loss"]
+
+    plain = LitUNet(head="mask+boundary", resolution="native", img_size=32)
+    weighted = LitUNet(head="mask+boundary", resolution="native", img_size=32, contact_weight=2.0)
+    weighted.load_state_dict(plain.state_dict())
+    # the same network; its per-pixel losses on the top half count 3 times: recompute by hand
+    with torch.no_grad():
+        logits = plain(batch["image"].float() / 255)
+        y = torch.cat([batch["mask"], batch["boundary"]], 1).float()
+        pix = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none",
+                                                                   pos_weight=torch.tensor([1.0, 5.0]).view(2, 1, 1))
+    assert val_loss(plain) == pytest.approx(pix.mean().item(), rel=1e-4)
+    assert val_loss(weighted) == pytest.approx((pix * (1 + 2 * batch["contact"])).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="'contact' maps"):
+        weighted._weights({"image": batch["image"]})
+    with pytest.raises(ValueError, match="number >= 0"):
+        LitUNet(head="mask+boundary", contact_weight=float("nan"))
 
 
 def test_boundary_positives_are_weighted_and_the_boundary_is_required():

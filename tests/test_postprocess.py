@@ -289,6 +289,7 @@ def test_contacts_mark_pixels_near_two_nuclei_by_a_brute_force_count():
             window = lab[max(0, y - 2):y + 3, max(0, x - 2):x + 3]
             expected[y, x] = len(set(window[window > 0].tolist())) >= 2
     np.testing.assert_array_equal(contacts(lab), expected)
+    np.testing.assert_array_equal(contacts(np.where(lab > 0, lab + 2 ** 24, 0)), expected)  # labels float32 cannot hold
     assert expected[3:10, 8:12].all() and not expected[14:20, 20:28].any()
     assert expected[10:12, 4:9].all()  # the 2-px gap between 1 and 3 counts: a watershed must cut there too
 

@@ -25,6 +25,29 @@ def test_default_preset_is_flips_rotations_and_mild_jitter():
     assert {"none", "default"} <= set(PRESETS)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_and_keeps_uint8_shapes(name):
+    t = build_augment(name)
+    if name == "none":
+        assert t is None
+        return
+    out = t(image=np.full((16, 16, 3), 100, np.uint8), mask=np.zeros((16, 16), np.uint8))
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (16, 16, 3)
+    assert (zoom_range(name) is not None) == ("scale" in name)
+
+
+def test_the_data_module_crops_at_the_scale_presets_magnifications(sample_dm):
+    dm = NucleiDataModule(sample_dm.data_dir, resolution="native", img_size=32, augment="colour+scale", num_workers=0,
+                          cache_dir=sample_dm.cache_dir, progress=False)
+    dm.setup("fit")
+    names = [type(x).__name__ for x in dm.train_set.transform.transforms]
+    inner = [type(x).__name__ for x in dm.train_set.transform.transforms[-1].transforms]  # the preset, after the crop
+    assert "RandomSizedCrop" in names and "RandomCrop" not in names and "InvertImg" in inner
+    crop = dm.train_set.transform.transforms[names.index("RandomSizedCrop")]
+    assert crop.min_max_height == (round(32 / ZOOM[1]), round(32 / ZOOM[0]))
+    assert dm.train_set[0]["image"].shape == (3, 32, 32)
+
+
 def test_user_transforms_pass_through_or_get_wrapped():
     mine = A.Compose([A.HorizontalFlip(p=1)])
     assert build_augment(mine) is mine
@@ -123,18 +146,21 @@ def test_colour_preset_changes_colour_and_polarity_but_not_where_nuclei_are():
     image = np.where(mask[..., None] == 1, np.array([90, 40, 140]), np.array([235, 170, 210])).astype(np.uint8)
     t = build_augment("colour")
     t.set_random_seed(0)
-    inverted = recoloured = 0
+    inverted = recoloured = kept = 0
     for _ in range(200):
         out = t(image=image, mask=mask)
         m, im = out["mask"], out["image"].astype(int)
         assert m.sum() == mask.sum() and out["image"].dtype == np.uint8
         fg, bg = im[m == 1].mean(), im[m == 0].mean()
         assert abs(fg - bg) > 20  # nuclei stay distinguishable from the background
-        inverted += fg > bg  # the input has dark nuclei on a bright background
+        if fg > bg:  # the input has dark nuclei on a bright background
+            inverted += 1
+            continue
+        kept += 1
         order = tuple(np.argsort(im[m == 0].mean(0)))
         recoloured += order != (1, 2, 0)  # the background's channel order (G < B < R) changed: another hue
     assert 25 <= inverted <= 75  # about a quarter inverted
-    assert recoloured >= 60  # hue shifts, channel shuffles and grey
+    assert 0.45 * kept <= recoloured <= 0.85 * kept  # hue shifts, shuffles and grey: 70%, some of which keep the order
 
 
 def test_scale_needs_native_resolution():

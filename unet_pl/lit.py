@@ -13,6 +13,7 @@ The batch (a dict, as ``unet_pl.data`` yields it):
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning.pytorch as pl
 import numpy as np
@@ -95,8 +96,10 @@ class LitUNet(pl.LightningModule):
             check_resolution(resolution)
         if img_size is not None:
             img_size = check_side(img_size)  # a plain int in hparams and checkpoints
-        if contact_weight < 0 or (contact_weight and head_channels(head) == 1):
-            raise ValueError(f"contact_weight must be >= 0 and needs the 'mask+boundary' head, got {contact_weight} with {head!r}")
+        if not (math.isfinite(contact_weight) and contact_weight >= 0):
+            raise ValueError(f"contact_weight must be a number >= 0, got {contact_weight}")
+        if contact_weight and head_channels(head) == 1:
+            raise ValueError(f"contact_weight needs the 'mask+boundary' head (it weighs where nuclei touch), got head {head!r}")
         if out_channels != head_channels(head):
             if out_channels != 1:  # an explicit choice that contradicts the head
                 raise ValueError(f"head {head!r} has {head_channels(head)} output channels but out_channels={out_channels}; "

@@ -8,6 +8,7 @@ val_predictions.png. Ctrl-C or SIGTERM leave last.ckpt; --resume last carries on
 from __future__ import annotations
 
 import argparse
+import math
 import importlib.util
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 from ..data.holdout import HOLDOUTS
 from ..data.module import EMPTY_MASKS
 from ..data.readers import INTENSITIES
-from ..data.transforms import PRESETS
+from ..data.transforms import PRESETS, zoom_range
 from ..geometry import HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
 from .common import Parser, fail, holdout_arg
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",
                       help="training augmentation (unet_pl.data.transforms): default = flips/rotations; none = the notebook; "
-                           "colour = also hue, channel, grey and inversion changes for unseen stains; scale = also nuclei "
+                           "colour = also hue, channel, grey, inversion and gamma changes for unseen stains; scale = also nuclei "
                            "at 0.67-1.5x (native resolution only); colour+scale = both")
     data.add_argument("--channel", type=int, default=None, metavar="N",
                       help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
@@ -142,9 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "img_size", "num_nodes", "cpu_processes"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.contact_weight < 0 or (args.contact_weight and args.head != "mask+boundary"):
-        fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary) and must be >= 0")
-    if "scale" in args.augment.split("+") and args.resolution != "native":
+    if not (math.isfinite(args.contact_weight) and args.contact_weight >= 0):
+        fail(f"--contact-weight must be a number >= 0, got {args.contact_weight}")
+    if args.contact_weight and args.head != "mask+boundary":
+        fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary)")
+    if zoom_range(args.augment) is not None and args.resolution != "native":
         fail(f"--augment {args.augment} changes the crops' magnification, which needs --resolution native "
              "(or --mode instance); resized squares have no nucleus size to keep")
     if args.compile != "off" and args.resolution == "native":

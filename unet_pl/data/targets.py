@@ -1,4 +1,5 @@
-"""Training targets from per-nucleus label images: the foreground and each nucleus' boundary.
+"""Training targets from per-nucleus label images: the foreground, each nucleus' boundary, and
+where nuclei touch (the contact weights' map).
 
 The notebook trains one output, the union of the masks, so two touching nuclei are one blob
 and connected components cannot split them. The ``mask+boundary`` head adds a second output:
@@ -11,6 +12,7 @@ The heads themselves (names, channel counts) are ``unet_pl.geometry``'s.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -47,11 +49,17 @@ def contacts(labels: np.ndarray, reach: int = 2) -> np.ndarray:
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise ValueError(f"expected one label image (H, W), got shape {lab.shape}")
-    lab = lab.astype(np.int64, copy=False)
     size = 2 * reach + 1
-    top = ndi.maximum_filter(lab, size=size, mode="constant", cval=0)
-    none = int(lab.max()) + 1  # "no nucleus" for the minimum (a float cval cannot hold int64's max exactly)
-    bottom = ndi.minimum_filter(np.where(lab > 0, lab, none), size=size, mode="constant", cval=none)
+    none = int(lab.max()) + 1 if lab.size else 1  # "no nucleus" for the minimum
+    if none < 2 ** 24:  # float32 holds these labels exactly: OpenCV's morphology, ~20x scipy's
+        lab = lab.astype(np.float32)
+        square = np.ones((size, size), np.uint8)  # outside the image counts as nothing (OpenCV's default border)
+        top = cv2.dilate(lab, square)
+        bottom = cv2.erode(np.where(lab > 0, lab, np.float32(none)), square)
+    else:
+        lab = lab.astype(np.int64)
+        top = ndi.maximum_filter(lab, size=size, mode="constant", cval=0)
+        bottom = ndi.minimum_filter(np.where(lab > 0, lab, none), size=size, mode="constant", cval=none)
     return ((bottom != none) & (top != bottom)).astype(np.uint8)
 
 
