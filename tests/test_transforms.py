@@ -41,8 +41,8 @@ def test_the_data_module_crops_at_the_scale_presets_magnifications(sample_dm):
                           cache_dir=sample_dm.cache_dir, progress=False)
     dm.setup("fit")
     names = [type(x).__name__ for x in dm.train_set.transform.transforms]
-    inner = [type(x).__name__ for x in dm.train_set.transform.transforms[-1].transforms]  # the preset, after the crop
-    assert "RandomSizedCrop" in names and "RandomCrop" not in names and "InvertImg" in inner
+    assert "RandomSizedCrop" in names and "RandomCrop" not in names
+    assert names[-1] == "Compose" and "ChannelShuffle" in repr(dm.train_set.transform.transforms[-1])  # the preset, after the crop
     crop = dm.train_set.transform.transforms[names.index("RandomSizedCrop")]
     assert crop.min_max_height == (round(32 / ZOOM[1]), round(32 / ZOOM[0]))
     assert dm.train_set[0]["image"].shape == (3, 32, 32)
@@ -139,28 +139,24 @@ def test_without_zoom_the_crop_keeps_the_size():
         assert (areas == (labels == labels.max()).sum()).all()
 
 
-def test_colour_preset_changes_colour_and_polarity_but_not_where_nuclei_are():
+def test_colour_preset_changes_colour_but_not_polarity_or_where_nuclei_are():
     mask = np.zeros((32, 32), np.uint8)
     mask[4:12, 6:20] = 1
     # H&E-like: purple nuclei on a pink background
     image = np.where(mask[..., None] == 1, np.array([90, 40, 140]), np.array([235, 170, 210])).astype(np.uint8)
     t = build_augment("colour")
     t.set_random_seed(0)
-    inverted = recoloured = kept = 0
+    recoloured = 0
     for _ in range(200):
         out = t(image=image, mask=mask)
         m, im = out["mask"], out["image"].astype(int)
         assert m.sum() == mask.sum() and out["image"].dtype == np.uint8
         fg, bg = im[m == 1].mean(), im[m == 0].mean()
         assert abs(fg - bg) > 20  # nuclei stay distinguishable from the background
-        if fg > bg:  # the input has dark nuclei on a bright background
-            inverted += 1
-            continue
-        kept += 1
+        assert fg < bg  # the input has dark nuclei on a bright background, and keeps them dark
         order = tuple(np.argsort(im[m == 0].mean(0)))
         recoloured += order != (1, 2, 0)  # the background's channel order (G < B < R) changed: another hue
-    assert 25 <= inverted <= 75  # about a quarter inverted
-    assert 0.45 * kept <= recoloured <= 0.85 * kept  # hue shifts, shuffles and grey: 70%, some of which keep the order
+    assert 90 <= recoloured <= 170  # hue shifts, shuffles and grey: 70%, some of which keep the order
 
 
 def test_scale_needs_native_resolution():

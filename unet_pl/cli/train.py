@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
     data.add_argument("--augment", choices=PRESETS, default="default",
                       help="training augmentation (unet_pl.data.transforms): default = flips/rotations; none = the notebook; "
-                           "colour = also hue, channel, grey, inversion and gamma changes for unseen stains; scale = also nuclei "
+                           "colour = also hue, channel, grey and gamma changes for unseen stains; scale = also nuclei "
                            "at 0.67-1.5x (native resolution only); colour+scale = both")
     data.add_argument("--channel", type=int, default=None, metavar="N",
                       help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
