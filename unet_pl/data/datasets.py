@@ -34,16 +34,15 @@ def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
     ``zoom=(lo, hi)`` (train only, the "scale" presets): the crop is a random square of side
     ``crop_size / hi`` to ``crop_size / lo`` resized to ``crop_size`` (labels by nearest neighbour),
     so nuclei appear between ``lo`` and ``hi`` times their size."""
+    zoom = zoom if train else None
+    big = crop_size if zoom is None else round(crop_size / zoom[0])  # the largest square cut
+    pad = A.PadIfNeeded(min_height=big, min_width=big, border_mode=cv2.BORDER_REFLECT_101, p=1.0)
     if not train:
-        pad = A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_REFLECT_101, p=1.0)
         return A.Compose([pad, A.CenterCrop(crop_size, crop_size, p=1.0)])
     if zoom is None:
-        pad = A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_REFLECT_101, p=1.0)
         steps: list = [pad, A.RandomCrop(crop_size, crop_size, p=1.0)]
     else:
-        lo, hi = zoom
-        small, big = max(1, round(crop_size / hi)), round(crop_size / lo)
-        pad = A.PadIfNeeded(min_height=big, min_width=big, border_mode=cv2.BORDER_REFLECT_101, p=1.0)
+        small = max(1, round(crop_size / zoom[1]))
         steps = [pad, A.RandomSizedCrop(min_max_height=(small, big), size=(crop_size, crop_size), w2h_ratio=1.0, p=1.0)]
     if augment is not None:
         steps.append(augment)

@@ -42,7 +42,7 @@ def default_augment() -> A.Compose:
 
 
 def colour_augment() -> list[A.BasicTransform]:
-    """The "colour" part: stain, hue, channel and polarity changes (image only)."""
+    """The "colour" part: stain, hue, channel and gamma changes (image only)."""
     return [
         A.OneOf([A.HueSaturationValue(hue_shift_limit=180, sat_shift_limit=60, val_shift_limit=0, p=1.0),
                  A.ChannelShuffle(p=1.0),
