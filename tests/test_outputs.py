@@ -288,3 +288,29 @@ def test_finishing_beside_the_network_writes_what_one_after_the_other_writes(tmp
         outs[overlap] = {p.relative_to(out): _content(p) for p in sorted(out.rglob("*")) if p.is_file()}
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 3 + 6 + 6  # 3 CSVs, a label TIFF and an ROI zip each
     assert all(outs[0][k] == outs[1][k] for k in outs[0])
+
+
+def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(tmp_path):
+    """An image that now has no nucleus loses the ROI set an earlier run wrote for it (its label TIFF
+    is now empty; the old ROIs would contradict it); results of images not in this run stay and are
+    counted."""
+    import roifile
+    import tifffile
+
+    from unet_pl.inference.outputs import Outputs
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    nuclei = np.zeros((32, 32), np.int32)
+    nuclei[4:10, 4:10], nuclei[20:28, 18:26] = 1, 2
+    first = Outputs(tmp_path / "out" / "submission.csv", tmp_path / "out", rois=True, overlays=True)
+    for name in ("a", "b"):
+        first.add(name, image, image[..., 0].astype(np.float32), nuclei)
+    first.commit()
+    assert len(roifile.roiread(tmp_path / "out" / "rois" / "a.zip")) == 2 and first.earlier == 0
+    again = Outputs(tmp_path / "out" / "submission.csv", tmp_path / "out", rois=True, overlays=True)
+    again.add("a", image, image[..., 0].astype(np.float32), np.zeros_like(nuclei))
+    again.commit()
+    assert tifffile.imread(tmp_path / "out" / "labels" / "a.tif").max() == 0
+    assert not (tmp_path / "out" / "rois" / "a.zip").exists()
+    assert (tmp_path / "out" / "rois" / "b.zip").exists()  # never deleted: another image's results
+    assert again.earlier == 3  # b's label TIFF, ROI set and overlay

@@ -100,7 +100,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     memory for reuse while predicting (``unet_pl.perf``; None: on the CPU), released at the end.
     ``overlap``: how many images' post-processing and writing may wait while the network runs
     the next (0: one after the other).
-    Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths]}``.
+    Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
+    "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one}``.
     """
     from tqdm.auto import tqdm
 
@@ -151,6 +152,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             while finishing:
                 finishing.popleft().result()
             stats["written"] = outputs.commit()
+            stats["earlier"] = outputs.earlier
         except BaseException:
             for f in finishing:
                 f.cancel()

@@ -43,7 +43,9 @@ SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_ar
 def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> None:
     """``ValueError`` unless the input (a folder or one file) and every output (folder or file) are
     apart: an output equal to or inside the input, or an input inside an output folder, could
-    replace the user's images."""
+    replace the user's images. Also ``ValueError`` when an output cannot be written (its nearest
+    existing folder is read-only, or a file stands where a folder should be): said before any
+    image is predicted, not after all of them."""
     source = Path(data_dir).expanduser().resolve()
     for out in outputs:
         if out is None:
@@ -55,6 +57,15 @@ def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> Non
         if target in source.parents:
             raise ValueError(f"the input {data_dir} is inside the output folder {out}: its files could be replaced by "
                              "results of the same name; choose an output folder outside it, e.g. --out-dir predictions")
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        if existing == target and existing.is_file():
+            existing = target.parent  # a file output replaced in its folder (staged beside it)
+        if not existing.is_dir():
+            raise ValueError(f"cannot write {out}: {existing} is a file, not a folder; choose another output, "
+                             "e.g. --out-dir predictions")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write {out}: {existing} is not writable; choose an output folder you can "
+                             "write to, e.g. --out-dir ~/predictions")
 
 
 def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
@@ -143,7 +154,11 @@ class Outputs:
         self.nuclei: list[dict] = []
         self.summary: list[dict] = []
         self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
+        self._removed: list[Path] = []  # an earlier run's file for an image that now has none (its ROI set)
         self._staging: dict[Path, Path] = {}
+        self._ids: set[str] = set()
+        #: after ``commit``: files in the per-image folders left by earlier runs for images not in this one
+        self.earlier = 0
 
     def _stage(self, dest: Path) -> Path:
         folder = dest.parent
@@ -162,6 +177,7 @@ class Outputs:
         units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps)."""
         import tifffile
 
+        self._ids.add(image_id)
         self.rows += submission_rows(image_id, labels)
         if self.out_dir is not None:
             self.nuclei += nucleus_rows(image_id, labels, intensity)
@@ -175,8 +191,8 @@ class Outputs:
             rois = roi_polygons(labels)
             if rois:
                 roifile.roiwrite(path, rois)
-            else:
-                self._staged.pop()  # no nucleus, no ROI set
+            else:  # no nucleus, no ROI set: an earlier run's set for this image goes on commit
+                self._removed.append(self._staged.pop()[1])
         if "probabilities" in self.dirs and prob is not None:
             tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
                              compression="zlib")
@@ -200,7 +216,12 @@ class Outputs:
             _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [tuple(r.values()) for r in self.summary])
         for staged, dest in self._staged:
             os.replace(staged, dest)
+        for dest in self._removed:
+            dest.unlink(missing_ok=True)
         self.abort()
+        per_image = [self.dirs[k] for k in ("labels", "rois", "probabilities", "overlays") if k in self.dirs]
+        self.earlier = sum(1 for folder in per_image if folder.is_dir() for f in folder.iterdir()
+                           if f.is_file() and not f.name.startswith(".") and f.stem not in self._ids)
         return [dest for _, dest in self._staged]
 
     def abort(self) -> None:
