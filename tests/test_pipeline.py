@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from unet_pl import LitUNet, NucleiDataModule
 from unet_pl.data import SAMPLE_DIR
@@ -146,11 +147,13 @@ def test_inference_as_the_readme_shows_it_imports_no_lightning(tmp_path):
     code = f"""
 import sys
 from unet_pl import load_model, segment
-from unet_pl.data.images import read_image
+from unet_pl.data.readers import read_raw
 from unet_pl.data import SAMPLE_DIR
 
 net = load_model({str(tmp_path / 'best.ckpt')!r})
-image = read_image(sorted(SAMPLE_DIR.glob('*/images/*.png'))[0])
+path = sorted(SAMPLE_DIR.glob('*/images/*.png'))[0]
+labels = segment(net, path)
+image = read_raw(path, net.settings.channel)
 labels = segment(net, image)
 labels = segment(net, image, tta="d4", min_size=20)
 assert labels.shape == image.shape[:2] and net.settings.img_size == 32
@@ -176,6 +179,27 @@ def test_segment_takes_image_arrays_and_says_what_else_to_do():
     for bad in (rgb.astype(np.float32) / 255, rgb[None]):
         with pytest.raises(ValueError, match="uint8|shape"):
             segment(model, bad)
+
+
+def test_segment_of_a_16_bit_file_equals_predict_py_with_the_bundled_model(tmp_path):
+    """The README's inference lines on a 12-bit-in-16-bit, non-square TIFF with the bundled model
+    (native, per-image percentiles): the path and ``read_raw``'s pixels give predict.py's labels."""
+    import tifffile
+
+    from unet_pl import load_model, segment
+    from unet_pl.cli.predict import main
+    from unet_pl.data.readers import read_raw
+
+    grey = np.asarray(Image.open(sorted(SAMPLE_DIR.glob("*/images/*.png"))[0]).convert("L"))[:180, :250]
+    path = tmp_path / "in" / "cells.tif"
+    path.parent.mkdir()
+    tifffile.imwrite(path, grey.astype(np.uint16) * 16)  # 12-bit camera data: values up to 4080
+    main(["--data-dir", str(path), "--out-dir", str(tmp_path / "out"), "--gpus", "0", "--no-progress"])
+    expected = tifffile.imread(tmp_path / "out" / "labels" / "cells.tif")
+    net = load_model()
+    by_path = segment(net, path)
+    assert by_path.shape == (180, 250) and by_path.max() > 3 and np.array_equal(by_path, expected)
+    assert np.array_equal(segment(net, read_raw(path, net.settings.channel)), expected)
 
 
 def test_predict_cli_runs_without_importing_lightning(tmp_path):

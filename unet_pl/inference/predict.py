@@ -5,7 +5,7 @@ score and ``predict_step``, ``val_predictions.png`` and the tuning of the post-p
 functions take a network (any ``nn.Module`` mapping float images ``(N, 3, H, W)`` in [0, 1] to
 logits, e.g. ``UNet`` or ``LitUNet``) and its ``Settings``; nothing here imports Lightning.
 
-    image uint8/uint16 (H, W[, C])             a file's pixels (``read_raw``), or ``read_image``'s uint8 RGB
+    image file path, or uint8/uint16 (H, W[, C])   read as predict.py reads it (``read_raw``), or a file's pixels
       -> uint8 (H, W, 3)                        the channel and intensity rule of the settings (check_image)
       -> network input float32 (1, 3, h, w)    resize: the notebook's squash to img_size squares;
                                                 native: the image itself, padded to a multiple of 16
@@ -18,13 +18,14 @@ logits, e.g. ``UNet`` or ``LitUNet``) and its ``Settings``; nothing here imports
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data.readers import to_rgb8
+from ..data.readers import read_raw, to_rgb8
 from ..geometry import resize_back, resize_image
 from .postprocess import probabilities_to_labels
 from .scale import auto_factor, resize, scaled_size
@@ -40,15 +41,18 @@ def settings_of(net: nn.Module, settings: Settings | None = None, **overrides: A
     return settings.replace(**overrides)
 
 
-def check_image(image: np.ndarray, settings: Settings) -> np.ndarray:
-    """An array as a file's pixels -> uint8 ``(H, W, 3)`` for the network, read as in training:
-    uint8 or uint16, ``(H, W)``, ``(H, W, 1)``, RGB, RGBA or ``(H, W, C)`` with ``settings.channel``
-    picking the nuclear channel, then ``settings.intensity`` (``unet_pl.data.readers.to_rgb8``).
-    Anything else is a ``ValueError`` that says how to get there."""
+def check_image(image: np.ndarray | str | Path, settings: Settings) -> np.ndarray:
+    """An image file (read with ``read_raw`` and ``settings.channel``, as predict.py reads it) or an
+    array as a file's pixels -> uint8 ``(H, W, 3)`` for the network, read as in training: uint8 or
+    uint16, ``(H, W)``, ``(H, W, 1)``, RGB, RGBA or ``(H, W, C)`` with ``settings.channel`` picking
+    the nuclear channel, then ``settings.intensity`` (``unet_pl.data.readers.to_rgb8``). Anything
+    else is a ``ValueError`` that says how to get there."""
+    if isinstance(image, (str, Path)):
+        image = read_raw(image, settings.channel)
     image = np.asarray(image)
     if image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"images go into the network as uint8 or uint16 (H, W[, C]) pixels, got {image.dtype} {image.shape}; "
-                         "read files with unet_pl.data.images.read_image (or read_raw), which apply the bit-depth rules")
+                         "pass the file's path, or its pixels as unet_pl.data.readers.read_raw returns them")
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3:
@@ -94,8 +98,9 @@ def _device(net: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def probabilities(net: nn.Module, image: np.ndarray, settings: Settings | None = None, **overrides: Any) -> np.ndarray:
-    """One image uint8 ``(H, W, 3)`` -> probabilities float ``(C, H, W)`` in [0, 1] at its own size."""
+def probabilities(net: nn.Module, image: np.ndarray | str | Path, settings: Settings | None = None,
+                  **overrides: Any) -> np.ndarray:
+    """One image (a file's path or its pixels, see ``check_image``) -> probabilities float ``(C, H, W)`` in [0, 1] at its own size."""
     return next(predict_images(net, [image], settings_of(net, settings, **overrides)))
 
 
@@ -106,8 +111,10 @@ def labels_from_probabilities(prob: np.ndarray, settings: Settings) -> np.ndarra
                                    min_relative_size=settings.min_relative_size, min_probability=settings.min_probability)
 
 
-def segment(net: nn.Module, image: np.ndarray, settings: Settings | None = None, **overrides: Any) -> np.ndarray:
-    """One image uint8 ``(H, W, 3)`` (any size) -> nuclei int32 ``(H, W)``: 0 background, 1..k one per nucleus.
+def segment(net: nn.Module, image: np.ndarray | str | Path, settings: Settings | None = None,
+            **overrides: Any) -> np.ndarray:
+    """One image, any size (a file's path, or its pixels as ``read_raw`` returns them: the model's
+    channel and intensity rule are applied here, see ``check_image``) -> nuclei int32 ``(H, W)``: 0 background, 1..k one per nucleus.
 
     ``settings``: how the network was trained and how to post-process (default: ``net.settings``
     where the network has them, as a ``LitUNet`` or ``unet_pl.load_model``'s does; else the
