@@ -68,8 +68,11 @@ def test_a_crafted_checkpoint_runs_nothing_anywhere_we_load_one(tmp_path, capsys
     assert "evil.ckpt" in err and not marker.exists()
     err = one_line_exit_2(predict, ["--ckpt", str(evil), "--data-dir", str(tmp_path), "--gpus", "0"], capsys)
     assert "evil.ckpt" in err and not marker.exists()
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError) as e:
         LitUNet.load_from_checkpoint(evil)  # as the README shows it
+    message = str(e.value)
+    assert "evil.ckpt" in message and "refused" in message and len(message.splitlines()) == 1
+    assert "weights_only" not in message and e.value.__cause__ is None
     assert not marker.exists()
     assert not (tmp_path / "run").exists()
 
@@ -93,6 +96,35 @@ def test_resuming_an_instance_checkpoint_in_notebook_mode_names_the_flag(tmp_pat
     ckpt = save_ckpt(tmp_path / "last.ckpt", head="mask+boundary", resolution="native", img_size=64)
     err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(ckpt), "--cache-dir", str(tmp_path / "c")], capsys)
     assert "--mode instance" in err
+
+
+def test_resuming_a_weights_only_checkpoint_is_one_line_and_makes_no_run_folder(tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+    from unet_pl.inference.checkpoint import PRETRAINED, export_model
+
+    exported = export_model(save_ckpt(tmp_path / "best.ckpt", img_size=32), tmp_path / "small.ckpt")
+    for ckpt, mode in ((exported, "notebook"), (PRETRAINED, "instance")):
+        err = one_line_exit_2(train, ["--gpus", "0", "--mode", mode, "--resume", str(ckpt), "--out", str(tmp_path / "run"),
+                                      "--cache-dir", str(tmp_path / "c")], capsys)
+        assert ckpt.name in err and "weights only" in err and "without --resume" in err
+        assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+def test_resuming_into_another_runs_folder_is_refused(tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+
+    run_a = tmp_path / "runA"
+    run_a.mkdir()
+    ckpt = save_ckpt(run_a / "last.ckpt", img_size=32)
+    run_two = tmp_path / "run_two"
+    run_two.mkdir()
+    before = {name: os.urandom(64) for name in ("best.ckpt", "hparams.yaml")}
+    for name, data in before.items():
+        (run_two / name).write_bytes(data)
+    err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(ckpt), "--out", str(run_two),
+                                  "--cache-dir", str(tmp_path / "c")], capsys)
+    assert "run_two" in err and "another run" in err and "nothing was changed" in err
+    assert {name: (run_two / name).read_bytes() for name in before} == before and sorted(os.listdir(run_two)) == sorted(before)
 
 
 def test_a_keras_file_that_is_not_hdf5_is_one_line(tmp_path, capsys):
@@ -137,6 +169,50 @@ def test_an_unwritable_run_folder_is_one_line_before_any_work(tmp_path, capsys, 
     assert "runs" in err and "not writable" in err and "--out" in err
 
 
+def test_an_unwritable_prediction_folder_is_one_line_before_any_image(tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    from unet_pl.cli.predict import main as predict
+    from unet_pl.data import SAMPLE_DIR
+    from unet_pl.inference import folder, outputs
+
+    ckpt = save_ckpt(tmp_path / "best.ckpt", img_size=32)
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(sorted(SAMPLE_DIR.glob("*/images/*.png"))[0], images / "a.png")
+    argv = ["--ckpt", str(ckpt), "--data-dir", str(images), "--gpus", "0", "--no-progress"]
+    real_predict_folder, real_access = folder.predict_folder, os.access
+
+    def predict_folder(*args, **kwargs):
+        raise AssertionError("prediction started before the outputs were checked")
+
+    # root writes anywhere, so a read-only folder is simulated where the check asks
+    ro, mount = tmp_path / "ro", tmp_path / "mount"
+    ro.mkdir()
+    mount.mkdir()
+    monkeypatch.setattr(folder, "predict_folder", predict_folder)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).resolve() in (ro.resolve(), mount.resolve())
+                        else real_access(p, mode))
+    monkeypatch.chdir(ro)  # a read-only working directory, no --out-dir: submission.csv would go there
+    err = one_line_exit_2(predict, argv, capsys)
+    assert "submission.csv" in err and str(ro.resolve()) in err and "not writable" in err
+    err = one_line_exit_2(predict, [*argv, "--out-dir", str(mount / "preds")], capsys)  # a read-only mount
+    assert str(mount / "preds") in err and "not writable" in err
+    assert not (mount / "preds").exists()
+    # and a folder that turns read-only (or full) while the images are predicted: one line, nothing replaced
+    monkeypatch.setattr(folder, "predict_folder", real_predict_folder)
+    out = tmp_path / "out"
+
+    def commit(self):
+        raise OSError(errno.EROFS, "Read-only file system", str(out / f"{outputs.STAGING_PREFIX}1" / "submission.csv"))
+
+    monkeypatch.setattr(outputs.Outputs, "commit", commit)
+    err = one_line_exit_2(predict, [*argv, "--out-dir", str(out)], capsys)
+    assert f"cannot write into {out} (Read-only file system)" in err and "unchanged" in err
+    assert not (out / "submission.csv").exists()
+
+
 # ---------------------------------------------------------------- bad data, said before the long work
 
 
@@ -166,11 +242,21 @@ def test_cache_folder_problems_are_said_before_decoding(make_train_dir, tmp_path
     err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(a_file),
                                   "--out", str(tmp_path / "r1")], capsys)
     assert "cachefile" in err and "is a file" in err and "--cache-dir" in err
+
+    def read_only(folder):  # root writes anywhere: the probe's answer on a read-only folder, simulated
+        raise PermissionError(13, "Permission denied", str(folder / "tmpabc"))
+
+    monkeypatch.setattr(cache, "_write_probe", read_only)
+    err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(tmp_path / "ro"),
+                                  "--out", str(tmp_path / "r0")], capsys)
+    assert f"cannot write into the cache folder {tmp_path / 'ro'} (Permission denied)" in err and "--cache-dir" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(cache, "decode_item", decode_item)
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 19})())  # 0.5 MB
     err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"),
                                   "--resolution", "native", "--out", str(tmp_path / "r2")], capsys)
     assert "needs about 1.0 MB" in err and "0.5 MB are free" in err
-    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    assert not any((tmp_path / r).exists() for r in ("r0", "r1", "r2"))
 
 
 def test_errors_recommend_flags_that_exist(make_train_dir, tmp_path, capsys):
@@ -198,13 +284,35 @@ def test_errors_recommend_flags_that_exist(make_train_dir, tmp_path, capsys):
 def test_an_image_over_pillows_pixel_limit_is_not_called_corrupt(tmp_path, monkeypatch):
     from PIL import Image
 
-    from unet_pl.data.images import read_image
+    from unet_pl.data.images import image_size, read_image
 
     path = write_png(tmp_path / "big.png", np.zeros((40, 40, 3), np.uint8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 px is over twice the limit: Pillow's bomb error
     with pytest.raises(ValueError) as e:
         read_image(path)
     assert "big.png" in str(e.value) and "tiles" in str(e.value) and "corrupt" not in str(e.value)
+    monkeypatch.undo()
+    # the issue's case at Pillow's own limit: a header that claims 14000 x 14000 px, read for its size
+    # (--mode instance's native cache) and for its pixels
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header(14000, 14000))
+    for read in (image_size, read_image):
+        with pytest.raises(ValueError) as e:
+            read(huge)
+        message = str(e.value)
+        assert "huge.png" in message and "tiles" in message and "replace or delete" not in message, message
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR (8-bit RGB), then IEND: enough for Pillow to read the size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------- the cache: leftovers and races

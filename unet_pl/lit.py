@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
 
 import lightning.pytorch as pl
 import numpy as np
@@ -123,9 +125,15 @@ class LitUNet(pl.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              weights_only: bool = True, **kwargs) -> LitUNet:
         """Lightning's ``load_from_checkpoint``, but ``weights_only=True`` unless asked otherwise:
-        our checkpoints hold tensors and plain values only, and a file that holds code is refused."""
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
+        our checkpoints hold tensors and plain values only, and a file that holds code is refused
+        with a one-line ``ValueError`` naming it."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                                strict=strict, weights_only=weights_only, **kwargs)
+        except pickle.UnpicklingError:
+            name = checkpoint_path if isinstance(checkpoint_path, (str, os.PathLike)) else "the checkpoint"
+            raise ValueError(f"{name}: not a unet_pl checkpoint, or one holding code: refused (nothing in it was run); "
+                             "use a best.ckpt or last.ckpt that train.py wrote") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, out_channels, H, W)`` for images ``x`` float32 ``(N, C, H, W)`` in [0, 1]."""

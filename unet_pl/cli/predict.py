@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("--batch-size must be >= 1, --num-workers and --min-size >= 0")
     from ..inference.checkpoint import PRETRAINED, load_model, read_checkpoint
     from ..inference.folder import SQUASH_WARNING, choose_device, predict_folder
-    from ..inference.outputs import check_outputs
+    from ..inference.outputs import STAGING_PREFIX, check_outputs
 
     if (args.rois or args.probabilities or args.overlays) and args.out_dir is None:
         fail("--rois, --probabilities and --overlays write into --out-dir: pass --out-dir FOLDER")
@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> None:
                                overlays_dir=args.overlays_dir, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing was replaced (Outputs)
+        where = Path(e.filename or args.out_dir or out_csv)
+        where = next((p.parent for p in (where, *where.parents) if p.name.startswith(STAGING_PREFIX)), where)
+        fail(f"cannot write into {where} ({e.strerror or e}); the previous results are unchanged: free some space or "
+             "choose an output folder you can write to (--out-dir)")
     took = time.perf_counter() - t0
     n = stats["images"]
     print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} nuclei ({stats['empty']} without any) in {took:.1f} s on {device}")

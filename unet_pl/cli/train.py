@@ -226,6 +226,11 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
         writable = next(p for p in (out, *out.parents) if p.exists())
         if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
             fail(f"cannot create the run folder {out}: {writable} is not writable; pass --out a folder you can write to")
+    if ckpt is not None and first and not args.fast_dev_run and args.out and out.resolve() != ckpt.parent.resolve():
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held:  # the resumed run would replace another run's files
+            fail(f"--out {out} already holds another run ({', '.join(held)}) than the one {ckpt} comes from; leave "
+                 f"--out out to continue in {ckpt.parent}, or pass an --out that holds no run (nothing was changed)")
     return out, ckpt
 
 
@@ -248,7 +253,7 @@ def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=side(args), head=args.head,
-                    contact_weight=args.contact_weight,
+                    contact_weight=args.contact_weight, tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
         # in place: the parameters keep their names, so checkpoints load without torch.compile
@@ -262,10 +267,14 @@ def check_resume(ckpt: Path, model, say) -> None:
     from ..inference.checkpoint import read_checkpoint
 
     try:
-        saved = read_checkpoint(ckpt).get("hyper_parameters", {})
+        full = read_checkpoint(ckpt)
     except (FileNotFoundError, ValueError) as e:
         fail(f"--resume: {e}")
-    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k != "postprocess"}
+    if "optimizer_states" not in full or "loops" not in full:  # unet-export's output, the bundled pretrained model
+        fail(f"--resume {ckpt}: it holds weights only (no optimizer or loop state), so there is no run to continue; "
+             "train anew without --resume, or resume from a run's last.ckpt (predict.py --ckpt uses this file as it is)")
+    saved = full.get("hyper_parameters", {})
+    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k not in ("postprocess", "tune")}
     shape = {"in_channels", "out_channels", "base_filters"} & set(differ)
     if shape:
         hint = ""
@@ -281,7 +290,7 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput, TunePostprocessing
+    from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput
 
     gpu = args.gpus > 0
     devices = args.gpus if gpu else args.cpu_processes
@@ -291,9 +300,8 @@ def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     interrupt, throughput = SaveOnInterrupt(out / "last.ckpt"), Throughput()
     # Redrawing the bar reads the step loss from the device; every 10 steps keeps a GPU from waiting on it.
     bar = TQDMProgressBar(refresh_rate=10)
-    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]  # + LitUNet's KeepFreedMemory
-    if args.tune == "on":
-        cbs.append(TunePostprocessing())
+    # + LitUNet's own: KeepFreedMemory, AdaptiveThreads and, with --tune on (its tune=True), TunePostprocessing
+    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]
     if args.patience > 0:
         cbs.append(EarlyStopping(monitor="val/loss", mode="min", patience=args.patience))
     loggers = [CSVLogger(out, name="logs")]

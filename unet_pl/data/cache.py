@@ -185,14 +185,19 @@ def check_cache_dir(cache_dir: Path, needed: int) -> None:
         raise ValueError(f"cache folder {cache_dir} is a file, not a folder; {fix}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache_dir):
-            pass
+        _write_probe(cache_dir)
     except OSError as e:
         raise ValueError(f"cannot write into the cache folder {cache_dir} ({e.strerror or e}); {fix}") from None
     free = shutil.disk_usage(cache_dir).free
     if free < needed:
         raise ValueError(f"the decoded cache needs about {_mb(needed)} in {cache_dir} but only {_mb(free)} are free; "
                          f"free some space or {fix}")
+
+
+def _write_probe(folder: Path) -> None:
+    """Create and remove a file in ``folder``: unlike ``os.access``, this sees read-only mounts and ACLs."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def _mb(n: int) -> str:

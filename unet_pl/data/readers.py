@@ -148,9 +148,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
             w, h = im.size
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(path) from None
     except _PILLOW_ERRORS as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); replace or delete it") from None
     return h, w
+
+
+def _too_many_pixels(path: Path) -> ValueError:
+    """Pillow's decompression-bomb refusal, said as what it is for a real image: too large, not corrupt."""
+    return ValueError(
+        f"{path}: the image has more pixels than Pillow decodes without a warning against decompression bombs "
+        f"({Image.MAX_IMAGE_PIXELS:,} x 2); if it is a real image, cut it into tiles (Fiji: Image > Stacks > "
+        "Tools > Montage to Stack) or save a downscaled copy")
 
 
 def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
@@ -165,11 +175,7 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
     except FileNotFoundError:
         raise
     except Image.DecompressionBombError:
-        raise ValueError(
-            f"{path}: the image has more pixels than Pillow decodes without a warning against decompression bombs "
-            f"({Image.MAX_IMAGE_PIXELS:,} x 2); if it is a real image, cut it into tiles (Fiji: Image > Stacks > "
-            "Tools > Montage to Stack) or save a downscaled copy"
-        ) from None
+        raise _too_many_pixels(path) from None
     except _PILLOW_ERRORS as e:
         raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
                          "truncated: download it again, or delete its image folder") from None
