@@ -2,6 +2,7 @@
 Lightning's default logger), one inference path, settings that travel with the checkpoint."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,31 @@ def test_native_data_trains_a_native_model_that_predicts_whole_images(tmp_path):
     model = LitUNet()  # resolution and side from the data module
     _trainer(tmp_path, logger=False, enable_checkpointing=False).fit(model, dm)
     assert (model.settings.resolution, model.settings.img_size) == ("native", 64)
+
+
+def test_python_api_fit_of_the_boundary_head_tunes_and_says_what_it_set(tmp_path):
+    """``fit(model, dm)`` as the README shows it, no train.py: the boundary head's post-processing is
+    chosen on the validation images and lands in the checkpoint; the process-wide settings the
+    model's callbacks make are printed, not hidden; ``tune=False`` leaves the defaults."""
+    dm = NucleiDataModule(resolution="native", img_size=64, head="mask+boundary", cache_dir=tmp_path / "cache",
+                          progress=False)
+    model = LitUNet(head="mask+boundary")
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    shown = logging.getLogger("lightning.pytorch")  # the logger whose lines Lightning prints (GPU available: ...)
+    shown.addHandler(handler)
+    try:
+        _trainer(tmp_path / "a", accelerator="cpu").fit(model, dm)
+    finally:
+        shown.removeHandler(handler)
+    hp = torch.load(next((tmp_path / "a").rglob("*.ckpt")), weights_only=True)["hyper_parameters"]
+    assert set(hp["postprocess"]) == {"threshold", "seed_threshold", "min_size"}
+    said = "\n".join(lines)
+    assert "img_size taken from the data module: 64" in said and "keeping freed memory" in said
+    untuned = LitUNet(head="mask+boundary", tune=False)
+    _trainer(tmp_path / "b", accelerator="cpu").fit(untuned, dm)
+    assert torch.load(next((tmp_path / "b").rglob("*.ckpt")), weights_only=True)["hyper_parameters"]["postprocess"] is None
 
 
 def test_tuning_picks_the_best_threshold_by_the_score_and_the_checkpoint_keeps_it(tmp_path, sample_dir):

@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .perf import ThreadChooser, keep_freed_memory, release_freed_memory
 
@@ -148,7 +149,9 @@ class KeepFreedMemory(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.strategy.root_device.type == "cpu" and keep_freed_memory():
             self.active = True
-            log.info("keeping freed memory for reuse during this CPU run (unet_pl.perf; UNET_PL_KEEP_FREED_MEMORY=0 turns it off)")
+            # through Lightning's logger: shown beside its own lines, as a process-wide setting should be
+            rank_zero_info("unet_pl: keeping freed memory for reuse during this CPU run, given back at its end "
+                           "(unet_pl.perf; UNET_PL_KEEP_FREED_MEMORY=0 turns it off)")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.active:
@@ -175,6 +178,8 @@ class AdaptiveThreads(Callback):
         deterministic = torch.are_deterministic_algorithms_enabled()
         if not off and not deterministic and pl_module.device.type == "cpu" and trainer.world_size == 1 and self._threads > 1:
             self.chooser = ThreadChooser(self._threads)
+            rank_zero_info(f"unet_pl: training threads follow the machine's load ({self._threads} now, fewer while another "
+                           "program holds a core; restored at the end; UNET_PL_ADAPTIVE_THREADS=0 keeps them fixed)")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()

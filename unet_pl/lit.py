@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .geometry import SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
 from .inference.predict import labels_from_probabilities, probabilities, to_input
@@ -66,6 +67,9 @@ class LitUNet(pl.LightningModule):
             no channel selection, "fixed").
         postprocess: ``{"threshold", "seed_threshold", "min_size"}`` chosen on the validation split
             at the end of training (``unet_pl.callbacks.TunePostprocessing``); prediction's defaults.
+        tune: choose ``postprocess`` at the end of ``fit`` (the model adds ``TunePostprocessing``).
+            None: for the ``mask+boundary`` head (its watershed has thresholds worth choosing; a few
+            seconds to a minute on the validation images), not for the notebook's ``mask`` head.
 
     ``settings`` is what inference needs (``unet_pl.inference.Settings``): ``segment(model, image)``.
     """
@@ -90,6 +94,7 @@ class LitUNet(pl.LightningModule):
         postprocess: dict | None = None,
         channel: int | None = None,
         intensity: str | None = None,
+        tune: bool | None = None,
     ) -> None:
         super().__init__()
         if optimizer.lower() not in OPTIMIZERS:
@@ -155,7 +160,7 @@ class LitUNet(pl.LightningModule):
         hyperparameters get the adopted values, so Lightning's merge of the two sees no clash."""
         taken = reconcile(self.hparams, {k: data[k] for k in SHARED_KEYS if k in data})
         for key, value in taken.items():
-            log.info("%s: taken from the data module: %s", key, value)
+            rank_zero_info(f"unet_pl: LitUNet's {key} taken from the data module: {value}")
             self.hparams[key] = value
             self._hparams_initial[key] = value
 
@@ -169,10 +174,14 @@ class LitUNet(pl.LightningModule):
         """``KeepFreedMemory``: on CPU runs glibc keeps freed memory for reuse (no page faults per
         activation; ``unet_pl.perf``), logged when it takes effect, released when the run ends.
         ``AdaptiveThreads``: on CPU runs the thread count follows the machine's load (fewer threads
-        while another program holds a core; ``unet_pl.perf.ThreadChooser``)."""
-        from .callbacks import AdaptiveThreads, KeepFreedMemory
+        while another program holds a core; ``unet_pl.perf.ThreadChooser``). Both say so through
+        Lightning's logger when they take effect; ``trainer.callbacks`` lists them.
+        ``TunePostprocessing`` with ``tune`` (see the class docstring)."""
+        from .callbacks import AdaptiveThreads, KeepFreedMemory, TunePostprocessing
 
-        return [KeepFreedMemory(), AdaptiveThreads()]
+        tune = self.hparams.get("tune")
+        tune = head_channels(self.hparams.head) > 1 if tune is None else tune
+        return [KeepFreedMemory(), AdaptiveThreads()] + ([TunePostprocessing()] if tune else [])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if self._trainer is not None and self.trainer.predicting:

@@ -5,8 +5,8 @@ with ``--config``, ``--print_config``, every ``LitUNet`` (``--model.*``), ``Nucl
 (``--data.*``) and ``Trainer`` (``--trainer.*``) argument. The geometry is given once, on the
 data module: ``--data.resolution``, ``--data.img_size`` and ``--data.head`` are linked into the
 model, so the two cannot disagree. ``scripts/train.py`` stays the main entry (run folder,
-resume, summary); this one adds the post-processing tuning as a default callback (the model
-adds the CPU memory setting) and otherwise is Lightning's.
+resume, summary); this one is Lightning's (the model adds its callbacks: the post-processing
+tuning with ``--model.tune``, on for the ``mask+boundary`` head by default, and the CPU settings).
 
     python -m unet_pl.cli.lightning fit --data.data_dir path/to/stage1_train --data.resolution native \\
         --data.head mask+boundary --trainer.max_epochs 100 --print_config > config.yaml
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-from ..callbacks import TunePostprocessing
 from ..data.module import NucleiDataModule
 from ..geometry import SHARED_KEYS
 from ..lit import LitUNet
@@ -29,8 +28,7 @@ class UNetCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> UNetCLI:
-    return UNetCLI(LitUNet, NucleiDataModule, args=args, save_config_kwargs={"overwrite": False},
-                   trainer_defaults={"callbacks": [TunePostprocessing()]})
+    return UNetCLI(LitUNet, NucleiDataModule, args=args, save_config_kwargs={"overwrite": False})
 
 
 if __name__ == "__main__":
