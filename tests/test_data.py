@@ -299,7 +299,7 @@ def test_missing_and_empty_data_dir(tmp_path):
 def test_folder_without_its_image(make_train_dir, tmp_path):
     root = make_train_dir()
     (root / "img01" / "images" / "img01.png").rename(root / "img01" / "images" / "other.png")
-    with pytest.raises(FileNotFoundError, match=r"img01/images/img01\.png not found.*add it or remove"):
+    with pytest.raises(FileNotFoundError, match=r"img01/images/img01\.png not found.*competition.s layout.*img01/ is not such a folder"):
         dm_for(root, tmp_path).prepare_data()
 
 

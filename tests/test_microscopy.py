@@ -107,9 +107,10 @@ def test_binary_masks_are_foreground_in_every_bit_depth(tmp_path, top):
     assert np.array_equal(decode_masks(grey.shape, converted), truth)
 
 
-def _label_layout(root: Path) -> Path:
-    """The bundled sample as images/<id>.tif + masks/<id>.tif (16-bit label images): what Fiji or QuPath export."""
-    for it in scan_train_dir(SAMPLE_DIR):
+def _label_layout(root: Path, n: int | None = None) -> Path:
+    """The bundled sample (its first ``n`` images) as images/<id>.tif + masks/<id>.tif (16-bit label
+    images): what Fiji or QuPath export."""
+    for it in scan_train_dir(SAMPLE_DIR)[:n]:
         (root / "images").mkdir(parents=True, exist_ok=True)
         (root / "masks").mkdir(exist_ok=True)
         image = np.asarray(Image.open(it.image))
@@ -160,13 +161,21 @@ def test_evaluate_reads_a_label_image_truth_folder(tmp_path):
 
 def test_tiff_and_jpeg_training_images_in_the_competition_layout(tmp_path):
     root = tmp_path / "stage1_train"
-    for it in scan_train_dir(SAMPLE_DIR)[:3]:
+    originals = []
+    for k, it in enumerate(scan_train_dir(SAMPLE_DIR)[:3]):
         shutil.copytree(it.image.parent.parent / "masks", root / it.id / "masks")
         (root / it.id / "images").mkdir(parents=True)
         image = np.asarray(Image.open(it.image))[..., :3]
-        tifffile.imwrite(root / it.id / "images" / f"{it.id}.tif", image)
+        originals.append(image)
+        if k == 1:
+            Image.fromarray(image).save(root / it.id / "images" / f"{it.id}.jpg", quality=95)
+        else:
+            tifffile.imwrite(root / it.id / "images" / f"{it.id}.tif", image)
     items = scan_train_dir(root)
-    assert [it.image.suffix for it in items] == [".tif"] * 3
+    assert [it.image.suffix for it in items] == [".tif", ".jpg", ".tif"]
+    # the JPEG decodes to its image, give or take the compression
+    jpeg = read_image(items[1].image).astype(int)
+    assert jpeg.shape == originals[1].shape and np.abs(jpeg - originals[1]).mean() < 3
     dm = NucleiDataModule(root, img_size=32, cache_dir=tmp_path / "c", progress=False)
     dm.prepare_data()
     dm.setup("fit")
@@ -292,3 +301,120 @@ def test_binary_mask_warning_only_for_label_image_annotations(tmp_path, caplog):
         assert "binary mask" not in caplog.text
         warn_if_binary([TrainItem("abc", tmp_path / "flat/images/abc.png", (flat / "abc.png",))])
         assert "binary mask" in caplog.text and "abc.png" in caplog.text
+
+
+# --- the label-image layout and prediction folders: nothing dropped without a word ------------------
+
+def test_an_unsupported_file_in_images_is_an_error_naming_it(tmp_path):
+    root = _label_layout(tmp_path / "exported", n=3)
+    shutil.copy(SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png", root / "images" / "x.gif")  # a GIF in name only is enough
+    (root / "images" / "._x.tif").write_bytes(b"\0")  # macOS' shadow file: hidden, never an error
+    with pytest.raises(ValueError, match=r"images/x\.gif: not an image format read here.*save it as TIFF or PNG"):
+        scan_train_dir(root)
+    with pytest.raises(ValueError, match=r"x\.gif"):
+        NucleiDataModule(root, cache_dir=tmp_path / "c", progress=False).prepare_data()
+
+
+def test_an_annotation_in_an_unread_format_is_an_error_and_orphans_are_warned(tmp_path, caplog):
+    root = _label_layout(tmp_path / "exported", n=3)
+    first = sorted((root / "masks").iterdir())[0]
+    tifffile.imwrite(root / "masks" / "orphan.tif", tifffile.imread(first))
+    (root / "masks" / "notes.txt").write_text("drawn by hand")
+    with caplog.at_level(logging.WARNING):
+        items = scan_train_dir(root)
+    assert len(items) == 3 and all(len(it.masks) == 1 for it in items)
+    warned = [r.getMessage() for r in caplog.records if "orphan.tif" in r.getMessage()]
+    assert len(warned) == 1 and "notes.txt" in warned[0] and "2 files without an image" in warned[0]
+    # the annotation of an image, in a format not read: named, not "no label image"
+    first.rename(first.with_suffix(".gif"))
+    with pytest.raises(ValueError, match=rf"{first.stem}\.gif: not an image format read here"):
+        scan_train_dir(root)
+
+
+def test_a_prediction_folder_says_which_files_it_skips(tmp_path, caplog):
+    png = SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png"
+    shutil.copy(png, tmp_path / "a.png")
+    (tmp_path / "b.gif").write_bytes(b"GIF89a")
+    (tmp_path / "c.webp").write_bytes(b"RIFF")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING):
+        assert list_images(tmp_path) == [("a", tmp_path / "a.png")]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "b.gif, c.webp" in skipped[0] and "DS_Store" not in skipped[0]
+
+
+def test_predict_takes_the_folder_holding_stage1_train_as_train_does(tmp_path):
+    holding = SAMPLE_DIR.parent  # unet_pl/sample: stage1_train, its labels CSV and a README
+    assert list_images(holding) == list_images(SAMPLE_DIR) and len(list_images(holding)) == 30
+    both = tmp_path / "download"
+    for name in ("stage1_train", "stage1_test"):
+        (both / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds stage1_train and stage1_test; pass the one you mean"):
+        list_images(both)
+    stray = tmp_path / "scope"
+    (stray / "results").mkdir(parents=True)
+    shutil.copy(SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png", stray / "a.png")
+    with pytest.raises(FileNotFoundError) as e:
+        list_images(stray)
+    assert "competition's layout" in str(e.value) and "remove" not in str(e.value)
+
+
+def test_a_single_image_file_as_training_data_dir_names_both_layouts(tmp_path):
+    png = SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png"
+    with pytest.raises(ValueError, match=r"is a file; training takes a folder: the competition's stage1_train.*"
+                                         r"images/ with masks/ \(or labels/\) label images"):
+        NucleiDataModule(png, cache_dir=tmp_path, progress=False).prepare_data()
+
+
+def test_evaluate_warns_about_binary_truth_and_names_an_image_given_as_truth(tmp_path, caplog, capsys):
+    from unet_pl.cli.evaluate import main
+    from unet_pl.evaluation import load_truth
+
+    root = _label_layout(tmp_path / "exported", n=2)
+    for m in (root / "masks").iterdir():  # label images flattened to {0, 255}: touching nuclei merge
+        tifffile.imwrite(m, ((tifffile.imread(m) > 0) * 255).astype(np.uint8))
+    with caplog.at_level(logging.WARNING):
+        load_truth(root)
+    assert "binary mask" in caplog.text and "scored as one nucleus" in caplog.text
+    pred = tmp_path / "p.csv"
+    pred.write_text("ImageId,EncodedPixels\n")
+    image = sorted((root / "images").iterdir())[0]
+    with pytest.raises(SystemExit) as e:
+        main(["--pred", str(pred), "--truth", str(image)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert image.name in err and "--truth" in err and "run-length CSV" in err and "codec" not in err
+
+
+def test_predict_cli_channel_2_on_a_hyperstack_with_a_checkpoint_saved_without_channel(tmp_path):
+    """--channel 2 at prediction picks the nuclear plane of an ImageJ hyperstack for a checkpoint that
+    recorded no channel: the nuclei equal those of the nuclear plane saved alone."""
+    import subprocess
+    import sys
+
+    from unet_pl import load_model, segment
+
+    grey, _ = _fluo()
+    model = LitUNet(img_size=32, intensity="percentile")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    nuclear = grey.astype(np.uint16) * 16
+    hyper, alone = tmp_path / "cells.tif", tmp_path / "nuclei.tif"
+    tifffile.imwrite(hyper, np.stack([np.full_like(nuclear, 1440), nuclear]), imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(alone, nuclear)
+    root = Path(__file__).resolve().parents[1]
+
+    def predict(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "scripts/predict.py", "--ckpt", str(tmp_path / "m.ckpt"), "--data-dir",
+                               str(hyper), "--out", str(tmp_path / "s.csv"), "--gpus", "0", "--no-progress",
+                               "--masks-dir", str(tmp_path / "m"), *flags], capture_output=True, text=True, cwd=root,
+                              timeout=120)
+
+    p = predict()
+    assert p.returncode != 0 and "has 2 channels; pass --channel N" in p.stderr
+    p = predict("--channel", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "channel 2" in p.stdout and "done: 1 image," in p.stdout
+    expected = segment(load_model(tmp_path / "m.ckpt"), alone)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m" / "cells.png")), expected)

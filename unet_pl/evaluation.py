@@ -1,9 +1,12 @@
 """Scoring a submission against the truth with the 2018 Data Science Bowl's metric.
 
-The truth is a solution CSV (``ImageId,EncodedPixels,Height,Width[,Usage]``), a
-``stage1_train_labels.csv`` (``ImageId,EncodedPixels``) with the image folders
-(``<id>/images/<id>.png``) beside it, or a folder in the ``stage1_train`` layout
-(``<id>/masks/*.png``, one PNG per nucleus). ``scripts/evaluate.py`` prints what ``evaluate`` returns.
+The truth (``TRUTH_LAYOUTS``) is a solution CSV (``ImageId,EncodedPixels,Height,Width[,Usage]``),
+a ``stage1_train_labels.csv`` (``ImageId,EncodedPixels``) with the image folders
+(``<id>/images/<id>.png``) beside it, or a training folder read as training reads it
+(``unet_pl.data.images``): the competition's ``stage1_train`` layout (``<id>/masks/``, one file per
+nucleus; or the folder holding ``stage1_train``), or ``images/`` with ``masks/`` (or ``labels/``)
+label images of the same names. A binary mask where a label image is expected gets a warning:
+touching nuclei in it are scored as one. ``scripts/evaluate.py`` prints what ``evaluate`` returns.
 """
 from __future__ import annotations
 
@@ -13,30 +16,38 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.images import decode_masks, image_size, resolve_train_dir, scan_train_dir
+from .data.images import decode_masks, image_size, resolve_train_dir, scan_train_dir, warn_if_binary
+from .data.readers import IMAGE_SUFFIXES, VENDOR_SUFFIXES
 from .metrics import THRESHOLDS, dsb_image_score
 from .rle import decode_labels
 
 #: A way to build one image's true label image: called only when that image is scored.
 TruthLoader = Callable[[], np.ndarray]
+#: What the truth can be, for the messages.
+TRUTH_LAYOUTS = ("a run-length CSV (a solution CSV with Height,Width, or stage1_train_labels.csv beside its image "
+                 "folders) or a folder of annotations: the competition's stage1_train (<id>/masks/, one file per "
+                 "nucleus), or images/ with masks/ (or labels/) label images of the same names")
 
 
 def read_rle_csv(path: Path) -> tuple[dict[str, list[str]], dict[str, tuple[int, int]], list[str]]:
     """``({id: [rle, ...]}, {id: (H, W)} where the CSV says, column names)``; 'Ignored' rows dropped."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "ImageId" not in cols or "EncodedPixels" not in cols:
-            raise ValueError(f"{path}: expected columns ImageId,EncodedPixels, found {','.join(cols) or 'none'}")
-        sized = "Height" in cols and "Width" in cols
-        rles: dict[str, list[str]] = {}
-        sizes: dict[str, tuple[int, int]] = {}
-        for row in reader:
-            if row.get("Usage") == "Ignored":  # the stage-2 solution's unscored images
-                continue
-            rles.setdefault(row["ImageId"], []).append(row["EncodedPixels"] or "")
-            if sized:
-                sizes[row["ImageId"]] = (int(row["Height"]), int(row["Width"]))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            if "ImageId" not in cols or "EncodedPixels" not in cols:
+                raise ValueError(f"{path}: expected columns ImageId,EncodedPixels, found {','.join(cols) or 'none'}")
+            sized = "Height" in cols and "Width" in cols
+            rles: dict[str, list[str]] = {}
+            sizes: dict[str, tuple[int, int]] = {}
+            for row in reader:
+                if row.get("Usage") == "Ignored":  # the stage-2 solution's unscored images
+                    continue
+                rles.setdefault(row["ImageId"], []).append(row["EncodedPixels"] or "")
+                if sized:
+                    sizes[row["ImageId"]] = (int(row["Height"]), int(row["Width"]))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text CSV (undecodable bytes); expected ImageId,EncodedPixels rows") from None
     return rles, sizes, cols
 
 
@@ -54,6 +65,15 @@ def _image_folder_for(csv_path: Path, ids: list[str]) -> Path:
     )
 
 
+def _truth_csv(truth: Path) -> Path:
+    """``truth`` when it may be a CSV; an image, a vendor file or nothing there is an error saying what the truth takes."""
+    if not truth.exists():
+        raise FileNotFoundError(f"{truth}: no such file or folder; --truth (truth= in Python) takes {TRUTH_LAYOUTS}")
+    if truth.suffix.lower() in IMAGE_SUFFIXES + VENDOR_SUFFIXES:
+        raise ValueError(f"{truth}: an image, not a truth; --truth (truth= in Python) takes {TRUTH_LAYOUTS}")
+    return truth
+
+
 def load_truth(truth: str | Path) -> dict[str, tuple[TruthLoader, tuple[int, int] | None]]:
     """``{id: (loader of the int32 label image, (H, W) if known without loading)}``."""
     truth = Path(truth)
@@ -61,11 +81,10 @@ def load_truth(truth: str | Path) -> dict[str, tuple[TruthLoader, tuple[int, int
         # the data module's own reading: a parent of stage1_train, RGBA or {0,1} masks and stray
         # files (._x.png, .DS_Store) are handled as in training
         items = scan_train_dir(resolve_train_dir(truth))
+        warn_if_binary(items, "they are scored as one nucleus")
         return {it.id: (lambda it=it: decode_masks(image_size(it.image), list(it.masks)).astype(np.int32), None)
                 for it in items}
-    if not truth.is_file():
-        raise FileNotFoundError(f"{truth}: no such file or folder")
-    rles, sizes, _ = read_rle_csv(truth)
+    rles, sizes, _ = read_rle_csv(_truth_csv(truth))
     if not rles:
         raise ValueError(f"{truth}: no rows")
     if not sizes:
@@ -86,7 +105,7 @@ def holdout_truth_ids(truth: str | Path, holdout: str) -> list[str]:
     truth = Path(truth)
     if truth.is_dir():
         return holdout_ids(truth, holdout)
-    rles, _, _ = read_rle_csv(truth)
+    rles, _, _ = read_rle_csv(_truth_csv(truth))
     return holdout_ids(_image_folder_for(truth, list(rles)), holdout)
 
 

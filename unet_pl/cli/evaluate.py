@@ -1,9 +1,13 @@
 """``python scripts/evaluate.py --pred submission.csv --truth SOLUTION [--out per_image.csv]``
 
-Scores a submission CSV with the 2018 Data Science Bowl's metric. SOLUTION is a solution CSV
-(``ImageId,EncodedPixels,Height,Width[,Usage]``), a ``stage1_train_labels.csv``
-(``ImageId,EncodedPixels``) with the image folders (``<id>/images/<id>.png``) beside it, or a
-folder in the ``stage1_train`` layout (``<id>/masks/*.png``, one PNG per nucleus).
+Scores a submission CSV with the 2018 Data Science Bowl's metric. SOLUTION is a run-length CSV:
+a solution CSV (``ImageId,EncodedPixels,Height,Width[,Usage]``) or a ``stage1_train_labels.csv``
+(``ImageId,EncodedPixels``) with the image folders (``<id>/images/<id>.png``) beside it; or a
+folder of annotations, read as train.py reads it: the competition's ``stage1_train`` layout
+(``<id>/images/<id>.png`` with ``<id>/masks/``, one file per nucleus; or the folder holding
+``stage1_train``), or ``images/<name>.tif`` with ``masks/<name>.tif`` (or ``labels/``) label images
+of the same names, as Fiji, QuPath, napari and Cellpose export them (0 background, one integer
+per nucleus). A binary mask there gets a warning: touching nuclei in it are scored as one.
 """
 from __future__ import annotations
 
@@ -23,7 +27,10 @@ from .common import Parser, fail, holdout_arg
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--pred", required=True, help="submission CSV (ImageId,EncodedPixels)")
-    p.add_argument("--truth", required=True, help="solution CSV, stage1_train_labels.csv, or stage1_train-like folder")
+    p.add_argument("--truth", required=True,
+                   help="a solution CSV (ImageId,EncodedPixels,Height,Width), a stage1_train_labels.csv beside its image "
+                        "folders, a stage1_train folder (<id>/masks/, one file per nucleus) or the folder holding it, or "
+                        "a folder of images/ with masks/ (or labels/) label images of the same names")
     p.add_argument("--out", help="per-image CSV to write (image, score, counts, score at each threshold)")
     p.add_argument("--holdout", choices=HOLDOUTS, type=holdout_arg, default="none",
                    help="stratified: score only the fixed hold-out of the truth's images (unet_pl.data.holdout); "

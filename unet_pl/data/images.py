@@ -14,7 +14,18 @@ Training layouts (``scan_train_dir``), detected from the folder:
 A masks/ file is one nucleus (the competition: any value > 0 in any channel, {0, 1}, {0, 255} or
 {0, 65535}); a folder holding a single file with several values is a label image (0 background,
 one integer per nucleus, 8/16/32-bit). A single binary file is split into its connected
-components: touching nuclei in it stay one (a warning says so where the boundary head needs them apart).
+components: touching nuclei in it stay one (``warn_if_binary`` says so, for training with the
+boundary head and for scoring).
+
+Files that are not images read here: in a training folder's images/ (and a competition masks/),
+an error naming the file (save it as TIFF or PNG), since dropping it would lose an image or a
+nucleus; in masks/ (labels/) of the label-image layout, one for an image is an error too, and
+annotations without an image of the same name get one warning naming them (training goes on
+without them). A prediction folder skips them with one warning listing them. A vendor format
+(``.czi``, ``.nd2``, ...) is an error everywhere.
+
+A folder holding ``stage1_train`` stands for it (``resolve_train_dir``); for prediction, a folder
+holding one ``stage1_train``, ``stage1_test`` or ``stage2_test_final`` (``list_images``).
 """
 from __future__ import annotations
 
@@ -107,6 +118,17 @@ def is_binary(labels: np.ndarray) -> bool:
     return len(values[values != 0]) <= 1
 
 
+def warn_if_binary(items, effect: str = "the boundary head cannot learn to separate them") -> None:
+    """Warn when the first single-file annotation of the label-image layout is a binary mask:
+    touching nuclei in it are one blob (``effect`` says what that costs: training, scoring)."""
+    # label-image layout (images/ + masks/<id>.png) only: in the competition's <id>/masks/ one
+    # file is one nucleus, binary by design
+    single = next((it for it in items if len(it.masks) == 1 and it.masks[0].parent.parent.name != it.id), None)
+    if single is not None and is_binary(read_label_image(single.masks[0])):
+        log.warning("%s is a binary mask, not a label image: touching nuclei in it are one blob, and %s; "
+                    "export label images (one integer per nucleus) instead", single.masks[0], effect)
+
+
 # The competition's folder layout.
 
 
@@ -119,34 +141,64 @@ class TrainItem:
     masks: tuple[Path, ...]
 
 
+#: The training layouts in one line, for the messages that must name both.
+TRAIN_LAYOUTS = ("the competition's stage1_train (<id>/images/<id>.png with <id>/masks/, one file per nucleus) or a "
+                 "folder of images/ with masks/ (or labels/) label images of the same names")
+#: The competition's folders that a folder holding one of them stands for: training takes stage1_train,
+#: prediction any of them.
+COMPETITION_FOLDERS = ("stage1_train", "stage1_test", "stage2_test_final")
+
+
+def step_into(d: Path, names: tuple[str, ...]) -> Path:
+    """``d`` itself, or its one subfolder named in ``names`` (the download's folder holding ``stage1_train``
+    stands for it). Two of them is a ``ValueError``: which one is meant cannot be guessed."""
+    found = [d / n for n in names if (d / n).is_dir()]
+    if len(found) > 1:
+        raise ValueError(f"{d} holds {' and '.join(f.name for f in found)}; pass the one you mean: "
+                         f"{' or '.join(str(f) for f in found)}")
+    return found[0] if found else d
+
+
 def resolve_train_dir(data_dir: str | Path) -> Path:
     """``data_dir`` itself, or its ``stage1_train`` subfolder when it has one."""
     d = Path(data_dir).expanduser()
+    if d.is_file():
+        raise ValueError(f"data_dir {d} is a file; training takes a folder: {TRAIN_LAYOUTS}")
     if not d.is_dir():
-        raise FileNotFoundError(f"data_dir {d} does not exist; point it at the competition's stage1_train folder (or the folder holding it)")
-    return d / "stage1_train" if (d / "stage1_train").is_dir() else d
+        raise FileNotFoundError(f"data_dir {d} does not exist; point it at {TRAIN_LAYOUTS} (or the folder holding stage1_train)")
+    return step_into(d, COMPETITION_FOLDERS[:1])
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder`` (name order); a vendor format there is an error naming it."""
+def _listing(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(image files, other files)`` directly in ``folder``, name order; hidden files and OS clutter
+    in neither, a missing folder empty. A vendor format is an error naming it and the way out."""
     # os.scandir: the file type comes with the listing, no stat per file (30k masks in the full set).
     try:
         with os.scandir(folder) as it:
             names = sorted(e.name for e in it if e.is_file() and not is_ignored(e.name))
     except (FileNotFoundError, NotADirectoryError):
-        return []
-    out = []
+        return [], []
+    images, others = [], []
     for n in names:
-        if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES:
-            out.append(folder / n)
-        elif os.path.splitext(n)[1].lower() in _VENDOR:
+        suffix = os.path.splitext(n)[1].lower()
+        if suffix in _VENDOR:
             check_suffix(folder / n)  # raises, with the way out
-    return out
+        (images if suffix in IMAGE_SUFFIXES else others).append(folder / n)
+    return images, others
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (name order). Any other file is an error naming it and
+    the way out (save it as TIFF or PNG): dropped silently, it would be an image or a nucleus missing."""
+    images, others = _listing(folder)
+    if others:
+        check_suffix(others[0])  # raises
+    return images
 
 
 def _image_of(d: Path) -> Path:
     """The image of a competition-layout folder: ``<id>/images/<id>.<any image suffix>``."""
-    found = [p for p in _images_in(d / "images") if p.stem == d.name]
+    found = [p for p in _listing(d / "images")[0] if p.stem == d.name]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -154,13 +206,14 @@ def _image_of(d: Path) -> Path:
     others = sorted((d / "images").glob(f"{d.name}.*")) if (d / "images").is_dir() else []
     if others:
         check_suffix(others[0])  # a format we do not read: the error says what to do
-    raise FileNotFoundError(f"{d / 'images' / d.name}.png not found (nor .tif, .jpg, ...): every image folder needs "
-                            f"images/<folder name>.<image suffix>; add it or remove {d}")
+    raise FileNotFoundError(f"{d / 'images' / d.name}.png not found (nor .tif, .jpg, ...): {d.parent} was read in the "
+                            f"competition's layout, where each subfolder is one image, <id>/images/<id>.<image suffix> "
+                            f"(named like its folder) with <id>/masks/; {d.name}/ is not such a folder")
 
 
 def _flat_layout(train_dir: Path) -> bool:
-    """The label-image layout: image files directly in ``train_dir/images``."""
-    return bool(_images_in(train_dir / "images"))
+    """The label-image layout: files directly in ``train_dir/images`` (unsupported ones are then named by the scan)."""
+    return any(_listing(train_dir / "images"))
 
 
 def scan_train_dir(train_dir: Path, with_masks: bool = True) -> list[TrainItem]:
@@ -184,7 +237,8 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
         raise FileNotFoundError(f"{train_dir / 'images'} holds images but {train_dir} has no masks/ (or labels/) folder "
                                 "beside it: add one label image per image, with the same name")
     annotations: dict[str, Path] = {}
-    for p in _images_in(label_dir) if label_dir is not None else []:
+    labels, others = _listing(label_dir) if label_dir is not None else ([], [])
+    for p in labels:
         if p.stem in annotations:
             raise ValueError(f"two label images named {p.stem}.* in {label_dir}: {annotations[p.stem].name} and {p.name}; keep one")
         annotations[p.stem] = p
@@ -194,8 +248,21 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
             raise ValueError(f"two images named {image.stem}.* in {image.parent}: {seen[image.stem].name} and {image.name}; keep one")
         seen[image.stem] = image
         mask = annotations.get(image.stem)
+        if with_masks and mask is None:
+            unreadable = next((p for p in others if p.stem == image.stem), None)
+            if unreadable is not None:
+                check_suffix(unreadable)  # the image's annotation in a format we do not read: raises
         items.append(TrainItem(image.stem, image, (mask,) if with_masks and mask is not None else ()))
+    # Annotations of no image: a renamed or deleted image, usually. Training goes on without them, said.
+    orphans = [p.name for p in labels if p.stem not in seen] + [p.name for p in others if p.stem not in seen]
+    if with_masks and orphans:
+        log.warning("%s: %d file%s without an image of the same name in %s, not used: %s", label_dir, len(orphans),
+                    "s" * (len(orphans) != 1), train_dir / "images", _names(orphans))
     return items
+
+
+def _names(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 def list_images(folder: str | Path) -> list[tuple[str, Path]]:
@@ -203,8 +270,9 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
 
     ``folder`` is one image file, or a folder in the competition's ``stage1_test`` layout
     (``<id>/images/<id>.png``, id = folder name), of plain image files (id = file name without
-    suffix), or a mix, or a label-image training folder (its ``images/``). A microscope vendor's
-    format among them is an error that says how to export it.
+    suffix), or a mix, or a label-image training folder (its ``images/``), or the folder holding one
+    ``stage1_train``, ``stage1_test`` or ``stage2_test_final``. A microscope vendor's format among
+    them is an error that says how to export it; other files are skipped with a warning naming them.
     """
     folder = Path(folder).expanduser()
     if folder.is_file():
@@ -212,24 +280,21 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
         return [(folder.stem, folder)]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; pass an image, a folder of images or the competition's stage1_test folder")
+    folder = step_into(folder, COMPETITION_FOLDERS)  # the training side's rule (resolve_train_dir)
     if _flat_layout(folder):
         folder = folder / "images"
+    images, skipped = _listing(folder)
     found: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if is_ignored(p):
-            continue
-        if p.is_dir():
-            id_, path = p.name, _image_of(p)
-        elif p.suffix.lower() in IMAGE_SUFFIXES:
-            id_, path = p.stem, p
-        elif p.suffix.lower() in _VENDOR:
-            check_suffix(p)  # raises: name the file and the export
-            continue
-        else:
-            continue
+    entries = [(p.stem, p) for p in images]
+    entries += [(p.name, _image_of(p)) for p in sorted(folder.iterdir()) if p.is_dir() and not is_ignored(p)]
+    for id_, path in sorted(entries):
         if id_ in found:
             raise ValueError(f"two images with the id {id_!r} in {folder}: {found[id_]} and {path}; rename one")
         found[id_] = path
+    if skipped:
+        log.warning("%s: skipped %d file%s that %s not an image format read here (%s): %s", folder, len(skipped),
+                    "s" * (len(skipped) != 1), "are" if len(skipped) != 1 else "is", ", ".join(IMAGE_SUFFIXES),
+                    _names([p.name for p in skipped]))
     if not found:
         raise FileNotFoundError(f"{folder} holds no images; expected <id>/images/<id>.png folders or image files ({', '.join(IMAGE_SUFFIXES)})")
     return sorted(found.items())

@@ -1,9 +1,16 @@
-"""The competition's folders as one LightningDataModule: decoded once into a cache, split, batched.
+"""A training folder as one LightningDataModule: decoded once into a cache, split, batched.
 
-Layout (``data_dir`` is ``stage1_train`` itself, or a folder holding one):
-    stage1_train/<id>/images/<id>.png     one image (RGBA, RGB, grey or 16-bit)
-    stage1_train/<id>/masks/*.png         one mask per nucleus, {0, 255} or {0, 1}
+Layouts, detected (``unet_pl.data.images``); ``data_dir`` is the folder itself, or a folder holding
+``stage1_train``:
+    the competition's:
+    stage1_train/<id>/images/<id>.png     one image (PNG, TIFF, JPEG or BMP; grey, RGB(A), 8- or 16-bit,
+                                          multi-channel with ``channel``)
+    stage1_train/<id>/masks/*.png         one file per nucleus, any value > 0 ({0, 255}, {0, 1}, ...)
     stage1_train_labels.csv               optional, beside stage1_train: the same masks as runs
+    label images (Fiji, QuPath, napari, Cellpose):
+    my_data/images/<name>.tif             one image (the same formats)
+    my_data/masks/<name>.tif              its label image (or labels/<name>.*): 0 background, one
+                                          integer per nucleus, 8/16/32-bit PNG or TIFF
 
 How images meet the network is three constructor arguments, recorded by Lightning and checked
 against the model's (``unet_pl.geometry``): ``resolution`` ("resize": squashed to ``img_size``
@@ -43,7 +50,10 @@ from .datasets import AugmentSampler, ImageFolderDataset, NucleiDataset, crop_tr
 from .groups import group_holdout, image_groups
 from .holdout import check_holdout, holdout_from_modalities, is_group_holdout, keep_ids
 from .readers import INTENSITIES
-from .images import TrainItem, image_size, is_binary, list_images, read_label_image, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir
+from .images import (
+    TrainItem, image_size, list_images, read_labels_csv, resolve_labels_csv, resolve_train_dir, scan_train_dir,
+    warn_if_binary,
+)
 from .transforms import build_augment, zoom_range
 
 log = logging.getLogger(__name__)
@@ -71,18 +81,6 @@ def default_workers(gpus: int) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)  # a job's share
     return max(1, min(8, cores // gpus - 1))
-
-
-def warn_if_binary(items) -> None:
-    """The boundary head learns where touching nuclei meet: say so when the first single-file
-    annotation is a binary mask (touching nuclei there are one blob)."""
-    # label-image layout (images/ + masks/<id>.png) only: in the competition's <id>/masks/ one
-    # file is one nucleus, binary by design
-    single = next((it for it in items if len(it.masks) == 1 and it.masks[0].parent.parent.name != it.id), None)
-    if single is not None and is_binary(read_label_image(single.masks[0])):
-        log.warning("%s is a binary mask, not a label image: touching nuclei in it are one blob, and the boundary "
-                    "head cannot learn to separate them; export label images (one integer per nucleus) instead",
-                    single.masks[0])
 
 
 class NucleiDataModule(pl.LightningDataModule):
