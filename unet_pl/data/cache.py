@@ -1,4 +1,5 @@
-"""The decoded-data caches: one ``.npz`` per (file list, resolution, side, mask source, version), written atomically.
+"""The decoded-data caches: one ``.npz`` per (file list, resolution, side, mask source, channel, intensity rule,
+version), written atomically.
 
 Two kinds, one builder (``build_cache``: a thread pool, one progress bar, one atomic write):
 
@@ -12,7 +13,9 @@ Both: ``ids`` str (N,) and ``modalities`` str (N,) (``unet_pl.data.holdout``, fr
 image, so the hold-out needs no second decoding).
 
 ``fingerprint`` names a cache by everything it depends on (the files' sizes and mtimes, the
-resolution and side, the mask source, ``empty_masks`` and ``CACHE_VERSION``).
+resolution and side, the mask source, ``empty_masks``, the channel, the intensity rule and
+``CACHE_VERSION``). The layout is in the file list: each file is keyed as ``<id>/<folder>/<name>``
+(``<id>/masks/m1.png`` in the competition's layout, ``<id>/masks/<id>.tif`` for a label image).
 
 Safety: ``building(path)`` holds a lock file beside the cache while one process decodes, so runs
 started together decode once (the others wait, then reuse the file); whoever holds the lock
