@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..geometry import resize_image, resize_labels, resize_mask
 from .holdout import image_modality
 from .images import TrainItem, decode_masks, image_size, read_image
@@ -142,19 +143,8 @@ def _run_pool(work: Callable[[int], None], n: int, workers: int, desc: str, prog
 
 
 def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a temp file beside ``path``, then ``os.replace``: never a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache_dir from other users
-        os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``np.savez`` replacing ``path`` whole (``unet_pl.atomic``): never a half-written cache."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_cache(path: Path, resolution: str = "resize") -> dict[str, np.ndarray]:

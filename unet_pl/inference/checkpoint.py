@@ -111,19 +111,7 @@ def export_model(ckpt: str | Path, out: str | Path) -> Path:
 
 
 def save_atomically(obj: dict, path: Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never half a checkpoint."""
-    import os
-    import tempfile
+    """``torch.save`` replacing ``path`` whole (``unet_pl.atomic``): never half a checkpoint."""
+    from ..atomic import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
