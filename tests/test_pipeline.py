@@ -54,6 +54,7 @@ def test_a_model_and_data_module_that_disagree_stop_before_the_first_step(tmp_pa
         _trainer(tmp_path, logger=False, enable_checkpointing=False).fit(model, dm)
     assert all(w in str(e.value) for w in words), str(e.value)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # not one step taken
+    assert not list((tmp_path / "cache").glob("*.npz"))  # said before the images were decoded
 
 
 def test_native_data_trains_a_native_model_that_predicts_whole_images(tmp_path):

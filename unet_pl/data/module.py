@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import SAMPLE_DIR
-from ..geometry import DEFAULT_SIZE, check_resolution, check_side, head_channels
+from ..geometry import DEFAULT_SIZE, SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
 from .cache import (
     build_cache, building, cache_bytes, cache_name, check_cache_dir, decode_item, default_cache_dir, fingerprint, load_cache,
     native_image,
@@ -159,7 +159,11 @@ class NucleiDataModule(pl.LightningDataModule):
         self.train_set = self.val_set = self.predict_set = None
 
     def prepare_data(self) -> None:
-        """Decode and cache once (rank 0 of each node under DDP). Raises on bad input, before training."""
+        """Decode and cache once (rank 0 of each node under DDP). Raises on bad input, before training,
+        and on a model that disagrees with this data module (``geometry.reconcile``) before decoding."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is not None and hasattr(model, "take_from_datamodule"):
+            reconcile(model.hparams, {k: self.hparams[k] for k in SHARED_KEYS if k in self.hparams})
         path, job = self._locate()[:2]
         if path.is_file():
             log.info("using cached %s", path)
