@@ -286,7 +286,7 @@ def test_binary_mask_warning_only_for_label_image_annotations(tmp_path, caplog):
     """A competition folder with one nucleus has one binary mask file, by design: no warning. A
     binary file in the label-image layout merges touching nuclei: warned, naming the file."""
     from unet_pl.data.images import TrainItem
-    from unet_pl.data.module import warn_if_binary
+    from unet_pl.data.images import warn_if_binary
 
     disc = np.zeros((32, 32), np.uint8)
     disc[8:20, 8:20] = 255
