@@ -1,7 +1,8 @@
 """Mutated files into the readers and the CLIs, seeded from real files: only our documented errors
 come out (ValueError / FileNotFoundError from the library, exit 2 with one line from a CLI), no
 traceback, no hang, nothing written outside the output folder. Bounded: a fixed number of mutants
-per format, each call under an alarm."""
+per format, each call under an alarm; the whole file takes well under a minute on 2 cores.
+docs/reliability.md counts the calls."""
 from __future__ import annotations
 
 import csv
@@ -21,9 +22,19 @@ CALL_SECONDS = 30
 DOCUMENTED = (ValueError, FileNotFoundError)
 
 
-def mutants(data: bytes, seed: int, n: int = MUTANTS) -> Iterator[bytes]:
-    """Truncations, flipped bytes, overwritten runs and insertions of ``data``, reproducibly."""
+def mutants(data: bytes, seed: int, n: int = MUTANTS, alphabet: bytes | None = None) -> Iterator[bytes]:
+    """Truncations, flipped bytes, overwritten runs and insertions of ``data``, reproducibly. With
+    ``alphabet``, runs are overwritten and inserted with its characters and bits are not flipped (a
+    flipped bit makes a byte its neighbour in the alphabet): text that still parses as text, so the
+    mutant reaches past the decoder."""
     rng = np.random.default_rng(seed)
+    table = np.frombuffer(alphabet, np.uint8) if alphabet else None
+
+    def noise(size: int) -> bytes:
+        if table is None:
+            return rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        return table[rng.integers(0, len(table), size)].tobytes()
+
     for k in range(n):
         b = bytearray(data)
         at = int(rng.integers(0, len(b)))
@@ -31,12 +42,15 @@ def mutants(data: bytes, seed: int, n: int = MUTANTS) -> Iterator[bytes]:
             del b[at:]
         elif k % 4 == 1:
             for pos in rng.integers(0, len(b), int(rng.integers(1, 17))):
-                b[pos] ^= 1 << int(rng.integers(0, 8))
+                if table is None:
+                    b[pos] ^= 1 << int(rng.integers(0, 8))
+                else:
+                    b[pos] = int(table[rng.integers(0, len(table))])
         elif k % 4 == 2:
             run = int(rng.integers(1, 64))
-            b[at:at + run] = rng.integers(0, 256, run, dtype=np.uint8).tobytes()
+            b[at:at + run] = noise(run)
         else:
-            b[at:at] = rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+            b[at:at] = noise(int(rng.integers(1, 64)))
         yield bytes(b)
 
 
@@ -83,6 +97,20 @@ def call_cli(main: Callable, argv: list[str], capsys) -> str:
     return "ok"
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A real LitUNet checkpoint as Lightning writes it (untrained; 32 px squares, so prediction is cheap)."""
+    import lightning.pytorch as pl
+
+    from unet_pl import LitUNet
+
+    path = tmp_path_factory.mktemp("ckpt") / "seed.ckpt"
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(LitUNet(img_size=32))
+    trainer.save_checkpoint(path)
+    return path
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -91,34 +119,79 @@ def _real_image(suffix: str) -> Path:
     return sorted(SAMPLE_DIR.glob(f"*/images/*{suffix}"))[0]
 
 
-def test_fuzz_image_readers(tmp_path):
+def _image_seeds(folder: Path) -> tuple[Path, Path, Path]:
+    """A sample PNG, the same pixels as a TIFF (as tifffile writes it for microscopes), and one of its masks."""
+    import tifffile
     from PIL import Image
 
-    from unet_pl.data.images import read_image, read_mask
-
     png = _real_image(".png")
-    tif = tmp_path / "seed.tif"
-    Image.open(png).convert("RGB").save(tif)
-    mask = sorted((png.parent.parent / "masks").glob("*.png"))[0]
+    tif = folder / "seed.tif"
+    tifffile.imwrite(tif, np.asarray(Image.open(png).convert("RGB")), photometric="rgb")
+    return png, tif, sorted((png.parent.parent / "masks").glob("*.png"))[0]
+
+
+def test_fuzz_image_readers(tmp_path):
+    from unet_pl.data.images import image_size, read_image, read_mask
+
+    png, tif, mask = _image_seeds(tmp_path)
     outcomes = []
-    for k, (seed_file, reader) in enumerate([(png, read_image), (tif, read_image), (mask, read_mask)]):
+    for k, (seed_file, readers) in enumerate([(png, (read_image, image_size)), (tif, (read_image, image_size)),
+                                               (mask, (read_mask,))]):
         for j, data in enumerate(mutants(seed_file.read_bytes(), seed=k)):
             path = tmp_path / f"m{k}_{j}{seed_file.suffix}"
             path.write_bytes(data)
-            outcomes.append(call_reader(reader, path))
-    assert "error" in outcomes  # the mutations did break files
+            outcomes += [call_reader(reader, path) for reader in readers]
+    assert "error" in outcomes and "ok" in outcomes  # the mutations broke some files, not all
 
 
-def test_fuzz_checkpoints_into_the_loader_and_predict(tmp_path, capsys):
-    import lightning.pytorch as pl
+def test_fuzz_images_into_predict_and_the_data_module(tmp_path, tiny_ckpt, capsys):
+    """Every third PNG and TIFF mutant of test_fuzz_image_readers (the same seeds) as the one image of a
+    predict.py folder, and as an image of a training folder (its real masks beside it, and a second,
+    untouched sample image: training needs two) whose cache NucleiDataModule.prepare_data builds, at
+    32 px squares and at native size in turn."""
+    from unet_pl import NucleiDataModule
+    from unet_pl.cli.predict import main as predict
 
-    from unet_pl import LitUNet
+    capsys.readouterr()  # what the fixtures printed is not the CLI's
+    png, tif, _ = _image_seeds(tmp_path)
+    masks = png.parent.parent / "masks"
+    other = next(d for d in sorted(SAMPLE_DIR.iterdir()) if d.is_dir() and d != png.parent.parent)
+    out = tmp_path / "out"
+    predicted, decoded = [], []
+    for k, seed_file in enumerate((png, tif)):
+        for j, data in enumerate(mutants(seed_file.read_bytes(), seed=k)):
+            if j % 3:
+                continue
+            name = f"m{k}_{j}"
+            images = tmp_path / "predict" / name
+            images.mkdir(parents=True)
+            (images / f"a{seed_file.suffix}").write_bytes(data)
+            before = snapshot(images)
+            predicted.append(call_cli(predict, ["--ckpt", str(tiny_ckpt), "--data-dir", str(images), "--gpus", "0",
+                                                "--out-dir", str(out / name), "--num-workers", "0", "--no-progress"],
+                                      capsys))
+            assert snapshot(images) == before
+            item = tmp_path / "train" / name / name
+            (item / "images").mkdir(parents=True)
+            (item / "images" / f"{name}{seed_file.suffix}").write_bytes(data)
+            shutil.copytree(masks, item / "masks")
+            shutil.copytree(other, item.parent / other.name)
+            before = snapshot(item.parent)
+            dm = NucleiDataModule(item.parent, img_size=32, cache_dir=tmp_path / "cache", progress=False,
+                                  resolution="native" if j % 2 else "resize")
+            decoded.append(call_reader(dm.prepare_data))
+            assert snapshot(item.parent) == before
+    assert "error" in predicted and "ok" in predicted and "error" in decoded and "ok" in decoded, (predicted, decoded)
+    assert {p.name for p in tmp_path.iterdir()} == {"seed.tif", "predict", "train", "out", "cache"}
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # a failed decoding leaves no half-written cache
+
+
+def test_fuzz_checkpoints_into_the_loader_and_predict(tmp_path, tiny_ckpt, capsys):
     from unet_pl.cli.predict import main as predict
     from unet_pl.inference.checkpoint import model_from_checkpoint, read_checkpoint
 
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(LitUNet(img_size=32))
-    trainer.save_checkpoint(tmp_path / "seed.ckpt")
+    shutil.copy(tiny_ckpt, tmp_path / "seed.ckpt")
+    capsys.readouterr()  # INFO lines the seed's Trainer may have logged into this capture are not predict.py's
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(_real_image(".png"), images / "a.png")
@@ -162,28 +235,26 @@ def test_fuzz_keras_h5(tmp_path, capsys):
     assert "error" in outcomes
 
 
-def test_fuzz_run_length_csvs_into_evaluate(make_train_dir, tmp_path, capsys):
+def test_fuzz_run_length_csvs_into_evaluate(tmp_path, capsys):
+    """The bundled sample's own stage1_train_labels.csv, mutated, as the prediction; the sample (that CSV
+    beside its image folders) as the truth. Half the mutants are bytes (mostly not text any more), half
+    the characters of the format (digits, spaces, commas, newlines, a minus, a letter): those reach the
+    run-length parser and the scoring."""
     from unet_pl.cli.evaluate import main as evaluate
     from unet_pl.data.images import read_labels_csv
-    from unet_pl.rle import encode
 
-    truth = make_train_dir(n=2)
-    seed = tmp_path / "seed.csv"
-    with open(seed, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["ImageId", "EncodedPixels"])
-        for d in sorted(truth.iterdir()):
-            from unet_pl.data.images import read_mask
-
-            for m in sorted((d / "masks").iterdir()):
-                w.writerow([d.name, encode(read_mask(m))])
-    before = snapshot(truth)
+    truth = SAMPLE_DIR.parent / "stage1_train_labels.csv"
+    assert truth.is_file(), "the bundled sample lost its run-length CSV"
+    rows = list(csv.reader(truth.open()))
+    assert rows[0] == ["ImageId", "EncodedPixels"] and len(rows) > 1000  # real masks, every nucleus of 30 images
+    before = snapshot(SAMPLE_DIR.parent)
     outcomes = []
-    for j, data in enumerate(mutants(seed.read_bytes(), seed=30)):
+    data = truth.read_bytes()
+    kinds = (mutants(data, seed=30, n=MUTANTS // 2), mutants(data, seed=31, n=MUTANTS // 2, alphabet=b"0123456789 ,\n-a"))
+    for j, data in enumerate(m for kind in kinds for m in kind):
         path = tmp_path / f"m{j}.csv"
         path.write_bytes(data)
         outcomes.append(call_reader(read_labels_csv, path))
         outcomes.append(call_cli(evaluate, ["--pred", str(path), "--truth", str(truth)], capsys))
-    assert "error" in outcomes and snapshot(truth) == before
-    assert not any(p.suffix not in (".csv",) for p in tmp_path.iterdir() if p.is_file())
-    assert os.listdir(tmp_path)  # sanity: the mutants were written where we looked
+    assert "error" in outcomes and "ok" in outcomes and snapshot(SAMPLE_DIR.parent) == before
+    assert sorted(os.listdir(tmp_path)) == sorted(f"m{j}.csv" for j in range(MUTANTS))  # nothing else written
