@@ -74,6 +74,13 @@ def test_a_crafted_checkpoint_runs_nothing_anywhere_we_load_one(tmp_path, capsys
     assert "evil.ckpt" in message and "refused" in message and len(message.splitlines()) == 1
     assert "weights_only" not in message and e.value.__cause__ is None
     assert not marker.exists()
+    # unet-fit --ckpt_path: Lightning loads a local file passing no weights_only, so torch's own
+    # default decides (True since torch 2.6, which pyproject.toml requires)
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    with pytest.raises(pickle.UnpicklingError):
+        TorchCheckpointIO().load_checkpoint(evil)
+    assert not marker.exists()
     assert not (tmp_path / "run").exists()
 
 
