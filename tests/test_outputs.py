@@ -128,6 +128,13 @@ def test_more_than_65535_nuclei_are_written_as_uint32(tmp_path):
     assert back.dtype == np.uint32 and np.array_equal(back, labels)
 
 
+def test_an_output_folder_that_is_a_file_is_one_line_before_any_image(images, tmp_path):
+    (tmp_path / "results").write_text("a user's file")
+    p = predict("--data-dir", images, "--out-dir", tmp_path / "results", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "is a file" in p.stderr, p.stderr
+    assert (tmp_path / "results").read_text() == "a user's file" and "done:" not in p.stdout
+
+
 def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     for flags in (["--out-dir", images / "results"], ["--out-dir", images], ["--masks-dir", images],
@@ -187,6 +194,11 @@ def test_warnings_for_no_nuclei_and_heavy_squashing(images, tmp_path):
     empty = _ckpt(tmp_path / "empty.ckpt", bias=-20.0)
     p = predict("--ckpt", empty, "--data-dir", images, "--out-dir", tmp_path / "o1")
     assert "no nucleus in any image at threshold 0.5" in p.stdout
+    p = predict("--ckpt", empty, "--data-dir", images, "--out-dir", tmp_path / "o0", "--min-size", "30")
+    assert "no nucleus in any image at threshold 0.5 and min size 30 px" in p.stdout and "--min-size" in p.stdout
+    # one image again into the same folder: the other three images' label TIFFs are earlier results
+    p = predict("--ckpt", empty, "--data-dir", sorted(images.iterdir())[0], "--out-dir", tmp_path / "o1")
+    assert "also holds 3 file(s) of earlier runs" in p.stdout
     big = tmp_path / "big"
     big.mkdir()
     shutil.copy(next(p for p in sorted(SAMPLE_DIR.glob("*/images/*.png")) if _side(p) > 4 * 32), big / "big.png")

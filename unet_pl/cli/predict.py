@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if (args.rois or args.probabilities or args.overlays) and args.out_dir is None:
         fail("--rois, --probabilities and --overlays write into --out-dir: pass --out-dir FOLDER")
+    for flag, folder in (("--out-dir", args.out_dir), ("--masks-dir", args.masks_dir), ("--overlays-dir", args.overlays_dir)):
+        if folder and Path(folder).is_file():
+            fail(f"{flag} {folder} is a file; it takes a folder (made when missing), e.g. {flag} predictions")
     out_csv = args.out or (str(Path(args.out_dir) / "submission.csv") if args.out_dir else "submission.csv")
     try:
         check_outputs(args.data_dir, [args.out_dir, out_csv, args.masks_dir, args.overlays_dir])
@@ -139,11 +142,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} nuclei ({stats['empty']} without any) in {took:.1f} s on {device}")
     if args.out_dir:
         print(f"results: {args.out_dir} ({', '.join(stats['outputs'])})")
+        if stats.get("earlier"):
+            print(f"note: {args.out_dir} also holds {stats['earlier']} file(s) of earlier runs for images not in this one "
+                  "(kept; nuclei.csv and summary.csv list this run's images only)")
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
     if stats["images"] and not stats["nuclei"]:
-        print(f"warning: no nucleus in any image at threshold {settings.threshold:g}: is this the right model and "
-              "--channel/--intensity for these images? A lower --threshold finds fainter nuclei")
+        size = f" and min size {settings.min_size} px" if settings.min_size else ""
+        print(f"warning: no nucleus in any image at threshold {settings.threshold:g}{size}: is this the right model and "
+              f"--channel/--intensity for these images? A lower --threshold{' or --min-size' if size else ''} finds "
+              "fainter or smaller nuclei")
     if stats["squashed"]:
         print(f"warning: {len(stats['squashed'])} image(s) (first: {stats['squashed'][0]}) are more than "
               f"{SQUASH_WARNING:g}x larger than the {settings.img_size} px squares this resize-mode model squashes them "
