@@ -418,3 +418,24 @@ def test_predict_cli_channel_2_on_a_hyperstack_with_a_checkpoint_saved_without_c
     assert "channel 2" in p.stdout and "done: 1 image," in p.stdout
     expected = segment(load_model(tmp_path / "m.ckpt"), alone)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "m" / "cells.png")), expected)
+
+
+def test_channels_are_never_taken_for_rgb_and_unnamed_planes_name_both_ways_out(tmp_path):
+    """An 8-bit ImageJ stack of 3 channels (DAPI/GFP/RFP) is three stains, as in 16 bits, not R, G
+    and B: it needs --channel, which picks the plane. A plain 2-page TIFF without metadata could
+    hold channels or z-planes: the error says both, and --channel picks a page."""
+    planes = np.random.default_rng(0).integers(0, 256, (3, 24, 32), dtype=np.uint8)
+    stack = tmp_path / "dapi_gfp_rfp.tif"
+    tifffile.imwrite(stack, planes, imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(ValueError, match=r"has 3 channels; pass --channel N .*RGB Color"):
+        read_raw(stack)
+    assert np.array_equal(read_raw(stack, 3)[..., 0], planes[2])
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.moveaxis(planes, 0, 2))  # samples of one pixel: colour
+    assert np.array_equal(read_raw(rgb), np.moveaxis(planes, 0, 2))
+    pages = tmp_path / "two_pages.tif"
+    tifffile.imwrite(pages, planes[:2], metadata=None)
+    with pytest.raises(ValueError) as e:
+        read_raw(pages)
+    assert "--channel N (1 to 2)" in str(e.value) and "Z Project" in str(e.value)
+    assert np.array_equal(read_raw(pages, 2)[..., 0], planes[1])

@@ -159,7 +159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_time is not None and not re.fullmatch(r"\d{1,2}:\d{2}:\d{2}:\d{2}", args.max_time):
         fail(f"--max-time {args.max_time!r} must be DD:HH:MM:SS, e.g. 00:02:00:00 for two hours")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        fail(f"--data-dir {args.data_dir} is not a folder (expected the competition's stage1_train layout)")
+        from ..data.images import TRAIN_LAYOUTS
+
+        what = "is a file; train.py takes a folder:" if Path(args.data_dir).is_file() else "does not exist; pass"
+        fail(f"--data-dir {args.data_dir} {what} {TRAIN_LAYOUTS}")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     args.gpus_defaulted = args.gpus is None
     if args.gpus is None:

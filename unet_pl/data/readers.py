@@ -17,9 +17,11 @@ rule turns them into the network's uint8.
     read_label_image(path)       -> integer labels (H, W), values as stored (no bit-depth rule)
 
 Channels (``channel``, 1-based as Fiji counts them): a file with one channel is grey; RGB(A) is
-colour (alpha dropped) unless ``channel`` picks one of R, G, B; a file with 2 or more than 3
-channels (an ImageJ hyperstack, an OME-TIFF) needs ``channel``. Z-stacks and time series are
-refused with the way out (a projection or one plane, saved as TIFF).
+colour (alpha dropped) unless ``channel`` picks one of R, G, B; a file with a channel axis (an
+ImageJ hyperstack, an OME-TIFF; 2 or more channels, 8- or 16-bit alike) needs ``channel``, and so
+does a plain multi-page TIFF of 2 to 4 pages without ImageJ/OME metadata (channels or z-planes:
+the error names both ways out). Z-stacks and time series are refused with the way out (a
+projection or one plane, saved as TIFF).
 """
 from __future__ import annotations
 
@@ -200,23 +202,30 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(f"{path}: cannot read this TIFF ({type(e).__name__}: {first}); the file is corrupt or "
                          "truncated, or a layout tifffile does not know: save it again from Fiji as TIFF") from None
-    # Drop axes of length 1; what is left must be Y, X and at most one channel axis (C or S).
+    # Drop axes of length 1; what is left must be Y, X and at most one channel axis (C or S), or,
+    # in a file without ImageJ/OME metadata, a few planes of unknown meaning (Q/I: channels or z?).
     keep = [i for i, n in enumerate(arr.shape) if n > 1 or axes[i] in "YX"]
     arr = arr.reshape([arr.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
-    extra = [a for a in axes if a not in "YXCS"]
+    unnamed = len(axes) == 3 and axes[0] in "QI" and axes[1:] == "YX" and arr.shape[0] <= MAX_UNNAMED_CHANNELS
+    if unnamed:
+        axes = "Q" + axes[1:]  # _pick_channel asks which plane holds the nuclei
+    extra = [a for a in axes if a not in "YXCS" and not (unnamed and a == "Q")]
     if extra:
         sizes = ", ".join(f"{arr.shape[axes.index(a)]} along {_AXIS_NAMES.get(a, a)}" for a in extra)
         raise ValueError(f"{path}: a stack ({sizes}; axes {axes}), not one 2-D image; make a projection or pick one "
                          "plane in Fiji (Image > Stacks > Z Project..., or Image > Duplicate... one slice) and save it as TIFF")
-    if sum(a in "CS" for a in axes) > 1:
+    if sum(a in "CSQ" for a in axes) > 1:
         raise ValueError(f"{path}: both channel and sample axes ({axes}); save the nuclear channel alone as TIFF")
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"{path}: no image plane in its axes ({axes}); save it again from Fiji as TIFF")
-    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "CS"]
+    order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "CSQ"]
     arr = np.transpose(arr, order)
-    return arr, "YX" + "".join(a for a in axes if a in "CS")
+    return arr, "YX" + "".join(a for a in axes if a in "CSQ")
 
+
+#: Planes of a TIFF without axes metadata that ``channel`` may pick from (more: a stack).
+MAX_UNNAMED_CHANNELS = 4
 
 _AXIS_NAMES = {"Z": "z (planes)", "T": "t (time points)", "Q": "an unnamed axis", "I": "an image sequence"}
 
@@ -244,12 +253,20 @@ def _pick_channel(arr: np.ndarray, axes: str, channel: int | None, path: Path) -
             raise ValueError(f"{path}: has one channel, so --channel {channel} does not exist; leave --channel out")
         return arr[:, :, None]
     n = arr.shape[2]
-    colour = axes.endswith("S") and n in (3, 4) or (axes.endswith("C") and n == 3 and arr.dtype == np.uint8)
+    # Colour is what a file stores as samples of one pixel (S: RGB, RGBA). Channels (C, an ImageJ
+    # hyperstack or OME) are separate stains in any bit depth: three of them are not R, G and B.
+    colour = axes.endswith("S") and n in (3, 4)
     if channel is None:
         if colour:
             return arr[:, :, :3]
+        if axes.endswith("Q"):
+            raise ValueError(f"{path}: {n} planes of unknown meaning (no ImageJ or OME metadata): if they are channels, "
+                             f"pass --channel N (1 to {n}) for the nuclear one; if they are z-planes, make a projection "
+                             "in Fiji (Image > Stacks > Z Project...) and save it as TIFF")
+        also = (" (if they are the red, green and blue of one colour image, save it as RGB: Fiji's Image > Type > "
+                "RGB Color)") if n == 3 else ""
         raise ValueError(f"{path}: has {n} channels; pass --channel N (1 to {n}, as Fiji numbers them) to pick the "
-                         "nuclear stain (channel= in Python)")
+                         f"nuclear stain (channel= in Python){also}")
     if not 1 <= channel <= n:
         raise ValueError(f"{path}: has {n} channels; --channel must be 1 to {n}, got {channel}")
     return arr[:, :, channel - 1:channel]
