@@ -174,6 +174,13 @@ def test_an_unwritable_run_folder_is_one_line_before_any_work(tmp_path, capsys, 
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).resolve() == ro.resolve() else real_access(p, mode))
     err = one_line_exit_2(train, ["--gpus", "0"], capsys)
     assert "runs" in err and "not writable" in err and "--out" in err
+    # resuming a run whose folder is read-only: said before the checkpoint is even read
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "last.ckpt").write_bytes(b"not read")
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p).resolve() == old.resolve() else real_access(p, mode))
+    err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(old / "last.ckpt")], capsys)
+    assert "cannot write into the run folder" in err and str(old) in err
 
 
 def test_an_unwritable_prediction_folder_is_one_line_before_any_image(tmp_path, capsys, monkeypatch):

@@ -226,9 +226,11 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
         if held:
             fail(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume last --out {out}, "
                  "or pass another --out (nothing was changed)")
+    if first and not args.fast_dev_run:  # a fresh run makes the folder; a resumed one writes its checkpoints there
         writable = next(p for p in (out, *out.parents) if p.exists())
         if not writable.is_dir() or not os.access(writable, os.W_OK | os.X_OK):
-            fail(f"cannot create the run folder {out}: {writable} is not writable; pass --out a folder you can write to")
+            fail(f"cannot {'create' if ckpt is None else 'write into'} the run folder {out}: {writable} is not writable; "
+                 "pass --out a folder you can write to")
     if ckpt is not None and first and not args.fast_dev_run and args.out and out.resolve() != ckpt.parent.resolve():
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:  # the resumed run would replace another run's files
