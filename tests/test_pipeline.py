@@ -165,6 +165,32 @@ def test_lightning_cli_config_round_trip_links_the_geometry(tmp_path):
     assert (hp["resolution"], hp["img_size"], hp["head"], hp["out_channels"]) == ("native", 64, "mask+boundary", 2)
 
 
+def test_trainer_predict_of_a_folder_with_the_bundled_model_and_the_default_logger(tmp_path):
+    """``trainer.predict(model, NucleiDataModule(predict_dir=...))``: a native model with a module left
+    at its (resize) geometry predicts, with Lightning's default logger (no hparams merge error), the
+    labels ``segment`` gives, and decodes no training set; only how files are read must agree."""
+    import shutil
+
+    from unet_pl import segment
+    from unet_pl.inference.checkpoint import PRETRAINED
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for it in sorted(SAMPLE_DIR.iterdir())[:2]:
+        shutil.copy(it / "images" / f"{it.name}.png", folder / f"{it.name}.png")
+    model = LitUNet.load_from_checkpoint(PRETRAINED)
+    dm = NucleiDataModule(predict_dir=folder, intensity="percentile", cache_dir=tmp_path / "cache", progress=False)
+    trainer = pl.Trainer(default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.logger is not None
+    out = trainer.predict(model, dm)
+    assert [o["id"] for o in out] == sorted(p.stem for p in folder.iterdir())
+    assert all(np.array_equal(o["labels"], segment(model, folder / f"{o['id']}.png")) for o in out)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    with pytest.raises(ValueError, match="intensity: model 'percentile', data module 'fixed'"):
+        pl.Trainer(default_root_dir=tmp_path, enable_progress_bar=False).predict(
+            model, NucleiDataModule(predict_dir=folder, cache_dir=tmp_path / "cache", progress=False))
+
+
 def test_inference_as_the_readme_shows_it_imports_no_lightning(tmp_path):
     """The README's inference lines, in a fresh process: they work and never import Lightning."""
     model = LitUNet(img_size=32)

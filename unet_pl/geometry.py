@@ -37,6 +37,9 @@ DEFAULT_RESOLUTION, DEFAULT_SIZE = "resize", 128
 #: The settings a LitUNet and a NucleiDataModule both hold, which must agree for one training run:
 #: how images meet the network, and how their files are read (the channel, the intensity rule).
 SHARED_KEYS = ("resolution", "img_size", "head", "channel", "intensity")
+#: The keys prediction needs the data module to agree on: how files are read (the geometry and
+#: head of prediction are the model's own).
+READING_KEYS = ("channel", "intensity")
 
 
 def head_channels(head: str) -> int:

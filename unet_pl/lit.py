@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from .geometry import SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
+from .geometry import READING_KEYS, SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
 from .inference.predict import labels_from_probabilities, probabilities, to_input
 from .inference.settings import TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
@@ -152,7 +152,9 @@ class LitUNet(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and hasattr(dm, "hparams"):
-            self.take_from_datamodule(dm.hparams)
+            # predicting, the model's geometry rules (whole images); only how files are read must agree
+            keys = READING_KEYS if stage == "predict" else SHARED_KEYS
+            self.take_from_datamodule({k: dm.hparams[k] for k in keys if k in dm.hparams})
 
     def take_from_datamodule(self, data: dict) -> None:
         """Adopt the data module's side and resolution where this model has none; ``ValueError`` on a
@@ -160,7 +162,8 @@ class LitUNet(pl.LightningModule):
         hyperparameters get the adopted values, so Lightning's merge of the two sees no clash."""
         taken = reconcile(self.hparams, {k: data[k] for k in SHARED_KEYS if k in data})
         for key, value in taken.items():
-            rank_zero_info(f"unet_pl: LitUNet's {key} taken from the data module: {value}")
+            if value is not None:
+                rank_zero_info(f"unet_pl: LitUNet's {key} taken from the data module: {value}")
             self.hparams[key] = value
             self._hparams_initial[key] = value
 

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import SAMPLE_DIR
-from ..geometry import DEFAULT_SIZE, SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
+from ..geometry import DEFAULT_SIZE, READING_KEYS, SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
 from .cache import (
     build_cache, building, cache_bytes, cache_name, check_cache_dir, decode_item, default_cache_dir, fingerprint, load_cache,
     native_image,
@@ -162,8 +162,12 @@ class NucleiDataModule(pl.LightningDataModule):
         """Decode and cache once (rank 0 of each node under DDP). Raises on bad input, before training,
         and on a model that disagrees with this data module (``geometry.reconcile``) before decoding."""
         model = self.trainer.lightning_module if self.trainer is not None else None
+        predicting = self.trainer is not None and self.trainer.predicting
         if model is not None and hasattr(model, "take_from_datamodule"):
-            reconcile(model.hparams, {k: self.hparams[k] for k in SHARED_KEYS if k in self.hparams})
+            keys = READING_KEYS if predicting else SHARED_KEYS
+            reconcile(model.hparams, {k: self.hparams[k] for k in keys if k in self.hparams})
+        if predicting and self.hparams.predict_dir is not None:
+            return  # whole images of predict_dir, read as they are needed: nothing to decode ahead
         path, job = self._locate()[:2]
         if path.is_file():
             log.info("using cached %s", path)
@@ -171,6 +175,10 @@ class NucleiDataModule(pl.LightningDataModule):
         job()
 
     def setup(self, stage: str | None = None) -> None:
+        # Predicting, the model's geometry rules (whole images at its resolution): this module's
+        # resolution, img_size and head are not logged beside the model's, where Lightning's merge
+        # of the two would stop a native model predicting with a default (resize) module.
+        self._log_hyperparams = stage != "predict"
         if stage in (None, "fit", "validate", "test") and self.arrays is None:
             path, job = self._locate()[:2]
             try:
