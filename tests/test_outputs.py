@@ -133,6 +133,8 @@ def test_an_output_folder_that_is_a_file_is_one_line_before_any_image(images, tm
     p = predict("--data-dir", images, "--out-dir", tmp_path / "results", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "is a file" in p.stderr, p.stderr
     assert (tmp_path / "results").read_text() == "a user's file" and "done:" not in p.stdout
+    p = predict("--data-dir", images, "--out", tmp_path, check=False)  # --out names the CSV, not a folder
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "is a folder" in p.stderr, p.stderr
 
 
 def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
@@ -326,3 +328,10 @@ def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(t
     assert not (tmp_path / "out" / "rois" / "a.zip").exists()
     assert (tmp_path / "out" / "rois" / "b.zip").exists()  # never deleted: another image's results
     assert again.earlier == 3  # b's label TIFF, ROI set and overlay
+    # a third run over a, without --rois and --overlays: a's overlay from the first run goes too
+    (tmp_path / "out" / "overlays" / "notes.txt").write_text("a user's file")  # not ours: never touched
+    third = Outputs(tmp_path / "out" / "submission.csv", tmp_path / "out")
+    third.add("a", image, image[..., 0].astype(np.float32), nuclei)
+    third.commit()
+    assert not (tmp_path / "out" / "overlays" / "a.png").exists() and (tmp_path / "out" / "overlays" / "b.png").exists()
+    assert (tmp_path / "out" / "overlays" / "notes.txt").exists() and third.earlier == 3

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag, folder in (("--out-dir", args.out_dir), ("--masks-dir", args.masks_dir), ("--overlays-dir", args.overlays_dir)):
         if folder and Path(folder).is_file():
             fail(f"{flag} {folder} is a file; it takes a folder (made when missing), e.g. {flag} predictions")
+    if args.out and Path(args.out).is_dir():
+        fail(f"--out {args.out} is a folder; it takes the submission CSV's file name, e.g. --out "
+             f"{Path(args.out) / 'submission.csv'} (or --out-dir {args.out} for all the results)")
     out_csv = args.out or (str(Path(args.out_dir) / "submission.csv") if args.out_dir else "submission.csv")
     try:
         check_outputs(args.data_dir, [args.out_dir, out_csv, args.masks_dir, args.overlays_dir])

@@ -37,6 +37,8 @@ NUCLEUS_PROPERTIES = ("label", "area", "centroid", "bbox", "intensity_mean", "in
 NUCLEUS_COLUMNS = ("image", "label", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col", "bbox_max_row",
                    "bbox_max_col", "intensity_mean", "intensity_min", "intensity_max", "perimeter", "eccentricity",
                    "solidity", "axis_major_length", "axis_minor_length", "orientation", "equivalent_diameter")
+#: ``out_dir``'s folders of one file per image, and the suffix of the files we write there.
+PER_IMAGE = {"labels": ".tif", "rois": ".zip", "probabilities": ".tif", "overlays": ".png"}
 SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction")
 
 
@@ -154,7 +156,6 @@ class Outputs:
         self.nuclei: list[dict] = []
         self.summary: list[dict] = []
         self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
-        self._removed: list[Path] = []  # an earlier run's file for an image that now has none (its ROI set)
         self._staging: dict[Path, Path] = {}
         self._ids: set[str] = set()
         #: after ``commit``: files in the per-image folders left by earlier runs for images not in this one
@@ -191,8 +192,8 @@ class Outputs:
             rois = roi_polygons(labels)
             if rois:
                 roifile.roiwrite(path, rois)
-            else:  # no nucleus, no ROI set: an earlier run's set for this image goes on commit
-                self._removed.append(self._staged.pop()[1])
+            else:  # no nucleus, no ROI set (an earlier run's set for this image goes on commit)
+                self._staged.pop()
         if "probabilities" in self.dirs and prob is not None:
             tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
                              compression="zlib")
@@ -216,12 +217,18 @@ class Outputs:
             _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [tuple(r.values()) for r in self.summary])
         for staged, dest in self._staged:
             os.replace(staged, dest)
-        for dest in self._removed:
-            dest.unlink(missing_ok=True)
+        # An image of this run keeps no earlier result this run did not write again (an ROI set of an
+        # image that now has no nucleus, the overlay of a run that asked for overlays): it would
+        # contradict its new labels. Other images' results stay, counted in ``earlier``.
+        written = {dest for _, dest in self._staged}
+        per_image = [(self.out_dir / k, suffix) for k, suffix in PER_IMAGE.items()] if self.out_dir is not None else []
+        old = [f for folder, suffix in per_image if folder.is_dir() for f in folder.iterdir()
+               if f.is_file() and f.suffix == suffix and not f.name.startswith(".") and f not in written]
+        for f in old:
+            if f.stem in self._ids:
+                f.unlink(missing_ok=True)
         self.abort()
-        per_image = [self.dirs[k] for k in ("labels", "rois", "probabilities", "overlays") if k in self.dirs]
-        self.earlier = sum(1 for folder in per_image if folder.is_dir() for f in folder.iterdir()
-                           if f.is_file() and not f.name.startswith(".") and f.stem not in self._ids)
+        self.earlier = sum(f.stem not in self._ids for f in old)
         return [dest for _, dest in self._staged]
 
     def abort(self) -> None:
