@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Without ARGS: the demo on the bundled 30-image sample. It has 2 batches an epoch, so it gets
-# 150 epochs without early stopping (about 30 s on a CPU) to learn something worth looking at.
+# 150 epochs without early stopping (one to a few minutes on a CPU) to learn something worth looking at.
 DEMO   := --epochs 150 --patience 0
 
 train: install

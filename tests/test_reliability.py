@@ -373,3 +373,24 @@ def test_export_never_replaces_the_checkpoint_it_reads(tmp_path, capsys):
     assert "best.ckpt" in err and ckpt.read_bytes() == before
     export(["--ckpt", str(ckpt), "--out", str(tmp_path / "small.ckpt")])
     assert LitUNet.load_from_checkpoint(tmp_path / "small.ckpt").settings == LitUNet.load_from_checkpoint(ckpt).settings
+
+
+def test_a_folder_or_another_file_where_a_checkpoint_or_csv_goes_is_one_line(tmp_path, capsys):
+    """What users pass by mistake: the run folder as --ckpt, hparams.yaml as --ckpt, predict's output
+    folder as --pred, a submission whose images are none of the truth's."""
+    from unet_pl.cli.evaluate import main as evaluate
+    from unet_pl.cli.predict import main as predict
+    from unet_pl.data import SAMPLE_DIR
+
+    image = next(SAMPLE_DIR.glob("*/images/*.png"))
+    out = ["--data-dir", str(image), "--out-dir", str(tmp_path / "out"), "--gpus", "0", "--no-progress"]
+    err = one_line_exit_2(predict, ["--ckpt", str(tmp_path)] + out, capsys)
+    assert "is a folder" in err and str(tmp_path / "best.ckpt") in err
+    (tmp_path / "hparams.yaml").write_text("img_size: 128\n")
+    err = one_line_exit_2(predict, ["--ckpt", str(tmp_path / "hparams.yaml")] + out, capsys)
+    assert "not a checkpoint file" in err and "weights_only" not in err
+    err = one_line_exit_2(evaluate, ["--pred", str(tmp_path), "--truth", str(SAMPLE_DIR)], capsys)
+    assert "is a folder" in err and "submission.csv" in err
+    (tmp_path / "other.csv").write_text("ImageId,EncodedPixels\nnot_a_sample_image,1 5\n")
+    err = one_line_exit_2(evaluate, ["--pred", str(tmp_path / "other.csv"), "--truth", str(SAMPLE_DIR)], capsys)
+    assert "no image of" in err and "not_a_sample_image" in err and "wrong --pred or --truth" in err

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if Path(args.pred).is_dir():
+        fail(f"--pred {args.pred} is a folder; pass the CSV that predict.py wrote, e.g. {Path(args.pred) / 'submission.csv'}")
     if not Path(args.pred).is_file():
         fail(f"{args.pred}: no such file; pass the CSV that predict.py wrote")
     t0 = time.perf_counter()
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     took = time.perf_counter() - t0
+    if rows and len(missing) == len(rows) and extra:
+        fail(f"no image of {args.pred} ({len(extra)}, e.g. {sorted(extra)[0]}) is in the truth {args.truth} "
+             f"({len(rows)} images, e.g. {sorted(missing)[0]}): wrong --pred or --truth?")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as f:

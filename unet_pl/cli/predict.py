@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0 or (args.min_size is not None and args.min_size < 0):
-        fail("--batch-size must be >= 1, --num-workers and --min-size >= 0")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
+                             ("--min-size", args.min_size, 0)):
+        if value is not None and value < low:
+            fail(f"{flag} must be >= {low}, got {value}")
     from ..inference.checkpoint import PRETRAINED, load_model, read_checkpoint
     from ..inference.folder import SQUASH_WARNING, choose_device, predict_folder
     from ..inference.outputs import STAGING_PREFIX, check_outputs

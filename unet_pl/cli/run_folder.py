@@ -73,7 +73,7 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")
     if checkpoint.best_model_path:
-        lines.append(f"predict: python scripts/predict.py --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out submission.csv")
+        lines.append(f"predict: python scripts/predict.py --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out-dir RESULTS")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ rule turns them into the network's uint8.
                       stains on white), so that nuclei are always bright on dark. Issue 15.
     read_label_image(path)       -> integer labels (H, W), values as stored (no bit-depth rule)
 
-Channels (``channel``, 1-based as Fiji counts them): a file with one channel is grey; RGB(A) is
+Channels (``channel``, 1-based as Fiji counts them): a file with one channel is grey, read as it
+is whatever ``channel`` says (a folder may mix grey and multi-channel files); RGB(A) is
 colour (alpha dropped) unless ``channel`` picks one of R, G, B; a file with a channel axis (an
 ImageJ hyperstack, an OME-TIFF; 2 or more channels, 8- or 16-bit alike) needs ``channel``, and so
 does a plain multi-page TIFF of 2 to 4 pages without ImageJ/OME metadata (channels or z-planes:
@@ -180,7 +181,7 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
         raise _too_many_pixels(path) from None
     except _PILLOW_ERRORS as e:
         raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
-                         "truncated: download it again, or delete its image folder") from None
+                         "truncated: copy or export it again, or move it out of the folder") from None
     if arr.ndim == 2:
         return arr, "YX"
     if arr.shape[2] == 2:  # grey + alpha
@@ -248,9 +249,7 @@ def _integer(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _pick_channel(arr: np.ndarray, axes: str, channel: int | None, path: Path) -> np.ndarray:
-    if arr.ndim == 2:
-        if channel not in (None, 1):
-            raise ValueError(f"{path}: has one channel, so --channel {channel} does not exist; leave --channel out")
+    if arr.ndim == 2:  # grey: its one channel is the nuclear one, whatever --channel a mixed folder needs
         return arr[:, :, None]
     n = arr.shape[2]
     # Colour is what a file stores as samples of one pixel (S: RGB, RGBA). Channels (C, an ImageJ

@@ -34,14 +34,26 @@ LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueErr
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """The checkpoint's dict, loaded with ``weights_only=True``; ``ValueError`` naming the file otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass the checkpoint in it, e.g. {path / 'best.ckpt'}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass a run's best.ckpt or last.ckpt")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
+        raise ValueError(f"{path}: not a checkpoint file (torch.save writes a zip archive); pass a run's best.ckpt or "
+                         "last.ckpt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except LOAD_ERRORS as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable unet_pl checkpoint (it holds something other than weights and plain "
-                         f"settings, or is damaged: {first[:160]}); use a best.ckpt or last.ckpt that train.py wrote") from None
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        blocked = next((line for line in lines if "unsupported" in line.lower() and "global" in line.lower()), None)
+        blocked = blocked or (lines[0] if "Weights only load failed" in str(e) else None)
+        why = (f"it holds code or objects other than weights and plain settings: refused, nothing in it was run; "
+               f"{blocked[:100]}" if blocked else
+               f"damaged or truncated: {(lines or [type(e).__name__])[0][:120]}")
+        raise ValueError(f"{path}: not a readable unet_pl checkpoint ({why}); use a best.ckpt or last.ckpt that train.py "
+                         "wrote") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a Lightning checkpoint (no state_dict); use a best.ckpt or last.ckpt that train.py wrote")
     return ckpt
