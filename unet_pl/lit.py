@@ -12,7 +12,6 @@ The batch (a dict, as ``unet_pl.data`` yields it):
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import pickle
@@ -29,8 +28,6 @@ from .inference.settings import TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
-
-log = logging.getLogger(__name__)
 
 
 class LitUNet(pl.LightningModule):
