@@ -42,6 +42,12 @@ SHARED_KEYS = ("resolution", "img_size", "head", "channel", "intensity")
 READING_KEYS = ("channel", "intensity")
 
 
+def agreed_keys(predicting: bool) -> tuple[str, ...]:
+    """The keys a model and its data module must agree on: all ``SHARED_KEYS`` to train, validate
+    and test; ``READING_KEYS`` to predict."""
+    return READING_KEYS if predicting else SHARED_KEYS
+
+
 def head_channels(head: str) -> int:
     """The output channels of ``head``; ``ValueError`` naming the choices otherwise."""
     if head not in HEADS:

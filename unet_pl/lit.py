@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from .geometry import READING_KEYS, SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
+from .geometry import SHARED_KEYS, agreed_keys, check_resolution, check_side, head_channels, reconcile
 from .inference.predict import labels_from_probabilities, probabilities, to_input
 from .inference.settings import TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
@@ -150,8 +150,7 @@ class LitUNet(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and hasattr(dm, "hparams"):
             # predicting, the model's geometry rules (whole images); only how files are read must agree
-            keys = READING_KEYS if stage == "predict" else SHARED_KEYS
-            self.take_from_datamodule({k: dm.hparams[k] for k in keys if k in dm.hparams})
+            self.take_from_datamodule({k: dm.hparams[k] for k in agreed_keys(stage == "predict") if k in dm.hparams})
 
     def take_from_datamodule(self, data: dict) -> None:
         """Adopt the data module's side and resolution where this model has none; ``ValueError`` on a

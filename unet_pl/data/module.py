@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import SAMPLE_DIR
-from ..geometry import DEFAULT_SIZE, READING_KEYS, SHARED_KEYS, check_resolution, check_side, head_channels, reconcile
+from ..geometry import DEFAULT_SIZE, agreed_keys, check_resolution, check_side, head_channels, reconcile
 from .cache import (
     build_cache, building, cache_bytes, cache_name, check_cache_dir, decode_item, default_cache_dir, fingerprint, load_cache,
     native_image,
@@ -164,8 +164,7 @@ class NucleiDataModule(pl.LightningDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         predicting = self.trainer is not None and self.trainer.predicting
         if model is not None and hasattr(model, "take_from_datamodule"):
-            keys = READING_KEYS if predicting else SHARED_KEYS
-            reconcile(model.hparams, {k: self.hparams[k] for k in keys if k in self.hparams})
+            reconcile(model.hparams, {k: self.hparams[k] for k in agreed_keys(predicting) if k in self.hparams})
         if predicting and self.hparams.predict_dir is not None:
             return  # whole images of predict_dir, read as they are needed: nothing to decode ahead
         path, job = self._locate()[:2]
