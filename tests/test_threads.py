@@ -71,6 +71,7 @@ def test_litunet_fits_with_adaptive_threads_and_gives_the_threads_back(monkeypat
 
     model = LitUNet(img_size=32)
     assert any(isinstance(c, AdaptiveThreads) for c in model.configure_callbacks())
+    monkeypatch.setattr(AdaptiveThreads, "MAX_SPLIT_THREADS", 1)  # 2 threads: the chooser, as on a larger machine
     eager = lambda full: ThreadChooser(full, window=1, settle=0, first_probe=1)  # noqa: E731  probe after one step
     monkeypatch.setattr(callbacks, "ThreadChooser", eager)
     calls = []
@@ -104,8 +105,9 @@ def test_deterministic_fits_and_the_off_switch_keep_the_thread_count(case, monke
     seen = []
 
     class Spy(pl.Callback):
-        def on_train_batch_end(self, trainer, *args):
+        def on_train_batch_end(self, trainer, module, *args):
             seen.append(next(c for c in trainer.callbacks if isinstance(c, AdaptiveThreads)).chooser)
+            seen.append(None if module.micro_batches == 1 else module.micro_batches)
 
     if case == "env":
         monkeypatch.setenv("UNET_PL_ADAPTIVE_THREADS", "0")
@@ -117,3 +119,75 @@ def test_deterministic_fits_and_the_off_switch_keep_the_thread_count(case, monke
     finally:
         torch.use_deterministic_algorithms(False)
     assert seen and all(c is None for c in seen)
+
+
+def test_small_cpus_train_in_micro_batches_and_validate_on_all_threads():
+    """On 2 threads a CPU fit runs its steps as 4 micro-batches on one torch thread each, validates
+    on both threads, and ends with the thread count and whole batches it started with."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from unet_pl import LitUNet
+
+    model = LitUNet(img_size=32)
+    batch = {"image": torch.rand(4, 3, 32, 32), "mask": (torch.rand(4, 1, 32, 32) > 0.5).float()}
+    steps, validations = [], []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            steps.append((module.micro_batches, torch.get_num_threads()))
+
+        def on_validation_batch_end(self, trainer, *args):
+            validations.append(torch.get_num_threads())
+
+    start = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             callbacks=[Spy()])
+        trainer.fit(model, DataLoader([batch] * 2, batch_size=None), DataLoader([batch], batch_size=None))
+        assert steps == [(4, 1)] * 4
+        assert validations == [2, 2]
+        assert torch.get_num_threads() == 2 and model.micro_batches == 1
+    finally:
+        torch.set_num_threads(start)
+
+
+@pytest.mark.parametrize("head", ["mask", "mask+boundary"])
+def test_micro_batches_train_to_the_same_weights_as_the_whole_batch(head):
+    """A step split into micro-batches on threads (``LitUNet.micro_batches``) is the whole batch's
+    step: after three optimizer steps with gradient accumulation and clipping, through a real
+    Trainer, the weights equal those of the unsplit run up to float rounding (uneven parts: 7
+    images in 3 parts), and the logged training loss is the batch's."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from unet_pl import LitUNet
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.rand(7, 3, 32, 32, generator=g),
+                "mask": (torch.rand(7, 1, 32, 32, generator=g) > 0.5).float(),
+                "boundary": (torch.rand(7, 1, 32, 32, generator=g) > 0.9).float()} for _ in range(6)]
+
+    def fit(parts: int) -> tuple[dict, float]:
+        torch.manual_seed(1)
+        model = LitUNet(img_size=32, head=head, tune=False)
+        model.micro_batches = parts
+        model.configure_callbacks = lambda: []  # the parts are set here, not by AdaptiveThreads
+        trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                             accumulate_grad_batches=2, gradient_clip_val=0.05, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(model, DataLoader(batches, batch_size=None))
+        return {k: v.clone() for k, v in model.state_dict().items()}, float(trainer.callback_metrics["train/loss_epoch"])
+
+    whole, whole_loss = fit(1)
+    split, split_loss = fit(3)
+    start = LitUNet(img_size=32, head=head).state_dict()
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole if k in start and whole[k].is_floating_point())
+    assert moved > 1e-4  # the runs trained (else equal weights would prove nothing)
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)

@@ -10,9 +10,10 @@
 - ``Throughput``: training images per second (forward + backward + data), for the summary.
 - ``KeepFreedMemory``: on CPU runs, glibc keeps freed memory for reuse (``unet_pl.perf``), and
   gives it back when the run ends; logged when it takes effect.
-- ``AdaptiveThreads``: on single-process CPU runs, the number of threads follows the machine's
-  load (``unet_pl.perf.ThreadChooser``): all cores when it is quiet, fewer while another program
-  holds a core; logged when it changes.
+- ``AdaptiveThreads``: on single-process CPU runs, training keeps its speed while another program
+  holds a core: on up to 4 cores each step runs as micro-batches on threads of their own
+  (``LitUNet.micro_batches``); on more, the number of threads follows the load
+  (``unet_pl.perf.ThreadChooser``). Logged when it takes effect.
 - ``TunePostprocessing``: at the end of fit, the post-processing is chosen on the validation
   images with the best weights (``unet_pl.inference.tune``) and stored in the model and its
   checkpoints, so prediction uses it by default.
@@ -159,12 +160,26 @@ class KeepFreedMemory(Callback):
 
 
 class AdaptiveThreads(Callback):
-    """Time each training step and let ``ThreadChooser`` set torch's thread count (CPU, one
-    process, more than one thread, not ``deterministic``). Off with ``UNET_PL_ADAPTIVE_THREADS=0``.
-    The count in force at the start is restored when training ends."""
+    """Keep CPU training fast when another program takes a core (CPU, one process, more than one
+    thread, not ``deterministic``; off with ``UNET_PL_ADAPTIVE_THREADS=0``).
+
+    With up to ``MAX_SPLIT_THREADS`` threads (laptops, small servers) every training step runs as
+    ``PARTS_PER_THREAD`` micro-batches per thread, each on its own thread with one torch thread
+    (``LitUNet.micro_batches``, ``unet_pl.perf.run_parts``): parts share no barrier, so when
+    another program holds a core the others keep working, and more runnable threads than cores
+    keep a fair share of the machine. On 2 cores with one busy: 78% of the quiet speed against
+    56% for two torch threads, and the same quiet speed (``docs/performance.md``). With more
+    threads, ``ThreadChooser`` picks between all and half of them from the step times.
+    Validation runs on all threads. The count in force at the start is restored when training ends."""
+
+    #: The split is used up to this many threads (measured on 2; more threads than this keep ``ThreadChooser``).
+    MAX_SPLIT_THREADS = 4
+    #: Micro-batches per thread: 2 keeps the quiet speed of one whole batch on all threads (1 lost 8%).
+    PARTS_PER_THREAD = 2
 
     def __init__(self) -> None:
         self.chooser: ThreadChooser | None = None
+        self.parts = 1
         self._start = 0.0
         self._threads = 0
 
@@ -173,10 +188,18 @@ class AdaptiveThreads(Callback):
 
         off = os.environ.get("UNET_PL_ADAPTIVE_THREADS", "1").strip().lower() in ("0", "false", "no", "off")
         self._threads = torch.get_num_threads()
-        # A deterministic run keeps its thread count: the count changes the order of float sums,
-        # and a resumed run must end on the same weights as an uninterrupted one.
+        # A deterministic run keeps its thread count and whole batches: both change the order of
+        # float sums, and a resumed run must end on the same weights as an uninterrupted one.
         deterministic = torch.are_deterministic_algorithms_enabled()
-        if not off and not deterministic and pl_module.device.type == "cpu" and trainer.world_size == 1 and self._threads > 1:
+        if off or deterministic or pl_module.device.type != "cpu" or trainer.world_size != 1 or self._threads < 2:
+            return
+        if self._threads <= self.MAX_SPLIT_THREADS:
+            self.parts = self.PARTS_PER_THREAD * self._threads
+            pl_module.micro_batches = self.parts
+            torch.set_num_threads(1)
+            rank_zero_info(f"unet_pl: each training step runs as {self.parts} parts of the batch on {self.parts} threads "
+                           "(keeps its speed while another program holds a core; UNET_PL_ADAPTIVE_THREADS=0 turns it off)")
+        else:
             self.chooser = ThreadChooser(self._threads)
             rank_zero_info(f"unet_pl: training threads follow the machine's load ({self._threads} now, fewer while another "
                            "program holds a core; restored at the end; UNET_PL_ADAPTIVE_THREADS=0 keeps them fixed)")
@@ -188,16 +211,27 @@ class AdaptiveThreads(Callback):
         if self.chooser is not None:
             self.chooser.step(time.perf_counter() - self._start)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.parts > 1:
+            torch.set_num_threads(self._threads)  # whole images forward only: all threads
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.parts > 1:  # set during fit only: back to the training steps
+            torch.set_num_threads(1)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
+        self._restore(pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
+        self._restore(pl_module)
 
-    def _restore(self) -> None:
-        if self.chooser is not None and torch.get_num_threads() != self._threads:
+    def _restore(self, pl_module: pl.LightningModule) -> None:
+        if (self.chooser is not None or self.parts > 1) and torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
+        if self.parts > 1:
+            pl_module.micro_batches = 1
         self.chooser = None
+        self.parts = 1
 
 
 class TunePostprocessing(Callback):

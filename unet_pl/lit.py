@@ -197,7 +197,13 @@ class LitUNet(pl.LightningModule):
         """uint8 [0, 255] or float [0, 1] ``(N, C, H, W)`` -> float32 [0, 1], in the model's memory layout."""
         return to_input(image, channels_last=self.hparams.channels_last)
 
+    #: Training steps run as this many micro-batches, each on its own thread with one torch
+    #: thread (``_split_step``); 1: the whole batch at once. ``AdaptiveThreads`` sets it for CPU fits.
+    micro_batches: int = 1
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.micro_batches > 1 and batch["image"].shape[0] >= self.micro_batches:
+            return self._split_step(batch)
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -221,10 +227,43 @@ class LitUNet(pl.LightningModule):
                                fused=False if fp16 else None)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        x, y = batch["image"], self._targets(batch)
-        logits = self(x)
+        y = self._targets(batch)
+        logits = self(batch["image"])
         loss = self._loss(logits, y, self._weights(batch))
-        n = x.shape[0]
+        self._log_step(batch, stage, loss, logits, y)
+        return loss
+
+    def _split_step(self, batch: dict) -> torch.Tensor:
+        """The training step as ``micro_batches`` parts of the batch, forward and backward of each on
+        its own thread at once (``unet_pl.perf.run_parts``): the same loss and gradients as the whole
+        batch (each part's mean loss weighted by its share of the images), up to float rounding
+        and dropout's random draws. Returns the batch's loss with a term whose gradient is the
+        parts' gradients summed, so that Lightning's zero_grad, backward, accumulation and
+        clipping run as for ``_step``."""
+        from .perf import run_parts
+
+        x, y, weight = batch["image"], self._targets(batch), self._weights(batch)
+        n, device = x.shape[0], x.device.type
+        params = [p for p in self.parameters() if p.requires_grad]
+        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)  # per thread: carried over
+
+        def part(rows: slice) -> tuple:
+            with torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
+                logits = self(x[rows])
+                loss = self._loss(logits, y[rows], None if weight is None else weight[rows]) * ((rows.stop - rows.start) / n)
+            return loss.detach(), logits.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+        bounds = np.linspace(0, n, self.micro_batches + 1).round().astype(int)
+        parts = run_parts(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+        loss = torch.stack([p[0] for p in parts]).sum()
+        self._log_step(batch, "train", loss, torch.cat([p[1] for p in parts]), y)
+        with torch.autocast(device, enabled=False):
+            carrier = sum((w * torch.stack(g).sum(0)).sum() for w, *g in zip(params, *(p[2] for p in parts))
+                          if all(t is not None for t in g)) + x.new_zeros(())
+        return loss + (carrier - carrier.detach())  # the loss' value, the parts' gradients
+
+    def _log_step(self, batch: dict, stage: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = logits.shape[0]
         # Epoch-level values reduce across DDP ranks at the epoch's end only; nothing here syncs
         # the host with the device per step (the progress bar reads the step loss when it redraws).
         if stage == "train":
@@ -245,7 +284,6 @@ class LitUNet(pl.LightningModule):
             dsb = getattr(self, f"{stage}_dsb_score")
             dsb.update(self._nuclei(logits.detach()), batch["labels"])
             self.log(f"{stage}/dsb_score", dsb, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Keras' sigmoid + binary_crossentropy, computed from logits for numerical safety; with the

@@ -162,3 +162,36 @@ class ThreadChooser:
         if self.since_probe >= self.period or median > self.slowdown * best:
             self.probe_from = (self.current, median)
             self._use(self.fewer if self.current == self.full else self.full)
+
+
+_parts_pool = None
+
+
+def run_parts(fn, items: list) -> list:
+    """``[fn(item) for item in items]``, all at once: the first on this thread, the others on
+    worker threads running as many torch threads as this one. Waits for every part before it
+    returns or raises (the first error, in order). The training step's micro-batches
+    (``LitUNet.micro_batches``) run this way: parts that share no barrier keep the CPU they get
+    when another program takes a core, where one operation's threads wait for the slowest."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    import torch
+
+    global _parts_pool
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    if _parts_pool is None or _parts_pool._max_workers < len(items) - 1:
+        _parts_pool = ThreadPoolExecutor(len(items) - 1, thread_name_prefix="unet_pl-part")
+    threads = torch.get_num_threads()
+
+    def run(item):
+        if torch.get_num_threads() != threads:  # OpenMP's count is per thread; a pool thread keeps its own
+            torch.set_num_threads(threads)
+        return fn(item)
+
+    futures = [_parts_pool.submit(run, item) for item in items[1:]]
+    try:
+        first = fn(items[0])
+    finally:
+        wait(futures)
+    return [first] + [f.result() for f in futures]

@@ -350,15 +350,20 @@ def main(argv: list[str] | None = None) -> None:
                 {"kind": "loader", "batch_size": 16, "num_workers": args.loader_workers, "data_dir": args.data_dir})
     if "loaded" in kinds and device == "cpu":
         # Another program holding one core (as `yes > /dev/null` would), against the same run quiet:
-        # the thread count adapts (unet_pl.perf.ThreadChooser); the fixed-threads row is the old behaviour.
+        # the default (unet_pl.callbacks.AdaptiveThreads: micro-batches on up to 4 cores, else ThreadChooser)
+        # against whole batches on a fixed thread count (UNET_PL_ADAPTIVE_THREADS=0, the old behaviour).
         row = {"kind": "train", "batch_size": 16, "precision": "32-true", "channels_last": True, "steps": args.loaded_steps}
-        quiet = measure(f"train 32-true channels_last, batch 16, {args.loaded_steps} steps, quiet", row)
+        ways = (("default (AdaptiveThreads)", {}), ("whole batches, fixed threads", {"UNET_PL_ADAPTIVE_THREADS": "0"}))
+        quiet = {label: measure(f"train 32-true channels_last, batch 16, {args.loaded_steps} steps, quiet, {label}",
+                                {**row, "env": env}) for label, env in ways}
+        best = max((r["img_s"] for r in quiet.values() if r), default=None)
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
-            for label, env in (("adaptive threads (default)", {}), ("fixed threads", {"UNET_PL_ADAPTIVE_THREADS": "0"})):
+            for label, env in ways:
                 res = measure(f"same, one core busy with another process, {label}", {**row, "env": env})
-                if res and quiet:
-                    print(f"|   (keeps {res['img_s'] / quiet['img_s']:.0%} of its quiet speed) | | | |", flush=True)
+                if res and quiet[label]:
+                    print(f"|   (keeps {res['img_s'] / quiet[label]['img_s']:.0%} of its own quiet speed, "
+                          f"{res['img_s'] / best:.0%} of the faster quiet row) | | | |", flush=True)
         finally:
             busy.kill()
     if "predict" in kinds:
