@@ -87,22 +87,21 @@ def encode_labels(labels: np.ndarray) -> list[str]:
     if labels.ndim != 2:
         raise ValueError(f"encode_labels expects one 2-D label image (H, W), got shape {labels.shape}")
     flat = labels.ravel(order="F")
-    fg = np.flatnonzero(flat)
-    if not len(fg):
+    if not flat.size:
         return []
-    values = flat[fg]
-    order = np.argsort(values, kind="stable")  # pixels of each label, in column-major order
-    pix, values = fg[order], values[order]
-    # A run breaks where the label changes or the pixel number jumps.
-    brk = np.flatnonzero((np.diff(values) != 0) | (np.diff(pix) != 1)) + 1
-    run_start = np.concatenate([[0], brk])
-    run_end = np.concatenate([brk, [len(pix)]])
-    starts = pix[run_start] + 1
-    lengths = run_end - run_start
-    run_label = values[run_start]
-    label_edges = np.flatnonzero(np.diff(run_label)) + 1
-    pairs = np.stack([starts, lengths], 1).astype(str)
-    return [" ".join(p.ravel().tolist()) for p in np.split(pairs, label_edges)]
+    # Runs of equal value in column-major order; a nucleus' runs, in increasing order, are its RLE.
+    start = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+    length = np.diff(np.append(start, flat.size))
+    value = flat[start]
+    fg = value != 0
+    start, length, value = start[fg] + 1, length[fg], value[fg]  # numbered from 1
+    if not len(value):
+        return []
+    order = np.argsort(value, kind="stable")  # runs, not pixels: a few per nucleus column
+    start, length, value = start[order], length[order], value[order]
+    words = np.stack([start, length], 1).ravel().astype(str).tolist()
+    edges = [0, *(2 * (np.flatnonzero(np.diff(value)) + 1)).tolist(), len(words)]
+    return [" ".join(words[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _short(rle: str, n: int = 60) -> str:

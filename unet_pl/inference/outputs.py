@@ -89,8 +89,11 @@ def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> li
     t = nucleus_table(labels, intensity)
     names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col",
              "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col", "equivalent_diameter_area": "equivalent_diameter"}
-    cols = {names.get(k, k): v for k, v in t.items()}
-    return [{"image": image_id, **{c: _plain(cols[c][i]) for c in NUCLEUS_COLUMNS[1:]}} for i in range(len(cols["label"]))]
+    cols = {names.get(k, k): np.asarray(v) for k, v in t.items()}
+    # column by column (tolist: Python numbers at C speed), floats to 4 decimals as _plain rounds them
+    values = [[round(v, 4) for v in cols[c].tolist()] if cols[c].dtype.kind == "f" else cols[c].tolist()
+              for c in NUCLEUS_COLUMNS[1:]]
+    return [{"image": image_id, **dict(zip(NUCLEUS_COLUMNS[1:], row))} for row in zip(*values)]
 
 
 def summary_row(image_id: str, labels: np.ndarray) -> dict:
@@ -184,7 +187,7 @@ class Outputs:
             self.nuclei += nucleus_rows(image_id, labels, intensity)
             self.summary.append(summary_row(image_id, labels))
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
-                             compression="zlib")
+                             compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         if "rois" in self.dirs:
             import roifile
 
@@ -196,7 +199,7 @@ class Outputs:
                 self._staged.pop()
         if "probabilities" in self.dirs and prob is not None:
             tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
-                             compression="zlib")
+                             compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         for key in ("overlays", "overlays_png"):
             if key in self.dirs:
                 save_overlay(image, labels, self._stage(self.dirs[key] / f"{image_id}.png"))

@@ -13,10 +13,12 @@ SPLITS = ("components", "watershed")
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber the labels present to 1..k in increasing order of their old value; int32."""
+    """Renumber the labels present to 1..k in increasing order of their old value; int32 (``labels`` itself when already so)."""
     labels = np.asarray(labels)
     present = np.bincount(labels.ravel()) > 0 if labels.size else np.zeros(1, bool)
     present[0] = False
+    if present[1:].all():  # already 1..k
+        return labels.astype(np.int32, copy=False)
     lut = np.where(present, np.cumsum(present), 0).astype(np.int32)
     return lut[labels]
 
@@ -33,13 +35,15 @@ def components(mask: np.ndarray) -> np.ndarray:
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop nuclei with fewer than ``min_size`` pixels and renumber 1..k."""
+    """Drop nuclei with fewer than ``min_size`` pixels and renumber 1..k (int32; ``labels`` itself when nothing changes)."""
     labels = np.asarray(labels)
     if min_size <= 1 or not labels.max(initial=0):
         return labels.astype(np.int32)
     area = np.bincount(labels.ravel())
     keep = area >= min_size
     keep[0] = False
+    if keep[1:].all():  # nothing to drop and already 1..k
+        return labels.astype(np.int32, copy=False)
     new_id = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
     return new_id[labels]
 

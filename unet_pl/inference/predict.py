@@ -89,7 +89,7 @@ def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str | Non
 def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """``sigmoid(net(view))`` averaged over the TTA views: float32 ``(N, C, H, W)``. ``x`` as ``to_input`` makes it."""
     # A rotated or flipped view is a strided copy; the network runs fastest on channels-last input.
-    return tta_predict(lambda v: torch.sigmoid(net(v.contiguous(memory_format=torch.channels_last)).float()), x, tta)
+    return tta_predict(lambda v: net(v.contiguous(memory_format=torch.channels_last)).float().sigmoid_(), x, tta)
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -148,7 +148,8 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
                       if settings.scale == "auto" else float(settings.scale))
             if factor != 1.0:
                 prob = resize(run(resize(x, scaled_size(image.shape[:2], factor))), image.shape[:2])
-            yield prob[0].cpu().numpy()
+            # (C, H, W) in order: the network's channels-last output would leave every later pass striding
+            yield prob[0].cpu().contiguous().numpy()
         return
     batch: list[np.ndarray] = []
     sizes: list[tuple[int, int]] = []
