@@ -65,9 +65,9 @@ def keep_freed_memory() -> bool:
             (_M_MMAP_MAX, 0),  # large blocks come from the heap, so they can be reused...
             (_M_TRIM_THRESHOLD, 2**31 - 1),  # ...and the heap is not trimmed back after each step
             (_M_TOP_PAD, 64 << 20),  # grow the heap in 64 MiB steps
-            # one heap for every thread: a worker thread's blocks are kept too (another thread's own
-            # heap is at most 64 MiB, so a large activation falls back to mmap and page faults again:
-            # two 2048 x 2048 images on two threads ran at half speed without this)
+            # one heap for every thread: the blocks of the training step's micro-batch threads are
+            # kept too (a thread's own heap is at most 64 MiB and is unmapped when it empties; a
+            # 2048 x 2048 forward pass on a second thread ran at half speed without this)
             (_M_ARENA_MAX, 1),
         )
     ]

@@ -89,8 +89,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                    ids: Sequence[str] | None = None, batch_size: int = 8, num_workers: int = 2,
                    out_dir: str | Path | None = None, rois: bool = False, probabilities: bool = False,
                    overlays: bool = False, masks_dir: str | Path | None = None, overlays_dir: str | Path | None = None,
-                   progress: bool = True, keep_memory: bool | None = None, overlap: int = 1,
-                   parallel: int | None = None) -> dict:
+                   progress: bool = True, keep_memory: bool | None = None, overlap: int = 1) -> dict:
     """Predict every image of ``data_dir`` (an image file or a folder; only ``ids`` when given) and
     write the submission CSV ``out_csv`` and, with ``out_dir``, the label TIFFs, tables and the
     optional ROIs, probability maps and overlays (``unet_pl.inference.outputs``); ``masks_dir`` and
@@ -100,8 +99,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     ``num_workers``: threads decoding images ahead of the network. ``keep_memory``: keep freed
     memory for reuse while predicting (``unet_pl.perf``; None: on the CPU), released at the end.
     ``overlap``: how many images' post-processing and writing may wait while the network runs
-    the next (0: one after the other). ``parallel``: images predicted at once on the CPU, each
-    on its share of torch's threads (``parallel_images``; None: its choice).
+    the next (0: one after the other).
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one}``.
     """
@@ -126,13 +124,11 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
 
     stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders()}
 
-    def finish(image_id: str, raw: np.ndarray, image: np.ndarray, prob: np.ndarray, labels: np.ndarray | None = None,
-               intensity: np.ndarray | None = None) -> None:
+    def finish(image_id: str, raw: np.ndarray, image: np.ndarray, prob: np.ndarray) -> None:
         """Nuclei and outputs of one image; runs beside the network's next image (numpy, scipy and
         tifffile release the GIL), one image at a time, in order."""
-        labels = labels_from_probabilities(prob, settings) if labels is None else labels
-        intensity = raw.astype(np.float32).mean(axis=2) if intensity is None else intensity
-        outputs.add(image_id, image, intensity, labels, prob)
+        labels = labels_from_probabilities(prob, settings)
+        outputs.add(image_id, image, raw.astype(np.float32).mean(axis=2), labels, prob)
         n = int(labels.max(initial=0))
         stats["images"] += 1
         stats["nuclei"] += n
@@ -140,14 +136,6 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         if settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size:
             stats["squashed"].append(image_id)
 
-    workers = parallel_images(net, settings, parallel)
-    if workers > 1:
-        try:
-            _predict_parallel(net, entries, settings, outputs, stats, finish, workers, num_workers, progress)
-        finally:
-            release_freed_memory()
-        log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
-        return stats
     results = predict_images(net, images(), settings.decoded(), batch_size)
     bar = tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict", disable=not progress)
     finishing: deque = deque()  # at most `overlap` images' probabilities wait for post-processing
@@ -179,76 +167,3 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             release_freed_memory()
     log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
     return stats
-
-
-def parallel_images(net: nn.Module, settings: Settings, parallel: int | None = None) -> int:
-    """How many images ``predict_folder`` predicts at once: ``parallel`` when given, else 2 on the
-    CPU at native resolution with two or more torch threads, else 1.
-
-    A large image's activations do not fit in the CPU's caches, and the network's threads wait
-    for memory and for each other after every operation: on the project's 2-core EPYC a 2048 x
-    2048 image ran at 2.1 Mpx/s on both threads, two such images at once on one thread each at
-    2.6, leaving the image's post-processing and writing room beside them (``docs/performance.md``).
-    Resized (notebook) models batch their small squares instead; a GPU runs one image at a time."""
-    if parallel is not None:
-        return max(1, int(parallel))
-    cpu = next(net.parameters()).device.type == "cpu"
-    return 2 if cpu and settings.resolution == "native" and torch.get_num_threads() >= 2 else 1
-
-
-def _predict_parallel(net: nn.Module, entries: list, settings: Settings, outputs: Outputs, stats: dict, finish,
-                      workers: int, num_workers: int, progress: bool) -> None:
-    """``predict_folder``'s loop with ``workers`` images in the network at once, each on
-    ``threads // workers`` torch threads, its nuclei made on the same worker; this thread writes
-    each image's outputs in order (``finish``) while the workers run the next ones. An image
-    larger than ``settings.tile`` (tiled; its probabilities alone can be gigabytes) waits for the
-    others and runs alone on every thread."""
-    from tqdm.auto import tqdm
-
-    total = torch.get_num_threads()
-    share = max(1, total // workers)
-    decoded = settings.decoded()
-
-    def compute(raw: np.ndarray, image: np.ndarray, threads: int) -> tuple:
-        if torch.get_num_threads() != threads:  # OpenMP's count is per thread: each worker sets its own
-            torch.set_num_threads(threads)
-        prob = next(predict_images(net, [image], decoded))
-        return prob, labels_from_probabilities(prob, settings), raw.astype(np.float32).mean(axis=2)
-
-    bar = tqdm(total=len(entries), unit="img", desc="predict", disable=not progress)
-    pending: deque = deque()  # (id, raw, image, future): at most workers + 1 images in flight
-    reads = read_ahead([p for _, p in entries], num_workers, channel=settings.channel, intensity=settings.intensity)
-
-    def write_first() -> None:
-        image_id, raw, image, future = pending.popleft()
-        finish(image_id, raw, image, *future.result())
-        bar.update()
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="unet_pl-predict") as pool:
-        try:
-            for (image_id, _), (raw, image) in zip(entries, reads):
-                if max(image.shape[:2]) > settings.tile:
-                    while pending:
-                        write_first()
-                    finish(image_id, raw, image, *compute(raw, image, total))
-                    bar.update()
-                    continue
-                pending.append((image_id, raw, image, pool.submit(compute, raw, image, share)))
-                while len(pending) > workers or (pending and pending[0][3].done()):
-                    write_first()
-            while pending:
-                write_first()
-            stats["written"] = outputs.commit()
-            stats["earlier"] = outputs.earlier
-        except BaseException:
-            for *_, f in pending:
-                f.cancel()
-            for *_, f in pending:
-                if not f.cancelled():
-                    f.exception()  # wait for the running ones: nothing writes while outputs are removed
-            outputs.abort()
-            raise
-        finally:
-            bar.close()
-            reads.close()
-            torch.set_num_threads(total)
