@@ -167,14 +167,14 @@ class AdaptiveThreads(Callback):
     ``PARTS_PER_THREAD`` micro-batches per thread, each on its own thread with one torch thread
     (``LitUNet.micro_batches``, ``unet_pl.perf.run_parts``): parts share no barrier, so when
     another program holds a core the others keep working, and more runnable threads than cores
-    keep a fair share of the machine. On 2 cores with one busy: 78% of the quiet speed against
-    56% for two torch threads, and the same quiet speed (``docs/performance.md``). With more
+    keep a fair share of the machine. On 2 cores with one busy: 89% of the quiet speed against
+    37% for whole batches on two torch threads, and the same quiet speed (``docs/performance.md``). With more
     threads, ``ThreadChooser`` picks between all and half of them from the step times.
     Validation runs on all threads. The count in force at the start is restored when training ends."""
 
     #: The split is used up to this many threads (measured on 2; more threads than this keep ``ThreadChooser``).
     MAX_SPLIT_THREADS = 4
-    #: Micro-batches per thread: 2 keeps the quiet speed of one whole batch on all threads (1 lost 8%).
+    #: Micro-batches per thread: 2 kept the quiet speed of whole batches on all threads (1 lost 8%).
     PARTS_PER_THREAD = 2
 
     def __init__(self) -> None:
