@@ -191,3 +191,29 @@ def test_micro_batches_train_to_the_same_weights_as_the_whole_batch(head):
     for k in whole:
         torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+
+
+def test_a_compiled_network_keeps_whole_batches():
+    """torch.compile'd code is not run from several threads at once: with a compiled U-Net the
+    callback keeps whole batches and lets the thread chooser adapt instead."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from unet_pl import LitUNet
+    from unet_pl.callbacks import AdaptiveThreads
+
+    start = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for compiled in (False, True):
+            model = LitUNet(img_size=32)
+            if compiled:
+                model.unet.compile()  # lazy: nothing is compiled until a forward pass
+            callback = AdaptiveThreads()
+            callback.on_train_start(SimpleNamespace(world_size=1), model)
+            assert (model.micro_batches, callback.chooser is None) == ((1, False) if compiled else (4, True))
+            callback.on_train_end(None, model)
+            assert model.micro_batches == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(start)

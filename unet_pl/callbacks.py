@@ -169,7 +169,8 @@ class AdaptiveThreads(Callback):
     another program holds a core the others keep working, and more runnable threads than cores
     keep a fair share of the machine. On 2 cores with one busy: 89% of the quiet speed against
     37% for whole batches on two torch threads, and the same quiet speed (``docs/performance.md``). With more
-    threads, ``ThreadChooser`` picks between all and half of them from the step times.
+    threads, or a ``torch.compile``'d network, ``ThreadChooser`` picks between all and half of
+    them from the step times.
     Validation runs on all threads. The count in force at the start is restored when training ends."""
 
     #: The split is used up to this many threads (measured on 2; more threads than this keep ``ThreadChooser``).
@@ -193,7 +194,9 @@ class AdaptiveThreads(Callback):
         deterministic = torch.are_deterministic_algorithms_enabled()
         if off or deterministic or pl_module.device.type != "cpu" or trainer.world_size != 1 or self._threads < 2:
             return
-        if self._threads <= self.MAX_SPLIT_THREADS:
+        # torch.compile'd code is not run from several threads at once: a compiled network keeps whole batches
+        compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules())
+        if self._threads <= self.MAX_SPLIT_THREADS and not compiled:
             self.parts = self.PARTS_PER_THREAD * self._threads
             pl_module.micro_batches = self.parts
             torch.set_num_threads(1)
