@@ -63,7 +63,8 @@ def keep_freed_memory() -> bool:
         mallopt(param, value)
         for param, value in (
             (_M_MMAP_MAX, 0),  # large blocks come from the heap, so they can be reused...
-            (_M_TRIM_THRESHOLD, 2**31 - 1),  # ...and the heap is not trimmed back after each step
+            (_M_TRIM_THRESHOLD, -1),  # ...and the heap is never trimmed back (-1: off; 2**31 - 1, the largest
+            # positive value, let a 2 GiB free top be handed back and faulted in again on the next image)
             (_M_TOP_PAD, 64 << 20),  # grow the heap in 64 MiB steps
             # one heap for every thread: the blocks of the training step's micro-batch threads are
             # kept too (a thread's own heap is at most 64 MiB and is unmapped when it empties; a

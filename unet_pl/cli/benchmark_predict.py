@@ -9,13 +9,14 @@ Test images are made from the bundled sample: mosaics of its fluorescence images
     normalise       the model's intensity rule (``to_rgb8``: percentiles for the bundled model)
     network         the U-Net alone, float32 channels-last, one forward pass per image: the reference
     probabilities   network + sigmoid + tiling (``predict_images``; tiles above ``--tile``)
+                    (these two: the better of two passes per image)
     TTA d4          the same with the eight dihedral views
     post-processing probabilities -> nuclei (``labels_from_probabilities``: watershed, size filter)
     outputs         label TIFF, nuclei.csv, summary.csv, submission.csv (``Outputs``)
 
-then ``predict_folder`` end to end over the folder (without and with TTA) in fresh processes of
-their own, each with its peak memory. Start-up is ``scripts/predict.py`` on one small image,
-wall clock, against ``python -c "import torch"``. ``--huge-side 16384`` adds one image of that
+then ``predict_folder`` end to end over the folder (by default, one image at a time, and with TTA)
+in fresh processes of their own after a warm-up on two of the images, each with its peak memory.
+Start-up is ``scripts/predict.py`` on one small image, wall clock, against ``python -c "import torch"``. ``--huge-side 16384`` adds one image of that
 side end to end (its peak memory is the row to read).
 """
 from __future__ import annotations
@@ -114,13 +115,18 @@ def run_stages(cfg: dict) -> dict:
             secs["normalise"] += t
             pixels += image.shape[0] * image.shape[1]
             x = pad_to_multiple(to_input(image, cfg["device"]))[0]
-            with torch.inference_mode():
-                sync()
-                t, _ = _clock(net, x)
-                sync()
-            secs["network"] += t
-            t, prob = _clock(lambda: next(predict_images(net, [image], settings.decoded())))
-            secs["probabilities"] += t
+            # the better of two passes: the first may also pay for fresh memory (on a VM whose host took
+            # back freed pages, about 10 s per GiB first touched was measured)
+            best = float("inf")
+            for _ in range(2):
+                with torch.inference_mode():
+                    sync()
+                    t, _ = _clock(net, x)
+                    sync()
+                best = min(best, t)
+            secs["network"] += best
+            (t1, prob), (t2, _) = (_clock(lambda: next(predict_images(net, [image], settings.decoded()))) for _ in range(2))
+            secs["probabilities"] += min(t1, t2)
             if cfg["tta"]:
                 t, _ = _clock(lambda: next(predict_images(net, [image], settings.decoded().replace(tta="d4"))))
                 secs["tta"] += t
@@ -150,11 +156,13 @@ def run_end_to_end(cfg: dict) -> dict:
     entries = list_images(cfg["folder"])
     pixels = sum(np.prod(image_size(p)) for _, p in entries)
     with tempfile.TemporaryDirectory() as out:
-        if cfg.get("warmup", True):  # oneDNN builds its kernels for a new image size once; start-up is its own row
-            predict_folder(net, entries[0][1], Path(out) / "warm.csv", settings=settings, progress=False)
+        if cfg.get("warmup", True):  # oneDNN builds its kernels for a new image size and thread count once;
+            # start-up is its own row. Two images, so that two workers each build theirs.
+            predict_folder(net, cfg["folder"], Path(out) / "warm.csv", ids=[i for i, _ in entries[:2]], settings=settings,
+                           progress=False, at_once=cfg.get("at_once"))
         start = time.perf_counter()
         stats = predict_folder(net, cfg["folder"], Path(out) / "submission.csv", settings=settings, out_dir=out,
-                               progress=False)
+                               progress=False, at_once=cfg.get("at_once"))
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "mpx": float(pixels) / 1e6, "peak_mb": _peak_rss_mb(), "model_mb": rss0,
             "nuclei": stats["nuclei"]}
@@ -190,6 +198,7 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
         base = {"device": device, "folder": str(folder), "tile": tile}
         stages = spawn({**base, "kind": "predict_stages", "tta": tta})
         e2e = spawn({**base, "kind": "predict_e2e"})
+        e2e_one = spawn({**base, "kind": "predict_e2e", "at_once": 1})
         e2e_tta = spawn({**base, "kind": "predict_e2e", "tta_mode": "d4"}) if tta else None
         huge = None
         if huge_side:
@@ -212,7 +221,8 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
                 continue
             ratio = f"{net / s[key]:.2f}x" if key in ("probabilities", "network") else (f"{8 * net / s[key]:.2f}x of 8 views" if key == "tta" else "")
             print(f"| {label} | {s[key]:.2f} | {mpx / s[key]:.2f} | {ratio} |")
-    for label, res, ref in (("end to end (`predict_folder`)", e2e, 1), ("end to end, TTA d4", e2e_tta, 8)):
+    for label, res, ref in (("end to end (`predict_folder`)", e2e, 1), ("end to end, one image at a time (`at_once=1`)", e2e_one, 1),
+                            ("end to end, TTA d4", e2e_tta, 8)):
         if res and stages:
             net = stages["seconds"]["network"] * ref
             print(f"| **{label}** | {res['seconds']:.2f} | {res['mpx'] / res['seconds']:.2f} | "
@@ -222,6 +232,8 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
     print(f"| start-up: `scripts/predict.py` on one 256 x 256 image, whole run | {predict_s:.2f} s ({predict_s / torch_s:.2f}x) |")
     if e2e:
         print(f"| peak memory, end to end ({side} x {side}) | {e2e['peak_mb']:.0f} MiB |")
+    if e2e_one:
+        print(f"| peak memory, end to end, one image at a time | {e2e_one['peak_mb']:.0f} MiB |")
     if e2e_tta:
         print(f"| peak memory, end to end with TTA d4 | {e2e_tta['peak_mb']:.0f} MiB |")
     if huge:

@@ -89,7 +89,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                    ids: Sequence[str] | None = None, batch_size: int = 8, num_workers: int = 2,
                    out_dir: str | Path | None = None, rois: bool = False, probabilities: bool = False,
                    overlays: bool = False, masks_dir: str | Path | None = None, overlays_dir: str | Path | None = None,
-                   progress: bool = True, keep_memory: bool | None = None, overlap: int = 1) -> dict:
+                   progress: bool = True, keep_memory: bool | None = None, at_once: int | None = None) -> dict:
     """Predict every image of ``data_dir`` (an image file or a folder; only ``ids`` when given) and
     write the submission CSV ``out_csv`` and, with ``out_dir``, the label TIFFs, tables and the
     optional ROIs, probability maps and overlays (``unet_pl.inference.outputs``); ``masks_dir`` and
@@ -98,8 +98,11 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     ``settings``: default ``net.settings`` (see ``unet_pl.inference.predict.settings_of``).
     ``num_workers``: threads decoding images ahead of the network. ``keep_memory``: keep freed
     memory for reuse while predicting (``unet_pl.perf``; None: on the CPU), released at the end.
-    ``overlap``: how many images' post-processing and writing may wait while the network runs
-    the next (0: one after the other).
+    ``at_once``: images in progress at once, each on its own thread from the network to its written
+    outputs, torch's threads shared out among them (None: 2 where torch has 2 threads or more, else
+    1; 1 keeps the peak memory of one image). Two images on one thread each keep both cores busy while one of them is post-processed and
+    written, where one image on two threads leaves a core idle then; their results are the same.
+    An image tiled for its size (a side above ``settings.tile``), or the only image, runs alone on all threads.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one}``.
     """
@@ -114,56 +117,79 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     cpu = next(net.parameters()).device.type == "cpu"
     if (cpu if keep_memory is None else keep_memory) and keep_freed_memory():
         log.info("keeping freed memory for reuse while predicting (unet_pl.perf)")
-    held: deque = deque()  # the decoded images whose probabilities are still in the network
+    threads = torch.get_num_threads()
+    workers = max(1, (2 if threads >= 2 else 1) if at_once is None else at_once)
+    # resize mode: the network takes batches of small squares; native: one image at a time
+    chunk = batch_size if settings.resolution == "resize" else 1
 
-    def images() -> Iterator[np.ndarray]:
-        for raw, image in read_ahead([p for _, p in entries], num_workers, channel=settings.channel,
-                                     intensity=settings.intensity):
-            held.append((raw, image))
-            yield image
+    def predict_chunk(items: list[tuple[str, np.ndarray, np.ndarray]], n_threads: int) -> list[tuple[str, int, bool]]:
+        """Nuclei and outputs of a few images on this thread with ``n_threads`` torch threads:
+        ``(id, nuclei, squashed)`` each."""
+        if torch.get_num_threads() != n_threads:
+            torch.set_num_threads(n_threads)
+        done = []
+        probs = predict_images(net, (image for _, _, image in items), settings.decoded(), batch_size)
+        for (image_id, raw, image), prob in zip(items, probs, strict=True):
+            labels = labels_from_probabilities(prob, settings)
+            outputs.add(image_id, image, raw.astype(np.float32).mean(axis=2), labels, prob)
+            squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
+            done.append((image_id, int(labels.max(initial=0)), squashed))
+        return done
+
+    def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
+        items: list = []
+        pairs = read_ahead([p for _, p in entries], num_workers, channel=settings.channel, intensity=settings.intensity)
+        try:
+            for (image_id, _), (raw, image) in zip(entries, pairs):
+                items.append((image_id, raw, image))
+                if len(items) == chunk:
+                    yield items
+                    items = []
+            if items:
+                yield items
+        finally:
+            pairs.close()
 
     stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders()}
+    bar = tqdm(total=len(entries), unit="img", desc="predict", disable=not progress)
 
-    def finish(image_id: str, raw: np.ndarray, image: np.ndarray, prob: np.ndarray) -> None:
-        """Nuclei and outputs of one image; runs beside the network's next image (numpy, scipy and
-        tifffile release the GIL), one image at a time, in order."""
-        labels = labels_from_probabilities(prob, settings)
-        outputs.add(image_id, image, raw.astype(np.float32).mean(axis=2), labels, prob)
-        n = int(labels.max(initial=0))
-        stats["images"] += 1
-        stats["nuclei"] += n
-        stats["empty"] += n == 0
-        if settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size:
-            stats["squashed"].append(image_id)
+    def collect(done: list[tuple[str, int, bool]]) -> None:
+        for image_id, n, squashed in done:
+            stats["images"] += 1
+            stats["nuclei"] += n
+            stats["empty"] += n == 0
+            if squashed:
+                stats["squashed"].append(image_id)
+        bar.update(len(done))
 
-    results = predict_images(net, images(), settings.decoded(), batch_size)
-    bar = tqdm(zip(entries, results), total=len(entries), unit="img", desc="predict", disable=not progress)
-    finishing: deque = deque()  # at most `overlap` images' probabilities wait for post-processing
-    with ThreadPoolExecutor(1, thread_name_prefix="unet_pl-finish") as finisher:
-        try:
-            for (image_id, _), prob in bar:
-                raw, image = held.popleft()
-                if overlap:
-                    finishing.append(finisher.submit(finish, image_id, raw, image, prob))
-                    while len(finishing) > overlap or (finishing and finishing[0].done()):
-                        finishing.popleft().result()
-                else:
-                    finish(image_id, raw, image, prob)
-            while finishing:
-                finishing.popleft().result()
-            stats["written"] = outputs.commit()
-            stats["earlier"] = outputs.earlier
-        except BaseException:
-            for f in finishing:
-                f.cancel()
-            for f in finishing:
-                if not f.cancelled():
-                    f.exception()  # wait for the one running: nothing writes while outputs are removed
-            outputs.abort()
-            raise
-        finally:
-            bar.close()
-            results.close()  # the generators and the read-ahead threads, also after an error
-            release_freed_memory()
+    pending: deque = deque()  # chunks in progress, in order
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="unet_pl-predict")
+    try:
+        for items in chunks():
+            image = items[0][2]
+            # A tiled image needs its memory to itself; the only image gets every thread.
+            alone = len(entries) == 1 or (settings.resolution == "native" and max(image.shape[:2]) > settings.tile)
+            if alone:
+                while pending:
+                    collect(pending.popleft().result())
+            pending.append(pool.submit(predict_chunk, items, threads if alone else max(1, threads // workers)))
+            while len(pending) > workers or (pending and pending[0].done()):
+                collect(pending.popleft().result())
+        while pending:
+            collect(pending.popleft().result())
+        stats["written"] = outputs.commit(order=[i for i, _ in entries])
+        stats["earlier"] = outputs.earlier
+    except BaseException:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)  # the chunks running finish: nothing writes while outputs are removed
+        outputs.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        release_freed_memory()
     log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
     return stats

@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,48 +157,45 @@ class Outputs:
             self.dirs["masks"] = Path(masks_dir)
         if overlays_dir:
             self.dirs["overlays_png"] = Path(overlays_dir)
-        self.rows: list[tuple[str, str]] = []
-        self.nuclei: list[dict] = []
-        self.summary: list[dict] = []
+        #: per image: (submission rows, nucleus rows, summary row), in the order added
+        self._tables: dict[str, tuple[list[tuple[str, str]], list[dict], dict | None]] = {}
         self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
         self._staging: dict[Path, Path] = {}
-        self._ids: set[str] = set()
+        self._lock = threading.Lock()  # images may be added from several threads at once
         #: after ``commit``: files in the per-image folders left by earlier runs for images not in this one
         self.earlier = 0
 
     def _stage(self, dest: Path) -> Path:
         folder = dest.parent
-        if folder not in self._staging:
-            folder.mkdir(parents=True, exist_ok=True)
-            _remove_dead_staging(folder)
-            self._staging[folder] = folder / f"{STAGING_PREFIX}{os.getpid()}"
-            self._staging[folder].mkdir(exist_ok=True)
-        staged = self._staging[folder] / dest.name
-        self._staged.append((staged, dest))
+        with self._lock:
+            if folder not in self._staging:
+                folder.mkdir(parents=True, exist_ok=True)
+                _remove_dead_staging(folder)
+                self._staging[folder] = folder / f"{STAGING_PREFIX}{os.getpid()}"
+                self._staging[folder].mkdir(exist_ok=True)
+            staged = self._staging[folder] / dest.name
+            self._staged.append((staged, dest))
         return staged
 
     def add(self, image_id: str, image: np.ndarray, intensity: np.ndarray, labels: np.ndarray,
             prob: np.ndarray | None = None) -> None:
         """One image's results: ``image`` uint8 RGB (overlays), ``intensity`` float (H, W) in the file's
-        units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps)."""
+        units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps).
+        Safe to call from several threads at once, one image each."""
         import tifffile
 
-        self._ids.add(image_id)
-        self.rows += submission_rows(image_id, labels)
+        rows, nuclei, summary = submission_rows(image_id, labels), [], None
         if self.out_dir is not None:
-            self.nuclei += nucleus_rows(image_id, labels, intensity)
-            self.summary.append(summary_row(image_id, labels))
+            nuclei = nucleus_rows(image_id, labels, intensity)
+            summary = summary_row(image_id, labels)
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
                              compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         if "rois" in self.dirs:
             import roifile
 
-            path = self._stage(self.dirs["rois"] / f"{image_id}.zip")
             rois = roi_polygons(labels)
-            if rois:
-                roifile.roiwrite(path, rois)
-            else:  # no nucleus, no ROI set (an earlier run's set for this image goes on commit)
-                self._staged.pop()
+            if rois:  # no nucleus, no ROI set (an earlier run's set for this image goes on commit)
+                roifile.roiwrite(self._stage(self.dirs["rois"] / f"{image_id}.zip"), rois)
         if "probabilities" in self.dirs and prob is not None:
             tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
                              compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
@@ -205,6 +204,8 @@ class Outputs:
                 save_overlay(image, labels, self._stage(self.dirs[key] / f"{image_id}.png"))
         if "masks" in self.dirs:
             save_label_png(labels, self._stage(self.dirs["masks"] / f"{image_id}.png"))
+        with self._lock:
+            self._tables[image_id] = (rows, nuclei, summary)
 
     def folders(self) -> list[str]:
         """What this run writes, for the closing line: ``labels/``, ``nuclei.csv``, ..."""
@@ -212,12 +213,15 @@ class Outputs:
         out = [names[k] for k in names if k in self.dirs]
         return out + (["nuclei.csv", "summary.csv"] if self.out_dir is not None else []) + [self.csv_path.name]
 
-    def commit(self) -> list[Path]:
-        """Write the tables, move every staged file into place; returns the destinations written."""
-        _write_csv(self._stage(self.csv_path), ("ImageId", "EncodedPixels"), self.rows)
+    def commit(self, order: Sequence[str] | None = None) -> list[Path]:
+        """Write the tables (images in ``order``, default the order they were added), move every
+        staged file into place; returns the destinations written."""
+        tables = [self._tables[i] for i in (self._tables if order is None else order) if i in self._tables]
+        _write_csv(self._stage(self.csv_path), ("ImageId", "EncodedPixels"), [r for rows, _, _ in tables for r in rows])
         if self.out_dir is not None:
-            _write_csv(self._stage(self.out_dir / "nuclei.csv"), NUCLEUS_COLUMNS, [tuple(r.values()) for r in self.nuclei])
-            _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [tuple(r.values()) for r in self.summary])
+            _write_csv(self._stage(self.out_dir / "nuclei.csv"), NUCLEUS_COLUMNS,
+                       [tuple(r.values()) for _, nuclei, _ in tables for r in nuclei])
+            _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [tuple(r.values()) for *_, r in tables])
         for staged, dest in self._staged:
             os.replace(staged, dest)
         # An image of this run keeps no earlier result this run did not write again (an ROI set of an
@@ -228,10 +232,10 @@ class Outputs:
         old = [f for folder, suffix in per_image if folder.is_dir() for f in folder.iterdir()
                if f.is_file() and f.suffix == suffix and not f.name.startswith(".") and f not in written]
         for f in old:
-            if f.stem in self._ids:
+            if f.stem in self._tables:
                 f.unlink(missing_ok=True)
         self.abort()
-        self.earlier = sum(f.stem not in self._ids for f in old)
+        self.earlier = sum(f.stem not in self._tables for f in old)
         return [dest for _, dest in self._staged]
 
     def abort(self) -> None:
