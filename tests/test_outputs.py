@@ -318,6 +318,48 @@ def test_images_predicted_two_at_once_write_what_one_at_a_time_writes(tmp_path):
     assert [r.split(",")[0] for r in rows] == order
 
 
+def test_two_images_run_at_once_and_a_tiled_one_runs_alone(tmp_path):
+    """Small images go through the network two at a time; an image tiled for its size waits for
+    the others and runs with nothing beside it (its memory is its own)."""
+    import threading
+
+    from torch import nn
+
+    from unet_pl.inference import load_model
+    from unet_pl.inference.folder import predict_folder
+
+    net = load_model()
+
+    class Watched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.lock, self.running, self.calls = net, threading.Lock(), 0, []
+
+        def forward(self, x):
+            with self.lock:
+                self.running += 1
+                self.calls.append((x.shape[-1], self.running))
+            time.sleep(0.2)  # long enough for the other worker's image to arrive
+            try:
+                return self.net(x)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, side in (("a", 96), ("b", 96), ("c", 400), ("d", 96), ("e", 96)):
+        tifffile.imwrite(folder / f"{name}.tif", rng.integers(0, 255, (side, side), dtype=np.uint8))
+    watched = Watched()
+    predict_folder(watched, folder, tmp_path / "out" / "s.csv", settings=net.settings.replace(tile=160), at_once=2,
+                   progress=False)
+    small = [n for side, n in watched.calls if side == 96]
+    tiled = [n for side, n in watched.calls if side != 96]
+    assert len(small) == 4 and max(small) == 2  # two at once
+    assert tiled and max(tiled) == 1  # every tile of the large image with nothing beside it
+
+
 def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(tmp_path):
     """An image that now has no nucleus loses the ROI set an earlier run wrote for it (its label TIFF
     is now empty; the old ROIs would contradict it); results of images not in this run stay and are

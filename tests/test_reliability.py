@@ -218,7 +218,7 @@ def test_an_unwritable_prediction_folder_is_one_line_before_any_image(tmp_path, 
     monkeypatch.setattr(folder, "predict_folder", real_predict_folder)
     out = tmp_path / "out"
 
-    def commit(self):
+    def commit(self, order=None):
         raise OSError(errno.EROFS, "Read-only file system", str(out / f"{outputs.STAGING_PREFIX}1" / "submission.csv"))
 
     monkeypatch.setattr(outputs.Outputs, "commit", commit)

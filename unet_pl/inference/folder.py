@@ -167,13 +167,13 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     try:
         for items in chunks():
             image = items[0][2]
-            # A tiled image needs its memory to itself; the only image gets every thread.
-            alone = len(entries) == 1 or (settings.resolution == "native" and max(image.shape[:2]) > settings.tile)
+            # A tiled image needs its memory to itself; the only image (or batch) gets every thread.
+            alone = len(entries) <= chunk or (settings.resolution == "native" and max(image.shape[:2]) > settings.tile)
             if alone:
                 while pending:
                     collect(pending.popleft().result())
             pending.append(pool.submit(predict_chunk, items, threads if alone else max(1, threads // workers)))
-            while len(pending) > workers or (pending and pending[0].done()):
+            while len(pending) > (0 if alone else workers) or (pending and pending[0].done()):
                 collect(pending.popleft().result())
         while pending:
             collect(pending.popleft().result())
@@ -188,8 +188,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     finally:
         pool.shutdown(wait=True)
         bar.close()
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # also the count that threads started later begin with
         release_freed_memory()
     log.info("wrote %s: %d images, %d nuclei", out_csv, stats["images"], stats["nuclei"])
     return stats
