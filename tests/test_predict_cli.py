@@ -180,12 +180,21 @@ def test_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
     cases = [
         (predict_main, ["--ckpt", str(tmp_path / "nope.ckpt"), "--data-dir", str(data_dir)], "nope.ckpt: no such file"),
         (evaluate_main, ["--pred", str(tmp_path / "nope.csv"), "--truth", str(tmp_path)], "nope.csv: no such file"),
+        (predict_main, ["--data-dir", str(data_dir), "--at-once", "0"], "--at-once must be >= 1, got 0"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_at_once_1_writes_the_same_submission(ckpt, data_dir, predicted, tmp_path):
+    """--at-once 1 (one image at a time, the peak memory of one) gives the default run's rows."""
+    out = tmp_path / "submission.csv"
+    run("predict.py", "--ckpt", ckpt, "--data-dir", data_dir, "--out", out, "--gpus", "0", "--batch-size", "2",
+        "--num-workers", "0", "--min-size", "3", "--at-once", "1")
+    assert _read_rows(out) == _read_rows(predicted["csv"])
 
 
 def test_predict_empty_folder_exits_2(ckpt, tmp_path):
