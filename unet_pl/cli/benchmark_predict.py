@@ -89,7 +89,7 @@ def run_stages(cfg: dict) -> dict:
     from ..data.images import list_images
     from ..data.readers import read_raw, to_rgb8
     from ..inference.checkpoint import load_model
-    from ..inference.outputs import Outputs
+    from ..inference.outputs import Outputs, intensity_image
     from ..inference.predict import labels_from_probabilities, predict_images, to_input
     from ..inference.tiling import pad_to_multiple
     from ..perf import keep_freed_memory
@@ -132,7 +132,7 @@ def run_stages(cfg: dict) -> dict:
                 secs["tta"] += t
             t, labels = _clock(labels_from_probabilities, prob, settings)
             secs["postprocess"] += t
-            intensity = raw.astype(np.float32).mean(axis=2)
+            intensity = intensity_image(raw)
             t, _ = _clock(outputs.add, path.stem, image, intensity, labels, prob)
             secs["outputs"] += t
         t, _ = _clock(outputs.commit)

@@ -21,7 +21,7 @@ from torch import nn
 from ..data.images import list_images
 from ..data.readers import read_raw, to_rgb8
 from ..perf import keep_freed_memory, release_freed_memory
-from .outputs import Outputs
+from .outputs import Outputs, intensity_image
 from .predict import labels_from_probabilities, predict_images
 from .settings import Settings
 
@@ -131,14 +131,16 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         probs = predict_images(net, (image for _, _, image in items), settings.decoded(), batch_size)
         for (image_id, raw, image), prob in zip(items, probs, strict=True):
             labels = labels_from_probabilities(prob, settings)
-            outputs.add(image_id, image, raw.astype(np.float32).mean(axis=2), labels, prob)
+            outputs.add(image_id, image, intensity_image(raw), labels, prob)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
             done.append((image_id, int(labels.max(initial=0)), squashed))
         return done
 
     def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
         items: list = []
-        pairs = read_ahead([p for _, p in entries], num_workers, channel=settings.channel, intensity=settings.intensity)
+        # decoded a little ahead of the network, not far: each one waiting is memory (20 MB at 2048 x 2048)
+        pairs = read_ahead([p for _, p in entries], num_workers, ahead=chunk + 2, channel=settings.channel,
+                           intensity=settings.intensity)
         try:
             for (image_id, _), (raw, image) in zip(entries, pairs):
                 items.append((image_id, raw, image))

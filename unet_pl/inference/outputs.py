@@ -83,6 +83,15 @@ def label_dtype(labels: np.ndarray) -> type:
     return np.uint16 if int(labels.max(initial=0)) <= np.iinfo(np.uint16).max else np.uint32
 
 
+def intensity_image(raw: np.ndarray) -> np.ndarray:
+    """nuclei.csv's intensities from ``read_raw``'s pixels: float32 ``(H, W)`` in the file's own units,
+    the one channel as it is, the mean of RGB's three."""
+    raw = np.asarray(raw)
+    if raw.ndim == 2 or raw.shape[2] == 1:
+        return raw.reshape(raw.shape[:2]).astype(np.float32)
+    return raw.astype(np.float32).mean(axis=2)
+
+
 def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> list[dict]:
     """One dict per nucleus (``NUCLEUS_COLUMNS``): scikit-image's ``regionprops_table`` columns for
     ``NUCLEUS_PROPERTIES``, measured for all nuclei at once (``measure.nucleus_table``)."""

@@ -31,7 +31,7 @@ def components(mask: np.ndarray) -> np.ndarray:
     """8-connected components of a bool mask, numbered in raster order: the notebook's
     ``skimage.measure.label``, computed with ``scipy.ndimage.label`` (the same labels; it spares
     prediction scikit-image's measure module at start-up)."""
-    return ndi.label(np.asarray(mask, bool), EIGHT)[0].astype(np.int32)
+    return ndi.label(np.asarray(mask, bool), EIGHT, output=np.int32)[0]
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
