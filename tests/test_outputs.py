@@ -320,7 +320,8 @@ def test_images_predicted_two_at_once_write_what_one_at_a_time_writes(tmp_path):
 
 def test_two_images_run_at_once_and_a_tiled_one_runs_alone(tmp_path):
     """Small images go through the network two at a time; an image tiled for its size waits for
-    the others and runs with nothing beside it (its memory is its own)."""
+    the others and runs with nothing beside it (its memory is its own); a compiled network runs one
+    image at a time by default."""
     import threading
 
     from torch import nn
@@ -358,6 +359,11 @@ def test_two_images_run_at_once_and_a_tiled_one_runs_alone(tmp_path):
     tiled = [n for side, n in watched.calls if side != 96]
     assert len(small) == 4 and max(small) == 2  # two at once
     assert tiled and max(tiled) == 1  # every tile of the large image with nothing beside it
+    # a torch.compile'd network (compiled code is not run from two threads) predicts one image at a time
+    watched = Watched()
+    watched._compiled_call_impl = watched._call_impl  # what nn.Module.compile sets, calling the same forward
+    predict_folder(watched, folder, tmp_path / "out2" / "s.csv", settings=net.settings.replace(tile=160), progress=False)
+    assert len(watched.calls) == len(tiled) + 4 and max(n for _, n in watched.calls) == 1
 
 
 def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(tmp_path):

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from .perf import ThreadChooser, keep_freed_memory, release_freed_memory
+from .perf import ThreadChooser, is_compiled, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,7 @@ class AdaptiveThreads(Callback):
         if off or deterministic or pl_module.device.type != "cpu" or trainer.world_size != 1 or self._threads < 2:
             return
         # torch.compile'd code is not run from several threads at once: a compiled network keeps whole batches
-        compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules())
-        if self._threads <= self.MAX_SPLIT_THREADS and not compiled:
+        if self._threads <= self.MAX_SPLIT_THREADS and not is_compiled(pl_module):
             self.parts = self.PARTS_PER_THREAD * self._threads
             pl_module.micro_batches = self.parts
             torch.set_num_threads(1)

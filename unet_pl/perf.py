@@ -170,6 +170,12 @@ class ThreadChooser:
             self._use(self.fewer if self.current == self.full else self.full)
 
 
+def is_compiled(module) -> bool:
+    """Whether ``module`` or a submodule is ``torch.compile``'d in place (``nn.Module.compile``):
+    compiled code is not run from several threads at once."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
 _parts_pool = None
 
 

@@ -20,9 +20,10 @@ from torch import nn
 
 from ..data.images import list_images
 from ..data.readers import read_raw, to_rgb8
-from ..perf import keep_freed_memory, release_freed_memory
+from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image
 from .predict import labels_from_probabilities, predict_images
+from .scale import MAX_FACTOR
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,13 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     ``num_workers``: threads decoding images ahead of the network. ``keep_memory``: keep freed
     memory for reuse while predicting (``unet_pl.perf``; None: on the CPU), released at the end.
     ``at_once``: images in progress at once, each on its own thread from the network to its written
-    outputs, torch's threads shared out among them (None: 2 where torch has 2 threads or more, else
-    1; 1 keeps the peak memory of one image). Two images on one thread each keep both cores busy while one of them is post-processed and
-    written, where one image on two threads leaves a core idle then; their results are the same.
-    An image tiled for its size (a side above ``settings.tile``), or the only image, runs alone on all threads.
+    outputs, torch's threads shared out among them (None: 2 on a CPU where torch has 2 threads or
+    more and the network is not ``torch.compile``'d, else 1; 1 keeps the peak memory of one image).
+    Two images on one thread each keep both cores busy while one of them is post-processed and
+    written, where one image on two threads leaves a core idle then. Labels and tables are the same
+    either way, probabilities the same to rounding (one thread sums in another order than two).
+    An image tiled for its size (a side above ``settings.tile`` once scaled), or the only image,
+    runs alone on all threads.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one}``.
     """
@@ -118,7 +122,9 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     if (cpu if keep_memory is None else keep_memory) and keep_freed_memory():
         log.info("keeping freed memory for reuse while predicting (unet_pl.perf)")
     threads = torch.get_num_threads()
-    workers = max(1, (2 if threads >= 2 else 1) if at_once is None else at_once)
+    if at_once is None:  # a GPU runs one forward pass at a time anyway; compiled code is not run from two threads
+        at_once = 2 if cpu and threads >= 2 and not is_compiled(net) else 1
+    workers = max(1, at_once)
     # resize mode: the network takes batches of small squares; native: one image at a time
     chunk = batch_size if settings.resolution == "resize" else 1
 
@@ -169,8 +175,13 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     try:
         for items in chunks():
             image = items[0][2]
-            # A tiled image needs its memory to itself; the only image (or batch) gets every thread.
-            alone = len(entries) <= chunk or (settings.resolution == "native" and max(image.shape[:2]) > settings.tile)
+            # A tiled image needs its memory to itself (at the size the network sees it); the only
+            # image (or batch) gets every thread.
+            factor = MAX_FACTOR if settings.scale == "auto" else float(settings.scale)
+            alone = len(entries) <= chunk or (settings.resolution == "native" and max(image.shape[:2]) * factor > settings.tile)
+            failed = next((f for f in pending if f.done() and f.exception() is not None), None)
+            if failed is not None:  # a later image failed while an earlier one runs: stop now
+                failed.result()
             if alone:
                 while pending:
                     collect(pending.popleft().result())

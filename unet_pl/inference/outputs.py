@@ -224,7 +224,10 @@ class Outputs:
 
     def commit(self, order: Sequence[str] | None = None) -> list[Path]:
         """Write the tables (images in ``order``, default the order they were added), move every
-        staged file into place; returns the destinations written."""
+        staged file into place; returns the destinations written. Every output folder exists
+        afterwards, also one no image wrote into (``rois/`` when no image has a nucleus)."""
+        for folder in self.dirs.values():
+            folder.mkdir(parents=True, exist_ok=True)
         tables = [self._tables[i] for i in (self._tables if order is None else order) if i in self._tables]
         _write_csv(self._stage(self.csv_path), ("ImageId", "EncodedPixels"), [r for rows, _, _ in tables for r in rows])
         if self.out_dir is not None:
