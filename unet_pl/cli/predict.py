@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="resized images per forward pass (resize-mode checkpoints)")
     p.add_argument("--num-workers", type=int, default=2, help="threads decoding the images")
     p.add_argument("--at-once", type=int, default=None,
-                   help="images predicted at once, each on its share of the CPU threads (default 2 where there are 2 "
-                        "threads or more: faster on a folder; 1 keeps the peak memory of one image)")
+                   help="images predicted at once, each on its share of the CPU threads (default 2 on a CPU with 2 "
+                        "threads or more: faster on a folder; 1 on a GPU; 1 keeps the peak memory of one image)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
