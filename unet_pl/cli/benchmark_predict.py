@@ -16,8 +16,8 @@ Test images are made from the bundled sample: mosaics of its fluorescence images
 
 then ``predict_folder`` end to end over the folder (by default, one image at a time, and with TTA)
 in fresh processes of their own after a warm-up on two of the images, each with its peak memory.
-Start-up is ``scripts/predict.py`` on one small image, wall clock, against ``python -c "import torch"``. ``--huge-side 16384`` adds one image of that
-side end to end (its peak memory is the row to read).
+Start-up is ``scripts/predict.py`` on one small image, wall clock, against ``python -c "import torch"``.
+``--huge-side 16384`` adds one image of that side end to end (its peak memory is the row to read).
 """
 from __future__ import annotations
 

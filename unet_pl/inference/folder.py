@@ -172,12 +172,12 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
 
     pending: deque = deque()  # chunks in progress, in order
     pool = ThreadPoolExecutor(workers, thread_name_prefix="unet_pl-predict")
+    factor = MAX_FACTOR if settings.scale == "auto" else float(settings.scale)  # the largest the network may see them
     try:
         for items in chunks():
             image = items[0][2]
             # A tiled image needs its memory to itself (at the size the network sees it); the only
             # image (or batch) gets every thread.
-            factor = MAX_FACTOR if settings.scale == "auto" else float(settings.scale)
             alone = len(entries) <= chunk or (settings.resolution == "native" and max(image.shape[:2]) * factor > settings.tile)
             failed = next((f for f in pending if f.done() and f.exception() is not None), None)
             if failed is not None:  # a later image failed while an earlier one runs: stop now
