@@ -294,6 +294,29 @@ def test_contacts_mark_pixels_near_two_nuclei_by_a_brute_force_count():
     assert expected[10:12, 4:9].all()  # the 2-px gap between 1 and 3 counts: a watershed must cut there too
 
 
+def test_dice_weight_adds_the_soft_dice_of_the_foreground_by_hand():
+    import torch
+
+    from unet_pl import LitUNet
+
+    torch.manual_seed(1)
+    logits, y = torch.randn(3, 2, 8, 8), (torch.rand(3, 2, 8, 8) > 0.6).float()
+    y[2, 0] = 0  # an image without a nucleus: its Dice term is 1 / (sum(p) + 1)
+    bce = LitUNet(head="mask+boundary")._loss(logits, y)
+    got = LitUNet(head="mask+boundary", dice_weight=2.0)._loss(logits, y)
+    terms = []
+    for i in range(3):  # the Dice of each image's foreground output, by hand, from plain sums
+        p, t = torch.sigmoid(logits[i, 0]).tolist(), y[i, 0].tolist()
+        inter = sum(a * b for ra, rb in zip(p, t) for a, b in zip(ra, rb))
+        total = sum(map(sum, p)) + sum(map(sum, t))
+        terms.append(1 - (2 * inter + 1) / (total + 1))
+    torch.testing.assert_close(got, bce + 2.0 * sum(terms) / 3)
+    mask_only = LitUNet(dice_weight=1.0)._loss(logits[:, :1], y[:, :1])
+    torch.testing.assert_close(mask_only, LitUNet()._loss(logits[:, :1], y[:, :1]) + sum(terms) / 3)
+    with pytest.raises(ValueError, match="dice_weight must be a number >= 0"):
+        LitUNet(dice_weight=-1.0)
+
+
 def test_contact_weight_weighs_the_loss_by_hand():
     import torch
 

@@ -59,6 +59,9 @@ class LitUNet(pl.LightningModule):
         contact_weight: where two nuclei touch (the batch's ``contact``, ``unet_pl.data.targets.contacts``),
             both outputs' loss counts ``1 + contact_weight`` times; 0: not weighted (the default).
             ``mask+boundary`` head only.
+        dice_weight: adds ``dice_weight * (1 - soft Dice)`` of the foreground output to the loss, the Dice
+            taken per image (``(2 sum(p y) + 1) / (sum(p) + sum(y) + 1)``, p the sigmoid) and averaged over
+            the batch, as many DSB 2018 entries trained their masks; 0: BCE alone (the default, Keras').
         channel, intensity: how the files are read (``unet_pl.data.readers``): the nuclear channel of
             multi-channel files and the intensity rule. None: the data module's (without one:
             no channel selection, "fixed").
@@ -88,6 +91,7 @@ class LitUNet(pl.LightningModule):
         resolution: str | None = None,
         boundary_weight: float = 5.0,
         contact_weight: float = 0.0,
+        dice_weight: float = 0.0,
         postprocess: dict | None = None,
         channel: int | None = None,
         intensity: str | None = None,
@@ -102,6 +106,8 @@ class LitUNet(pl.LightningModule):
             img_size = check_side(img_size)  # a plain int in hparams and checkpoints
         if not (math.isfinite(contact_weight) and contact_weight >= 0):
             raise ValueError(f"contact_weight must be a number >= 0, got {contact_weight}")
+        if not (math.isfinite(dice_weight) and dice_weight >= 0):
+            raise ValueError(f"dice_weight must be a number >= 0, got {dice_weight}")
         if contact_weight and head_channels(head) == 1:
             raise ValueError(f"contact_weight needs the 'mask+boundary' head (it weighs where nuclei touch), got head {head!r}")
         if out_channels != head_channels(head):
@@ -288,11 +294,20 @@ class LitUNet(pl.LightningModule):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Keras' sigmoid + binary_crossentropy, computed from logits for numerical safety; with the
         boundary head the mean over both outputs, the boundary's positives weighted by ``boundary_weight``
-        and every pixel by ``weight`` (``(N, 1, H, W)``, the contact weights) when given."""
+        and every pixel by ``weight`` (``(N, 1, H, W)``, the contact weights) when given; plus the
+        foreground's soft-Dice term when ``dice_weight`` is set."""
         if self.hparams.out_channels == 1:
-            return F.binary_cross_entropy_with_logits(logits.float(), y)
-        pos_weight = torch.tensor([1.0, float(self.hparams.boundary_weight)], device=y.device).view(2, 1, 1)
-        return F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight, pos_weight=pos_weight)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        else:
+            pos_weight = torch.tensor([1.0, float(self.hparams.boundary_weight)], device=y.device).view(2, 1, 1)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight, pos_weight=pos_weight)
+        dice_weight = float(self.hparams.get("dice_weight", 0.0))  # checkpoints from before it: 0
+        if dice_weight:
+            # per image, so that the micro-batch parts' losses add up to the batch's (training_step)
+            p, t = torch.sigmoid(logits[:, 0].float()).flatten(1), y[:, 0].flatten(1)
+            dice = (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+            loss = loss + dice_weight * (1 - dice).mean()
+        return loss
 
     def _weights(self, batch: dict) -> torch.Tensor | None:
         """Per-pixel loss weights ``1 + contact_weight * contact``, or None without contact weighting."""

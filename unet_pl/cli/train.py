@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--contact-weight", type=float, default=0.0,
                         help="mask+boundary head: the loss counts 1 + this many times where two nuclei touch (within 2 px), "
                              "so the network learns to cut them apart; 0: off")
+    beyond.add_argument("--dice-weight", type=float, default=0.0,
+                        help="add this many times (1 - soft Dice) of the foreground output to the loss (BCE + Dice, as "
+                             "many DSB 2018 entries trained); 0: BCE alone, the notebook's loss")
     beyond.add_argument("--tune", choices=("on", "off"), default=None,
                         help="on: at the end, choose the threshold, watershed seed threshold and minimum nucleus size "
                              "on the validation images by the competition score and store them in the checkpoints "
@@ -147,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--contact-weight must be a number >= 0, got {args.contact_weight}")
     if args.contact_weight and args.head != "mask+boundary":
         fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary)")
+    if not (math.isfinite(args.dice_weight) and args.dice_weight >= 0):
+        fail(f"--dice-weight must be a number >= 0, got {args.dice_weight}")
     if zoom_range(args.augment) is not None and args.resolution != "native":
         fail(f"--augment {args.augment} changes the crops' magnification, which needs --resolution native "
              "(or --mode instance); resized squares have no nucleus size to keep")
@@ -258,7 +263,7 @@ def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=side(args), head=args.head,
-                    contact_weight=args.contact_weight, tune=args.tune == "on",
+                    contact_weight=args.contact_weight, dice_weight=args.dice_weight, tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
         # in place: the parameters keep their names, so checkpoints load without torch.compile
