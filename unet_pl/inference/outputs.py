@@ -21,6 +21,7 @@ as they were. ``check_outputs`` refuses outputs equal to or inside the input fol
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import threading
@@ -92,9 +93,9 @@ def intensity_image(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32).mean(axis=2)
 
 
-def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> list[dict]:
-    """One dict per nucleus (``NUCLEUS_COLUMNS``): scikit-image's ``regionprops_table`` columns for
-    ``NUCLEUS_PROPERTIES``, measured for all nuclei at once (``measure.nucleus_table``)."""
+def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> list[tuple]:
+    """One tuple per nucleus, in ``NUCLEUS_COLUMNS`` order: scikit-image's ``regionprops_table`` columns
+    for ``NUCLEUS_PROPERTIES``, measured for all nuclei at once (``measure.nucleus_table``)."""
     if not labels.max(initial=0):
         return []
     t = nucleus_table(labels, intensity)
@@ -104,7 +105,7 @@ def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> li
     # column by column (tolist: Python numbers at C speed), floats to 4 decimals as _plain rounds them
     values = [[round(v, 4) for v in cols[c].tolist()] if cols[c].dtype.kind == "f" else cols[c].tolist()
               for c in NUCLEUS_COLUMNS[1:]]
-    return [{"image": image_id, **dict(zip(NUCLEUS_COLUMNS[1:], row))} for row in zip(*values)]
+    return list(zip([image_id] * len(values[0]), *values))
 
 
 def summary_row(image_id: str, labels: np.ndarray) -> dict:
@@ -166,8 +167,9 @@ class Outputs:
             self.dirs["masks"] = Path(masks_dir)
         if overlays_dir:
             self.dirs["overlays_png"] = Path(overlays_dir)
-        #: per image: (submission rows, nucleus rows, summary row), in the order added
-        self._tables: dict[str, tuple[list[tuple[str, str]], list[dict], dict | None]] = {}
+        #: per image: its rows of the submission, nuclei.csv and summary.csv as CSV text (made on the thread
+        #: that adds the image, so that ``commit`` only concatenates)
+        self._tables: dict[str, tuple[str, str, str]] = {}
         self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
         self._staging: dict[Path, Path] = {}
         self._lock = threading.Lock()  # images may be added from several threads at once
@@ -193,10 +195,10 @@ class Outputs:
         Safe to call from several threads at once, one image each."""
         import tifffile
 
-        rows, nuclei, summary = submission_rows(image_id, labels), [], None
+        rows, nuclei, summary = _csv_text(submission_rows(image_id, labels)), "", ""
         if self.out_dir is not None:
-            nuclei = nucleus_rows(image_id, labels, intensity)
-            summary = summary_row(image_id, labels)
+            nuclei = _csv_text(nucleus_rows(image_id, labels, intensity))
+            summary = _csv_text([tuple(summary_row(image_id, labels).values())])
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
                              compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         if "rois" in self.dirs:
@@ -229,11 +231,10 @@ class Outputs:
         for folder in self.dirs.values():
             folder.mkdir(parents=True, exist_ok=True)
         tables = [self._tables[i] for i in (self._tables if order is None else order) if i in self._tables]
-        _write_csv(self._stage(self.csv_path), ("ImageId", "EncodedPixels"), [r for rows, _, _ in tables for r in rows])
+        _write_csv(self._stage(self.csv_path), ("ImageId", "EncodedPixels"), [t[0] for t in tables])
         if self.out_dir is not None:
-            _write_csv(self._stage(self.out_dir / "nuclei.csv"), NUCLEUS_COLUMNS,
-                       [tuple(r.values()) for _, nuclei, _ in tables for r in nuclei])
-            _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [tuple(r.values()) for *_, r in tables])
+            _write_csv(self._stage(self.out_dir / "nuclei.csv"), NUCLEUS_COLUMNS, [t[1] for t in tables])
+            _write_csv(self._stage(self.out_dir / "summary.csv"), SUMMARY_COLUMNS, [t[2] for t in tables])
         for staged, dest in self._staged:
             os.replace(staged, dest)
         # An image of this run keeps no earlier result this run did not write again (an ROI set of an
@@ -272,11 +273,18 @@ def _remove_dead_staging(folder: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+def _csv_text(rows: list[tuple]) -> str:
+    """``rows`` as the CSV lines ``csv.writer`` writes for them."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
+
+
+def _write_csv(path: Path, header: tuple[str, ...], texts: list[str]) -> None:
+    """The header, then the images' rows (``_csv_text``) one after another."""
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+        csv.writer(f).writerow(header)
+        f.writelines(texts)
 
 
 def save_label_png(labels: np.ndarray, path: str | Path) -> None:
