@@ -47,6 +47,12 @@ def test_encode_labels_matches_per_label_encode():
     present = [k for k in range(1, 6) if (labels == k).any()]
     assert encode_labels(labels) == [encode(labels == k) for k in present]
     assert encode_labels(np.zeros((3, 3), int)) == []
+    for shape in ((1, 9), (9, 1), (2, 2), (64, 3)):  # one row, one column, runs across columns
+        dense = rng.integers(0, 3, shape)
+        assert encode_labels(dense) == [encode(dense == k) for k in (1, 2) if (dense == k).any()], shape
+    wrap = np.zeros((3, 3), int)
+    wrap[2, 0] = wrap[0, 1] = 4  # column 0's bottom and column 1's top: one run, pixels 3 and 4
+    assert encode_labels(wrap) == ["3 2"]
     restored = decode_labels(encode_labels(labels), labels.shape)
     # Labels come back numbered by row; same partition of pixels.
     for k, new in zip(present, range(1, len(present) + 1)):

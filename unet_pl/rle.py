@@ -86,20 +86,33 @@ def encode_labels(labels: np.ndarray) -> list[str]:
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"encode_labels expects one 2-D label image (H, W), got shape {labels.shape}")
-    flat = labels.ravel(order="F")
-    if not flat.size:
+    h, w = labels.shape
+    if not labels.size:
         return []
-    # Runs of equal value in column-major order; a nucleus' runs, in increasing order, are its RLE.
-    start = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
-    length = np.diff(np.append(start, flat.size))
-    value = flat[start]
-    fg = value != 0
-    start, length, value = start[fg] + 1, length[fg], value[fg]  # numbered from 1
+    # Runs of equal value in column-major order, found in the array's own (row-major) order: a
+    # column-major copy of a large image costs more than everything else here. A pixel starts a
+    # run when the pixel above differs (for a column's top pixel: the previous column's bottom one),
+    # ends one when the pixel below differs (the next column's top one).
+    fg = labels != 0
+    first = np.empty((h, w), bool)
+    last = np.empty((h, w), bool)
+    np.not_equal(labels[1:], labels[:-1], out=first[1:])
+    np.copyto(last[:-1], first[1:])
+    first[0, 0], last[-1, -1] = True, True
+    np.not_equal(labels[0, 1:], labels[-1, :-1], out=first[0, 1:])
+    np.copyto(last[-1, :-1], first[0, 1:])
+    first &= fg
+    last &= fg
+    r, c = np.divmod(np.flatnonzero(first), w)
+    start = np.sort(c * h + r)  # column-major numbers from 0
+    r, c = np.divmod(np.flatnonzero(last), w)
+    end = np.sort(c * h + r)  # runs do not overlap: the k-th start goes with the k-th end
+    value = labels[start % h, start // h]
     if not len(value):
         return []
     order = np.argsort(value, kind="stable")  # runs, not pixels: a few per nucleus column
-    start, length, value = start[order], length[order], value[order]
-    words = np.stack([start, length], 1).ravel().astype(str).tolist()
+    start, length, value = start[order] + 1, (end - start + 1)[order], value[order]  # numbered from 1
+    words = list(map(str, np.stack([start, length], 1).ravel().tolist()))
     edges = [0, *(2 * (np.flatnonzero(np.diff(value)) + 1)).tolist(), len(words)]
     return [" ".join(words[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
