@@ -99,7 +99,7 @@ class NucleiDataModule(pl.LightningDataModule):
             the device the Trainer trains on (0 on the CPU, up to 8 per GPU).
         seed: the split's seed (augmentation follows Lightning's ``seed_everything``).
         augment: a preset of ``unet_pl.data.transforms`` ("default", "none" (the notebook), "colour",
-            "scale" (native only), "colour+scale") or an albumentations transform; train only
+            "scale" (native only), "colour+scale", "stain") or an albumentations transform; train only
             (native: after the crop).
         cache_dir: where the decoded cache goes; None: ``$XDG_CACHE_HOME/unet_pl`` or ``~/.cache/unet_pl``.
         labels_csv: None: masks from ``masks/`` folders; a path, or True for the
