@@ -163,3 +163,25 @@ def test_scale_needs_native_resolution():
     with pytest.raises(ValueError, match="needs resolution='native'"):
         NucleiDataModule(augment="scale")
     assert zoom_range("colour") is None and zoom_range("colour+scale") == ZOOM and zoom_range(None) is None
+
+
+def test_stain_preset_varies_the_stain_of_colour_images_and_leaves_grey_ones_grey():
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:12, 6:20] = 1
+    # H&E-like: purple nuclei on a pink background; and a fluorescence-like grey image
+    he = np.where(mask[..., None] == 1, np.array([90, 40, 140]), np.array([235, 170, 210])).astype(np.uint8)
+    grey = np.repeat(np.where(mask == 1, 200, 10).astype(np.uint8)[..., None], 3, axis=2)
+    t = build_augment("stain")
+    t.set_random_seed(0)
+    restained = 0
+    for _ in range(100):
+        out = t(image=he, mask=mask)
+        m, im = out["mask"], out["image"].astype(int)
+        assert m.sum() == mask.sum() and out["image"].dtype == np.uint8
+        assert im[m == 1].mean() < im[m == 0].mean() - 20  # nuclei stay darker than the background
+        # the stain is another when the nuclei's colour balance (red - blue) moves: brightness alone keeps it
+        nuclei = im[m == 1].mean(0)
+        restained += abs((nuclei[0] - nuclei[2]) - (90 - 140)) > 5
+        g = t(image=grey, mask=mask)["image"]
+        assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()  # grey stays grey
+    assert 35 <= restained <= 85  # HEStain on 70% of crops (seeds 0-3: 50-58), some of which land near the original
