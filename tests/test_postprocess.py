@@ -7,7 +7,7 @@ import torch
 
 from unet_pl.metrics import dsb_image_score
 from unet_pl.inference.postprocess import (
-    components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, split_nuclei,
+    components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, renumber, split_nuclei,
 )
 from unet_pl.data.targets import boundaries, head_channels, make_targets
 from unet_pl.inference.tiling import pad_to_multiple, predict_whole, tile_side, tile_starts
@@ -334,3 +334,14 @@ def test_contact_weight_weighs_the_loss_by_hand():
     assert LitUNet(head="mask+boundary")._weights({"contact": contact}) is None
     with pytest.raises(ValueError, match="needs the 'mask\\+boundary' head"):
         LitUNet(contact_weight=1.0)
+
+
+def test_renumber_is_relabel_then_remove_small():
+    rng = np.random.default_rng(3)
+    labels = rng.choice([0, 0, 0, 2, 5, 6, 9, 40], size=(30, 30)) * (rng.random((30, 30)) < 0.8)
+    labels[0, :3] = 77  # a 3-pixel nucleus
+    for min_size in (0, 1, 4, 60, 10_000):
+        expected = remove_small(relabel(labels), min_size)
+        got = renumber(labels, min_size)
+        assert got.dtype == np.int32 and np.array_equal(got, expected), min_size
+    assert renumber(labels, 4).max() == len(np.unique(labels)) - 2  # 77 dropped, the rest 1..k
