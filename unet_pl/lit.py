@@ -29,6 +29,8 @@ from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
 
+LR_SCHEDULES = ("constant", "plateau")
+
 
 class LitUNet(pl.LightningModule):
     """The seed's U-Net trained as the notebook trains it (sigmoid + binary cross-entropy, Adam).
@@ -39,6 +41,9 @@ class LitUNet(pl.LightningModule):
             kernel, applied as ``weight_decay = 2*w`` (see ``unet_pl.optim``). 0: the notebook.
         optimizer: ``adam`` (coupled: exactly Keras' L2), ``sgd`` or ``adamw`` (decoupled decay,
             a different regulariser).
+        lr_schedule: "constant" (Keras' notebook: ``lr`` throughout) or "plateau" (the learning rate
+            times 0.3 after 3 epochs without a lower ``val/loss``, down to ``lr / 100``: torch's
+            ``ReduceLROnPlateau``, as Keras' ``ReduceLROnPlateau`` callback does).
         betas, eps, momentum: optimizer settings (Keras' Adam defaults; SGD momentum).
         in_channels, out_channels, base_filters: the UNet's shape (the seed: 3, 1, 8).
         img_size: the side of the squares the network trains on (resize: every image squashed to
@@ -79,6 +84,7 @@ class LitUNet(pl.LightningModule):
         lr: float = 1e-3,
         l2: float = 0.0,
         optimizer: str = "adam",
+        lr_schedule: str = "constant",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-7,
         momentum: float = 0.9,
@@ -100,6 +106,8 @@ class LitUNet(pl.LightningModule):
         super().__init__()
         if optimizer.lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if resolution is not None:
             check_resolution(resolution)
         if img_size is not None:
@@ -225,12 +233,17 @@ class LitUNet(pl.LightningModule):
         prob = probabilities(self.unet, batch["image"][0].cpu().numpy(), settings)
         return {"id": batch["id"][0], "prob": prob, "labels": labels_from_probabilities(prob, settings)}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         h = self.hparams
         # float16 loss scaling skips overflowed steps inside a fused kernel, unseen by KerasAdam
         fp16 = self._trainer is not None and str(self._trainer.precision).startswith("16")
-        return build_optimizer(self.unet, h.optimizer, lr=h.lr, l2=h.l2, betas=tuple(h.betas), eps=h.eps, momentum=h.momentum,
-                               fused=False if fp16 else None)
+        optimizer = build_optimizer(self.unet, h.optimizer, lr=h.lr, l2=h.l2, betas=tuple(h.betas), eps=h.eps,
+                                    momentum=h.momentum, fused=False if fp16 else None)
+        if h.get("lr_schedule", "constant") == "constant":  # checkpoints from before it: constant
+            return optimizer
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=3,
+                                                             min_lr=h.lr / 100)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         y = self._targets(batch)

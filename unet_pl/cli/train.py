@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Keras l2(w) coefficient on every conv kernel; applied as weight_decay = 2*w (0: the notebook)")
     fit.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                      help="adam: coupled (exactly Keras' L2); adamw: decoupled decay; sgd: momentum 0.9")
+    fit.add_argument("--lr-schedule", choices=("constant", "plateau"), default="constant",
+                     help="constant: --lr throughout (the notebook); plateau: the learning rate x0.3 after 3 epochs "
+                          "without a lower val/loss, down to --lr / 100 (Keras' ReduceLROnPlateau)")
     fit.add_argument("--patience", type=int, default=5, help="early stopping after this many epochs without a lower val/loss; 0: off")
     fit.add_argument("--seed", type=int, default=42, help="seeds torch, numpy, python and DataLoader workers")
     fit.add_argument("--max-time", default=None, help="stop after this much training time, DD:HH:MM:SS (e.g. 00:02:00:00)")
@@ -263,7 +266,7 @@ def make_datamodule(args: argparse.Namespace):
 def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
-    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, img_size=side(args), head=args.head,
+    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, lr_schedule=args.lr_schedule, img_size=side(args), head=args.head,
                     contact_weight=args.contact_weight, dice_weight=args.dice_weight, tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
