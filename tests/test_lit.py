@@ -164,10 +164,10 @@ def test_adam_is_fused_except_under_float16_loss_scaling():
 @pytest.mark.parametrize("schedule, factor", [("constant", 1.0), ("plateau", 0.3)])
 def test_plateau_schedule_cuts_the_learning_rate_when_val_loss_stops_falling(tmp_path, schedule, factor):
     # a learning rate too small to move the weights: val/loss falls by less than the 1e-4 (relative) that
-    # counts as lower, so the plateau schedule (patience 3: the 2nd to 5th epochs without a lower one)
-    # cuts it once at the end of the fifth epoch (a patience of 4 would not yet), the constant one never
+    # counts as lower, so the plateau schedule (the 2nd to 4th epochs without a lower one) cuts it once
+    # at the end of the fourth epoch (one more epoch of patience would not yet), the constant one never
     lit = LitUNet(lr=1e-6, lr_schedule=schedule, base_filters=4, img_size=32, channels_last=False)
-    t = trainer(tmp_path, max_epochs=5, logger=False)
+    t = trainer(tmp_path, max_epochs=4, logger=False)
     t.fit(lit, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(seed=1))
     assert t.optimizers[0].param_groups[0]["lr"] / 1e-6 == pytest.approx(factor)
     with pytest.raises(ValueError, match="unknown lr_schedule"):

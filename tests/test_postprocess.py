@@ -345,3 +345,10 @@ def test_renumber_is_relabel_then_remove_small():
         got = renumber(labels, min_size)
         assert got.dtype == np.int32 and np.array_equal(got, expected), min_size
     assert renumber(labels, 4).max() == len(np.unique(labels)) - 2  # 77 dropped, the rest 1..k
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (5, 0)])
+def test_an_image_without_pixels_has_no_nuclei(shape):
+    for prob in (np.zeros((2, *shape), np.float32), np.zeros((1, *shape), np.float32)):
+        labels = probabilities_to_labels(prob, min_size=5, holes=True)
+        assert labels.shape == shape and labels.dtype == np.int32

@@ -185,3 +185,27 @@ def test_stain_preset_varies_the_stain_of_colour_images_and_leaves_grey_ones_gre
         g = t(image=grey, mask=mask)["image"]
         assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()  # grey stays grey
     assert 35 <= restained <= 85  # HEStain on 70% of crops (seeds 0-3: 50-58), some of which land near the original
+
+
+def test_a_seeded_item_draws_every_flip_and_rotation_and_crops_anywhere():
+    """The sampler's seed per item (``NucleiDataset.seed_transform``) must give the transforms independent
+    draws: with one generator per transform started from the same seed, the two flips always fired
+    together (no crop was ever mirrored) and the crop's position followed them."""
+    from unet_pl.data.datasets import NucleiDataset
+
+    m = np.arange(64 * 64, dtype=np.int32).reshape(64, 64)
+    image = np.zeros((64, 64, 3), np.uint8)
+    t = crop_transform(16, build_augment("default"), train=True)
+    ds = NucleiDataset({"ids": np.array(["a"])}, transform=t)
+    seen, tops = {}, {True: [], False: []}
+    for seed in range(400):
+        ds.seed_transform(seed)
+        out = t(image=image, mask=np.zeros((64, 64), np.uint8), masks=[m])["masks"][0]
+        top, left = divmod(int(out.min()), 64)  # the crop's corner in the source
+        crop = m[top:top + 16, left:left + 16]
+        # which of the 8 symmetries of the square turned the crop into the output
+        k = next(k for k in range(8) if np.array_equal(np.rot90(crop if k < 4 else crop.T, k % 4), out))
+        seen[k] = seen.get(k, 0) + 1
+        tops[k >= 4].append(top)
+    assert len(seen) == 8 and min(seen.values()) >= 20, seen  # mirrored views too (k >= 4), about 50 each
+    assert abs(np.mean(tops[True]) - np.mean(tops[False])) < 6, tops  # the crop's row does not follow the mirror

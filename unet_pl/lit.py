@@ -42,8 +42,9 @@ class LitUNet(pl.LightningModule):
         optimizer: ``adam`` (coupled: exactly Keras' L2), ``sgd`` or ``adamw`` (decoupled decay,
             a different regulariser).
         lr_schedule: "constant" (Keras' notebook: ``lr`` throughout) or "plateau" (the learning rate
-            times 0.3 after 3 epochs without a lower ``val/loss``, down to ``lr / 100``: torch's
-            ``ReduceLROnPlateau``, as Keras' ``ReduceLROnPlateau`` callback does).
+            times 0.3 at the end of the third epoch in a row without a val/loss lower by 1e-4 relative,
+            down to ``lr / 100``: torch's ``ReduceLROnPlateau`` with patience 2, which cuts after
+            patience + 1 such epochs). Early stopping needs a patience above 3 to let a cut act.
         betas, eps, momentum: optimizer settings (Keras' Adam defaults; SGD momentum).
         in_channels, out_channels, base_filters: the UNet's shape (the seed: 3, 1, 8).
         img_size: the side of the squares the network trains on (resize: every image squashed to
@@ -241,7 +242,7 @@ class LitUNet(pl.LightningModule):
                                     momentum=h.momentum, fused=False if fp16 else None)
         if h.get("lr_schedule", "constant") == "constant":  # checkpoints from before it: constant
             return optimizer
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=3,
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2,
                                                              min_lr=h.lr / 100)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}
 

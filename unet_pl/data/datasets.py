@@ -10,6 +10,7 @@ augmentation from the moved labels (``unet_pl.data.targets``), and with it ``con
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,6 +50,21 @@ def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
     return A.Compose(steps)
 
 
+def seed_augmentation(transform, seed: int) -> None:
+    """Seed an albumentations pipeline with ONE generator that all its transforms draw from in turn.
+
+    ``Compose.set_random_seed(seed)`` gives every transform a generator of its own started from
+    the same seed, so every transform draws the same first number: the flips and the brightness
+    jitter fired together (a horizontal and a vertical flip together are a rotation: no crop was
+    ever mirrored), and the crop's position went with them. One shared generator draws
+    independent numbers for each.
+    """
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    else:
+        transform.set_random_seed(seed)
+
+
 class NucleiDataset(Dataset):
     """Items ``indices`` of a decoded cache (``arrays`` of ``resolution``), through ``transform``.
 
@@ -77,15 +93,16 @@ class NucleiDataset(Dataset):
         """The sampler's seed for this item; without one, a seed per worker process (once)."""
         if not hasattr(self.transform, "set_random_seed"):
             return
-        if seed is not None:
-            self.transform.set_random_seed(seed)
-        elif self._seeded_pid != os.getpid():
+        if seed is None:
+            if self._seeded_pid == os.getpid():
+                return
             # albumentations keeps its own generator, copied into every forked worker: without a
             # reseed all workers would draw the same augmentations. torch's seed (per worker in a
             # worker) is distinct per worker and reproducible under seed_everything.
             info = get_worker_info()
-            self.transform.set_random_seed((info.seed if info is not None else torch.initial_seed()) % 2**32)
+            seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
             self._seeded_pid = os.getpid()
+        seed_augmentation(self.transform, seed)
 
     def _raw(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Cached image j: (image (H, W, 3), mask (H, W) {0, 1}, labels (H, W), its original (H, W))."""

@@ -55,7 +55,7 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     """
     labels = np.asarray(labels).astype(np.int32)
     out = labels.copy()
-    for k, sl in enumerate(ndi.find_objects(labels), start=1):
+    for k, sl in enumerate(ndi.find_objects(labels) if labels.size else [], start=1):
         if sl is None:
             continue
         own = labels[sl] == k
@@ -88,7 +88,7 @@ def _split(fg: np.ndarray, boundary: np.ndarray, threshold: float, seed_threshol
         raise ValueError(f"foreground {fg.shape} and boundary {boundary.shape} maps differ in shape")
     mask = fg > threshold
     seeds = components(mask & (boundary < seed_threshold))  # cores; those under min_seed pixels are not seeds
-    big = np.bincount(seeds.ravel()) >= min_seed
+    big = np.bincount(seeds.ravel(), minlength=1) >= min_seed
     big[0] = False
     at = seeds > 0 if big[1:].all() else big[seeds]
     labels = np.zeros(mask.shape, np.int32)
