@@ -14,13 +14,7 @@ SPLITS = ("components", "watershed")
 
 def relabel(labels: np.ndarray) -> np.ndarray:
     """Renumber the labels present to 1..k in increasing order of their old value; int32 (``labels`` itself when already so)."""
-    labels = np.asarray(labels)
-    present = np.bincount(labels.ravel()) > 0 if labels.size else np.zeros(1, bool)
-    present[0] = False
-    if present[1:].all():  # already 1..k
-        return labels.astype(np.int32, copy=False)
-    lut = np.where(present, np.cumsum(present), 0).astype(np.int32)
-    return lut[labels]
+    return renumber(labels)
 
 
 #: 8-connectivity: a pixel touches the eight around it (scikit-image's ``label`` default in 2-D).
