@@ -439,3 +439,40 @@ def test_channels_are_never_taken_for_rgb_and_unnamed_planes_name_both_ways_out(
         read_raw(pages)
     assert "--channel N (1 to 2)" in str(e.value) and "Z Project" in str(e.value)
     assert np.array_equal(read_raw(pages, 2)[..., 0], planes[1])
+
+
+def test_hematoxylin_intensity_is_rgb2hed_on_stained_tissue_and_grey_elsewhere():
+    """intensity="hematoxylin": on colour images with a bright background, scikit-image's
+    haematoxylin channel stretched 1-99.8% (nuclei bright, whatever the stain's hue); on every
+    other image exactly the "grey" rule. On the sample's histology the nuclei are brighter than the
+    rest."""
+    from skimage.color import rgb2hed
+
+    from unet_pl.data.holdout import image_modality
+    from unet_pl.data.readers import to_rgb8
+
+    kinds = set()
+    for item in scan_train_dir(SAMPLE_DIR):
+        raw = read_raw(item.image)
+        mod = image_modality(read_image(item.image))
+        out = to_rgb8(raw, "hematoxylin")
+        assert out.shape == (*raw.shape[:2], 3) and out.dtype == np.uint8 and (out[..., 0] == out[..., 2]).all()
+        if mod != "histology":
+            assert np.array_equal(out, to_rgb8(raw, "grey")), mod
+            kinds.add(mod)
+            continue
+        kinds.add(mod)
+        h = rgb2hed(raw[..., :3])[..., 0]
+        lo, hi = np.percentile(h, [1.0, 99.8])
+        by_hand = np.rint(np.clip((h - lo) * 255.0 / (hi - lo), 0, 255))
+        assert np.abs(out[..., 0].astype(float) - by_hand).max() <= 1
+        nuclei = np.zeros(raw.shape[:2], bool)
+        for m in item.masks:
+            nuclei |= np.asarray(Image.open(m)) > 0
+        inside, outside = out[..., 0][nuclei].mean(), out[..., 0][~nuclei].mean()
+        assert inside > outside + 30, (inside, outside)
+    assert kinds == {"fluorescence", "brightfield", "histology"}
+    # a colour image on a dark background (tinted fluorescence) is not deconvolved
+    tinted = np.zeros((32, 32, 3), np.uint8)
+    tinted[8:16, 8:16] = (40, 90, 200)
+    assert np.array_equal(to_rgb8(tinted, "hematoxylin"), to_rgb8(tinted, "grey"))

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--intensity", choices=INTENSITIES, default=None,
                       help="fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
                            "percentile: each image stretched between its 1st and 99.8th percentiles; grey: channels averaged, "
-                           "stretched the same way, bright backgrounds (brightfield, H&E) inverted. Default: from --mode "
+                           "stretched the same way, bright backgrounds (brightfield, H&E) inverted; hematoxylin: as grey, but "
+                           "colour tissue on white becomes its haematoxylin stain (colour deconvolution). Default: from --mode "
                            "(fixed for notebook, percentile for instance); saved in the checkpoint, predict.py applies it")
     data.add_argument("--labels-csv", default=None, metavar="PATH",
                       help="masks from this stage1_train_labels.csv (run-length rows) instead of the masks/ folders")

@@ -115,8 +115,9 @@ class NucleiDataModule(pl.LightningDataModule):
         decode_workers: threads decoding in ``prepare_data``; progress: show the decoding bar.
         channel: the nuclear channel of multi-channel files (1-based), None: grey or RGB as stored.
         intensity: "fixed" (the notebook: 16-bit keeps its high byte), "percentile" (each image
-            stretched between its 1st and 99.8th percentiles) or "grey" (grey, stretched, bright
-            backgrounds inverted); ``unet_pl.data.readers``.
+            stretched between its 1st and 99.8th percentiles), "grey" (grey, stretched, bright
+            backgrounds inverted) or "hematoxylin" (as grey, stained tissue as its haematoxylin);
+            ``unet_pl.data.readers``.
 
     Stages: fit (train + val), validate and test (the validation split, with ``labels``),
     predict (``predict_dir``). Batches follow docs/design.md.

@@ -14,6 +14,10 @@ rule turns them into the network's uint8.
                       to grey, stretched like "percentile", and inverted when the background is
                       bright (the stretched image's median above 0.5: brightfield, H&E and other
                       stains on white), so that nuclei are always bright on dark. Issue 15.
+        "hematoxylin" as "grey", except colour images on a bright background (H&E and other stained
+                      tissue): the haematoxylin stain's amount from colour deconvolution
+                      (scikit-image's ``rgb2hed``) in place of the inverted grey, stretched the same
+                      way, so that nuclei are bright and cytoplasm dark whatever the stain's hue.
     read_label_image(path)       -> integer labels (H, W), values as stored (no bit-depth rule)
 
 Channels (``channel``, 1-based as Fiji counts them): a file with one channel is grey, read as it
@@ -36,7 +40,9 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-INTENSITIES = ("fixed", "percentile", "grey")
+INTENSITIES = ("fixed", "percentile", "grey", "hematoxylin")
+#: Mean |R - G| + |G - B| (0-255 scale) above which an image is colour: stained tissue, not grey.
+COLOUR_THRESHOLD = 5.0
 PERCENTILES = (1.0, 99.8)
 TIFF_SUFFIXES = (".tif", ".tiff")
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -110,12 +116,16 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
         # every possible value through the formula once, then one lookup per pixel (same numbers)
         lut = np.clip(np.rint((np.arange(np.iinfo(raw.dtype).max + 1, dtype=np.float64) - lo) * gain), 0, 255)
         out = lut.astype(np.uint8)[raw]
-    elif intensity == "grey":
+    elif intensity in ("grey", "hematoxylin"):
         grey = raw.astype(np.float32).mean(axis=2)
-        lo, hi = np.percentile(grey, PERCENTILES)
-        scaled = np.clip((grey - lo) * (255.0 / max(float(hi - lo), 1e-6)), 0, 255)
+        scaled = _stretch(grey)
         if np.median(scaled) > 127.5:  # bright background: dark nuclei become bright ones
-            scaled = 255.0 - scaled
+            if intensity == "hematoxylin" and _is_colour(raw):
+                from skimage.color import rgb2hed
+
+                scaled = _stretch(rgb2hed(raw)[..., 0].astype(np.float32))
+            else:
+                scaled = 255.0 - scaled
         out = np.rint(scaled).astype(np.uint8)[:, :, None]
     else:
         top = np.iinfo(raw.dtype).max
@@ -125,6 +135,20 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
                         name, int(raw.max()), 8 * raw.dtype.itemsize)
         out = (raw >> 8).astype(np.uint8) if raw.dtype == np.uint16 else raw.astype(np.uint8)
     return np.ascontiguousarray(np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out)
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Float ``(H, W)`` -> float in [0, 255]: the 1st and 99.8th percentiles to 0 and 255, clipped."""
+    lo, hi = np.percentile(values, PERCENTILES)
+    return np.clip((values - lo) * (255.0 / max(float(hi - lo), 1e-6)), 0, 255)
+
+
+def _is_colour(raw: np.ndarray) -> bool:
+    """Three channels that differ: mean |R - G| + |G - B| above ``COLOUR_THRESHOLD`` on the 0-255 scale."""
+    if raw.shape[2] != 3:
+        return False
+    f = raw.astype(np.float32) * (255.0 / np.iinfo(raw.dtype).max)
+    return float(np.abs(f[..., 0] - f[..., 1]).mean() + np.abs(f[..., 1] - f[..., 2]).mean()) > COLOUR_THRESHOLD
 
 
 def read_image(path: str | Path, channel: int | None = None, intensity: str = "fixed") -> np.ndarray:

@@ -47,7 +47,7 @@ class Settings:
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
     network, or "auto" (``unet_pl.inference.scale``).
     Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
-    (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile" or "grey", applied to
+    (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile", "grey" or "hematoxylin", applied to
     uint8/uint16 arrays and files the same way as in training.
     """
 
@@ -136,5 +136,7 @@ class Settings:
         extras += ["scale auto (images whose nuclei are outside the training sizes resized to them)"] if self.scale == "auto" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
         extras += {"percentile": ["intensity: per-image percentiles"],
-                   "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"]}.get(self.intensity, [])
+                   "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"],
+                   "hematoxylin": ["intensity: grey, per-image percentiles, bright backgrounds inverted, "
+                                   "stained tissue as its haematoxylin"]}.get(self.intensity, [])
         return f"{geo}, threshold {self.threshold:g}, {how}" + "".join(f", {e}" for e in extras)
