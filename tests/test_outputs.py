@@ -106,6 +106,10 @@ def test_nucleus_table_matches_scikit_image_and_the_rois_match_the_labels(run, i
             assert (int(r["bbox_min_row"]), int(r["bbox_min_col"]), int(r["bbox_max_row"]), int(r["bbox_max_col"])) == p.bbox
         if props:
             assert float(summary[image_id]["mean_area"]) == pytest.approx(np.mean([p.area for p in props]), abs=1e-3)
+            assert float(summary[image_id]["median_area"]) == pytest.approx(np.median([p.area for p in props]), abs=1e-3)
+        assert (int(summary[image_id]["height"]), int(summary[image_id]["width"])) == labels.shape
+        assert float(summary[image_id]["area_fraction"]) == pytest.approx((labels > 0).mean(), abs=1e-4)
+        if props:
             rois = roifile.roiread(out / "rois" / f"{image_id}.zip")
             assert len(rois) == len(props)
             for roi, p in zip(rois, props):  # each polygon encloses its nucleus' bounding box

@@ -93,27 +93,24 @@ def intensity_image(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32).mean(axis=2)
 
 
-def nucleus_rows(image_id: str, labels: np.ndarray, intensity: np.ndarray) -> list[tuple]:
-    """One tuple per nucleus, in ``NUCLEUS_COLUMNS`` order: scikit-image's ``regionprops_table`` columns
-    for ``NUCLEUS_PROPERTIES``, measured for all nuclei at once (``measure.nucleus_table``)."""
-    if not labels.max(initial=0):
-        return []
-    t = nucleus_table(labels, intensity)
+def nucleus_rows(image_id: str, table: dict[str, np.ndarray]) -> list[tuple]:
+    """One tuple per nucleus, in ``NUCLEUS_COLUMNS`` order, from ``measure.nucleus_table``'s columns
+    (scikit-image's ``regionprops_table`` columns for ``NUCLEUS_PROPERTIES``)."""
     names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col",
              "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col", "equivalent_diameter_area": "equivalent_diameter"}
-    cols = {names.get(k, k): np.asarray(v) for k, v in t.items()}
+    cols = {names.get(k, k): np.asarray(v) for k, v in table.items()}
     # column by column (tolist: Python numbers at C speed), floats to 4 decimals as _plain rounds them
     values = [[round(v, 4) for v in cols[c].tolist()] if cols[c].dtype.kind == "f" else cols[c].tolist()
               for c in NUCLEUS_COLUMNS[1:]]
     return list(zip([image_id] * len(values[0]), *values))
 
 
-def summary_row(image_id: str, labels: np.ndarray) -> dict:
-    areas = np.bincount(labels.ravel())[1:]
-    areas = areas[areas > 0]
-    return {"image": image_id, "height": labels.shape[0], "width": labels.shape[1], "nuclei": len(areas),
+def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray) -> dict:
+    """``summary.csv``'s row of an image of ``shape`` whose nuclei have ``areas`` (pixels, one per nucleus)."""
+    areas = np.asarray(areas)
+    return {"image": image_id, "height": shape[0], "width": shape[1], "nuclei": len(areas),
             "mean_area": _plain(areas.mean()) if len(areas) else 0, "median_area": _plain(np.median(areas)) if len(areas) else 0,
-            "area_fraction": _plain((labels > 0).mean())}
+            "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1]))}
 
 
 def _plain(v):
@@ -197,8 +194,9 @@ class Outputs:
 
         rows, nuclei, summary = _csv_text(submission_rows(image_id, labels)), "", ""
         if self.out_dir is not None:
-            nuclei = _csv_text(nucleus_rows(image_id, labels, intensity))
-            summary = _csv_text([tuple(summary_row(image_id, labels).values())])
+            table = nucleus_table(labels, intensity)  # measured once: nuclei.csv's rows and summary.csv's areas
+            nuclei = _csv_text(nucleus_rows(image_id, table))
+            summary = _csv_text([tuple(summary_row(image_id, labels.shape, table["area"]).values())])
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
                              compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         if "rois" in self.dirs:

@@ -81,10 +81,16 @@ def _split(fg: np.ndarray, boundary: np.ndarray, threshold: float, seed_threshol
     if fg.shape != boundary.shape:
         raise ValueError(f"foreground {fg.shape} and boundary {boundary.shape} maps differ in shape")
     mask = fg > threshold
-    seeds = components(mask & (boundary < seed_threshold))  # cores; those under min_seed pixels are not seeds
-    big = np.bincount(seeds.ravel(), minlength=1) >= min_seed
+    core = mask & (boundary < seed_threshold)
+    seeds = components(core)  # cores; those under min_seed pixels are not seeds
+    core_seeds = seeds[core]  # the cores' pixels only: a fraction of the image to count and look up
+    big = np.bincount(core_seeds, minlength=1) >= min_seed
     big[0] = False
-    at = seeds > 0 if big[1:].all() else big[seeds]
+    if big[1:].all():
+        at = core
+    else:
+        at = np.zeros_like(core)
+        at[core] = big[core_seeds]
     labels = np.zeros(mask.shape, np.int32)
     if at.any():
         # The watershed floods 4-connected from each seed inside the mask, so it never leaves the
