@@ -151,28 +151,23 @@ def _perimeter(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, lab: np.n
     """skimage's 4-neighbourhood perimeter of every region's own image, all regions at once: a pixel is
     a border pixel when a 4-neighbour is not its label (or is off the image); each border pixel gets
     the code 1 + 2 per 4-neighbour and 10 per diagonal neighbour that is a border pixel of the same
-    label, and the code's weight."""
+    label, and the code's weight. Neighbours are looked up in images padded by one pixel of
+    background, so that off-image neighbours need no test."""
     h, w = labels.shape
-    flat = labels.ravel()
-
-    def neighbour(r, c, dr, dc):  # flat index of each (r, c)'s neighbour, and whether it is on the image
-        rr, cc = r + dr, c + dc
-        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-        return np.clip(rr, 0, h - 1) * w + np.clip(cc, 0, w - 1), inside
-
+    pw = w + 2
+    padded = np.zeros((h + 2, pw), labels.dtype)
+    padded[1:-1, 1:-1] = labels
+    flat = padded.ravel()
+    at = (rows + 1) * pw + (cols + 1)
     border = np.zeros(len(lab), bool)
-    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        q, inside = neighbour(rows, cols, dr, dc)
-        border |= ~inside | (flat[q] != lab)
-    br, bc, breg = rows[border], cols[border], region[border]
-    keys = breg * flat.size + br * w + bc  # sorted: by region, then raster order
-    code = np.ones(len(keys), np.int64)
-    for dr, dc, weight in ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10),
-                           (1, 1, 10)):
-        q, inside = neighbour(br, bc, dr, dc)
-        want = breg * flat.size + q
-        i = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-        code += weight * (inside & (keys[i] == want))
+    for step in (-pw, pw, -1, 1):
+        border |= flat[at + step] != lab
+    bat, blab, breg = at[border], lab[border], region[border]
+    borders = np.zeros_like(padded).ravel()  # each border pixel's label, 0 elsewhere
+    borders[bat] = blab
+    code = np.ones(len(bat), np.int64)
+    for step, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
+        code += weight * (borders[bat + step] == blab)
     return np.bincount(breg, weights=_PERIMETER_WEIGHTS[code], minlength=n)
 
 
