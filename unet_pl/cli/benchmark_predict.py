@@ -14,8 +14,14 @@ Test images are made from the bundled sample: mosaics of its fluorescence images
     post-processing probabilities -> nuclei (``labels_from_probabilities``: watershed, size filter)
     outputs         label TIFF, nuclei.csv, summary.csv, submission.csv (``Outputs``)
 
-then ``predict_folder`` end to end over the folder (by default, one image at a time, and with TTA)
-in fresh processes of their own after a warm-up on two of the images, each with its peak memory.
+then ``predict_folder`` end to end (by default, one image at a time, and with TTA) in fresh
+processes of their own after a warm-up on two of the images, each with its peak memory: over a
+folder of three times as many images (the default run: twelve, what a folder of a user's images
+costs once the first has paid for the process's memory; TTA over the stage images), and each
+against the network alone timed in the same process just before and just after it, on the
+folder's first images (the better of two passes per image). This machine's speed can drift by a
+quarter within minutes (a VM's neighbours), so a ratio against a reference measured in another
+process at another time says more about the drift than about the code.
 Start-up is ``scripts/predict.py`` on one small image, wall clock, against ``python -c "import torch"``.
 ``--huge-side 16384`` adds one image of that side end to end (its peak memory is the row to read).
 """
@@ -140,8 +146,27 @@ def run_stages(cfg: dict) -> dict:
     return {"seconds": secs, "mpx": pixels / 1e6, "threads": torch.get_num_threads()}
 
 
+def _network_seconds(net, paths: list[Path], settings, device: str) -> tuple[float, float]:
+    """The U-Net alone over ``paths``, as the stage row times it: ``(seconds, megapixels)``."""
+    import torch
+
+    from ..data.readers import read_raw, to_rgb8
+    from ..inference.predict import to_input
+    from ..inference.tiling import pad_to_multiple
+
+    seconds, pixels = 0.0, 0
+    for path in paths:
+        image = to_rgb8(read_raw(path), settings.intensity)
+        pixels += image.shape[0] * image.shape[1]
+        x = pad_to_multiple(to_input(image, device))[0]
+        with torch.inference_mode():
+            seconds += min(_clock(net, x)[0] for _ in range(2))
+    return seconds, pixels / 1e6
+
+
 def run_end_to_end(cfg: dict) -> dict:
-    """``predict_folder`` over the folder in this fresh process: wall seconds and peak memory."""
+    """``predict_folder`` over the folder in this fresh process: wall seconds and peak memory, and the
+    network alone on the folder's first ``cfg["reference"]`` images just before and after it."""
     import logging
 
     from ..data.images import list_images
@@ -155,17 +180,21 @@ def run_end_to_end(cfg: dict) -> dict:
     settings = net.settings.replace(tile=cfg["tile"], tta=cfg.get("tta_mode", "none"))
     entries = list_images(cfg["folder"])
     pixels = sum(np.prod(image_size(p)) for _, p in entries)
+    first = [p for _, p in entries[:cfg.get("reference", 0)]]
     with tempfile.TemporaryDirectory() as out:
         if cfg.get("warmup", True):  # oneDNN builds its kernels for a new image size and thread count once;
             # start-up is its own row. Two images, so that two workers each build theirs.
             predict_folder(net, cfg["folder"], Path(out) / "warm.csv", ids=[i for i, _ in entries[:2]], settings=settings,
                            progress=False, at_once=cfg.get("at_once"))
+        before = _network_seconds(net, first, net.settings, cfg["device"]) if first else None
         start = time.perf_counter()
         stats = predict_folder(net, cfg["folder"], Path(out) / "submission.csv", settings=settings, out_dir=out,
                                progress=False, at_once=cfg.get("at_once"))
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "mpx": float(pixels) / 1e6, "peak_mb": _peak_rss_mb(), "model_mb": rss0,
-            "nuclei": stats["nuclei"]}
+        peak = _peak_rss_mb()  # before the reference passes below can add to it
+        after = _network_seconds(net, first, net.settings, cfg["device"]) if first else None
+    return {"seconds": seconds, "mpx": float(pixels) / 1e6, "peak_mb": peak, "model_mb": rss0,
+            "nuclei": stats["nuclei"], "images": len(entries), "network": [before, after] if first else None}
 
 
 def startup(repeats: int = 3) -> tuple[float, float]:
@@ -197,9 +226,12 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
         make_images(folder, side, n)
         base = {"device": device, "folder": str(folder), "tile": tile}
         stages = spawn({**base, "kind": "predict_stages", "tta": tta})
-        e2e = spawn({**base, "kind": "predict_e2e"})
-        e2e_one = spawn({**base, "kind": "predict_e2e", "at_once": 1})
-        e2e_tta = spawn({**base, "kind": "predict_e2e", "tta_mode": "d4"}) if tta else None
+        folder3 = Path(tmp) / "folder"  # three times as many, for the end-to-end rows
+        make_images(folder3, side, 3 * n)
+        many = {**base, "folder": str(folder3), "kind": "predict_e2e", "reference": n}
+        e2e = spawn(many)
+        e2e_one = spawn({**many, "at_once": 1})
+        e2e_tta = spawn({**base, "kind": "predict_e2e", "tta_mode": "d4", "reference": n}) if tta else None
         huge = None
         if huge_side:
             big = Path(tmp) / "huge"
@@ -221,12 +253,16 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
                 continue
             ratio = f"{net / s[key]:.2f}x" if key in ("probabilities", "network") else (f"{8 * net / s[key]:.2f}x of 8 views" if key == "tta" else "")
             print(f"| {label} | {s[key]:.2f} | {mpx / s[key]:.2f} | {ratio} |")
-    for label, res, ref in (("end to end (`predict_folder`)", e2e, 1), ("end to end, one image at a time (`at_once=1`)", e2e_one, 1),
-                            ("end to end, TTA d4", e2e_tta, 8)):
-        if res and stages:
-            net = stages["seconds"]["network"] * ref
-            print(f"| **{label}** | {res['seconds']:.2f} | {res['mpx'] / res['seconds']:.2f} | "
-                  f"**{net / res['seconds']:.2f}x**{' of 8 views' if ref == 8 else ''} |")
+    references = []
+    for label, res, views in (("end to end (`predict_folder`)", e2e, 1), ("end to end, one image at a time (`at_once=1`)", e2e_one, 1),
+                              ("end to end, TTA d4", e2e_tta, 8)):
+        if res:
+            # against the network alone in the same process, before and after (the mean of the two rates)
+            rates = [mpx / sec for sec, mpx in res["network"]]
+            references.append(f"{label}: " + " / ".join(f"{r:.2f}" for r in rates))
+            ratio = res["mpx"] / res["seconds"] * views / (sum(rates) / len(rates))
+            print(f"| **{label}, {res['images']} images** | {res['seconds']:.2f} | {res['mpx'] / res['seconds']:.2f} | "
+                  f"**{ratio:.2f}x**{' of 8 views' if views == 8 else ''} |")
     print("\n| measure | value |\n|---|---:|")
     print(f"| start-up: `python -c \"import torch\"` | {torch_s:.2f} s |")
     print(f"| start-up: `scripts/predict.py` on one 256 x 256 image, whole run | {predict_s:.2f} s ({predict_s / torch_s:.2f}x) |")
@@ -241,4 +277,7 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
               f"{huge['mpx'] / huge['seconds']:.2f} Mpx/s, {huge['nuclei']:,} nuclei, peak memory {huge['peak_mb']:.0f} MiB |")
     elif huge_side:
         print(f"| {huge_side} x {huge_side} end to end | failed |")
+    if references:
+        print("\nEnd-to-end rows: against the network alone timed in the same process just before / after them, "
+              "Mpx/s: " + "; ".join(references))
     print(f"\n(threads: {stages['threads'] if stages else '?'}; cores: {os.cpu_count()})")
