@@ -471,6 +471,9 @@ def test_hematoxylin_intensity_is_rgb2hed_on_stained_tissue_and_grey_elsewhere()
             nuclei |= np.asarray(Image.open(m)) > 0
         inside, outside = out[..., 0][nuclei].mean(), out[..., 0][~nuclei].mean()
         assert inside > outside + 30, (inside, outside)
+        # the same tissue as 12-bit data in a 16-bit file is deconvolved too, to about the same image
+        out12 = to_rgb8(raw[..., :3].astype(np.uint16) * 16, "hematoxylin")
+        assert np.abs(out12.astype(int) - out.astype(int)).mean() < 2
     assert kinds == {"fluorescence", "brightfield", "histology"}
     # a colour image on a dark background (tinted fluorescence) is not deconvolved
     tinted = np.zeros((32, 32, 3), np.uint8)

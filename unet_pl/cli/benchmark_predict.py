@@ -19,8 +19,8 @@ processes of their own after a warm-up on two of the images, each with its peak 
 folder of three times as many images (the default run: twelve, what a folder of a user's images
 costs once the first has paid for the process's memory; TTA over the stage images), and each
 against the network alone timed in the same process just before and just after it, on the
-folder's first images (the better of two passes per image). This machine's speed can drift by a
-quarter within minutes (a VM's neighbours), so a ratio against a reference measured in another
+folder's first images (the better of two passes per image). This machine's speed can drift by
+15% within a minute (a VM's neighbours), so a ratio against a reference measured in another
 process at another time says more about the drift than about the code.
 Start-up is ``scripts/predict.py`` on one small image, wall clock, against ``python -c "import torch"``.
 ``--huge-side 16384`` adds one image of that side end to end (its peak memory is the row to read).
@@ -39,7 +39,21 @@ import numpy as np
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (since the last ``_reset_peak`` where Linux allows it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Start the peak over at the current resident memory (Linux: ``clear_refs`` 5); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def mosaic(tiles: list[np.ndarray], side: int, seed: int = 0) -> np.ndarray:
@@ -154,13 +168,22 @@ def _network_seconds(net, paths: list[Path], settings, device: str) -> tuple[flo
     from ..inference.predict import to_input
     from ..inference.tiling import pad_to_multiple
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(x) -> float:
+        sync()
+        start = time.perf_counter()
+        net(x)
+        sync()
+        return time.perf_counter() - start
+
     seconds, pixels = 0.0, 0
     for path in paths:
         image = to_rgb8(read_raw(path), settings.intensity)
         pixels += image.shape[0] * image.shape[1]
         x = pad_to_multiple(to_input(image, device))[0]
         with torch.inference_mode():
-            seconds += min(_clock(net, x)[0] for _ in range(2))
+            seconds += min(timed(x) for _ in range(2))
     return seconds, pixels / 1e6
 
 
@@ -187,11 +210,12 @@ def run_end_to_end(cfg: dict) -> dict:
             predict_folder(net, cfg["folder"], Path(out) / "warm.csv", ids=[i for i, _ in entries[:2]], settings=settings,
                            progress=False, at_once=cfg.get("at_once"))
         before = _network_seconds(net, first, net.settings, cfg["device"]) if first else None
+        _reset_peak()  # the peak of predict_folder, not of the passes around it
         start = time.perf_counter()
         stats = predict_folder(net, cfg["folder"], Path(out) / "submission.csv", settings=settings, out_dir=out,
                                progress=False, at_once=cfg.get("at_once"))
         seconds = time.perf_counter() - start
-        peak = _peak_rss_mb()  # before the reference passes below can add to it
+        peak = _peak_rss_mb()
         after = _network_seconds(net, first, net.settings, cfg["device"]) if first else None
     return {"seconds": seconds, "mpx": float(pixels) / 1e6, "peak_mb": peak, "model_mb": rss0,
             "nuclei": stats["nuclei"], "images": len(entries), "network": [before, after] if first else None}

@@ -144,10 +144,11 @@ def _stretch(values: np.ndarray) -> np.ndarray:
 
 
 def _is_colour(raw: np.ndarray) -> bool:
-    """Three channels that differ: mean |R - G| + |G - B| above ``COLOUR_THRESHOLD`` on the 0-255 scale."""
+    """Three channels that differ: mean |R - G| + |G - B| above ``COLOUR_THRESHOLD`` on a 0-255
+    scale of the image's own brightest value (12-bit colour in a 16-bit file reads as 8-bit does)."""
     if raw.shape[2] != 3:
         return False
-    f = raw.astype(np.float32) * (255.0 / np.iinfo(raw.dtype).max)
+    f = raw.astype(np.float32) * (255.0 / max(int(raw.max()), 1))
     return float(np.abs(f[..., 0] - f[..., 1]).mean() + np.abs(f[..., 1] - f[..., 2]).mean()) > COLOUR_THRESHOLD
 
 

@@ -88,7 +88,9 @@ def load_model(ckpt: str | Path | dict | None = None, keras_h5: str | Path | Non
     On the CPU it first turns on ``unet_pl.perf.keep_freed_memory`` (prediction turns it on anyway):
     glibc must be told before the model's first parallel operation starts threads that take memory
     pools of their own, or the prediction threads share those pools, whose freed memory goes back
-    to the system and is faulted in again (a 2048 x 2048 folder ran 20% slower that way).
+    to the system and is faulted in again (a 2048 x 2048 folder ran 20% slower that way). The
+    setting is process-wide and stays (``predict_folder(keep_memory=False)`` does not undo it);
+    the environment variable ``UNET_PL_KEEP_FREED_MEMORY=0`` keeps it off.
     """
     if torch.device(device).type == "cpu":
         from ..perf import keep_freed_memory
