@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import read_image, resolve_train_dir, scan_train_dir
+from .readers import COLOUR_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,6 @@ class _HoldoutNames(tuple):
 HOLDOUTS = _HoldoutNames(("none", "stratified", GROUP_PREFIX + "k/K"))
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 2018
-#: Mean |R-G| + |G-B| (0..255 scale) above which an image is colour. Grey images of the set
-#: score < 1, the colour ones > 15: any value in between gives the same split.
-COLOUR_THRESHOLD = 5.0
 #: Mean brightness above which a grey image is brightfield (fluorescence < 60, brightfield > 200).
 BRIGHT_THRESHOLD = 128.0
 

@@ -41,7 +41,8 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 INTENSITIES = ("fixed", "percentile", "grey", "hematoxylin")
-#: Mean |R - G| + |G - B| (0-255 scale) above which an image is colour: stained tissue, not grey.
+#: Mean |R-G| + |G-B| (0..255 scale) above which an image is colour (here and in ``holdout``). Grey
+#: images of the competition's set score < 1, the colour ones > 15: any value in between gives the same split.
 COLOUR_THRESHOLD = 5.0
 PERCENTILES = (1.0, 99.8)
 TIFF_SUFFIXES = (".tif", ".tiff")
