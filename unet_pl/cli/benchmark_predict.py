@@ -119,7 +119,6 @@ def run_stages(cfg: dict) -> dict:
     settings = net.settings.replace(tile=cfg["tile"])
     paths = [p for _, p in list_images(cfg["folder"])]
     secs = dict.fromkeys(("read", "normalise", "network", "probabilities", "tta", "postprocess", "outputs"), 0.0)
-    sync = torch.cuda.synchronize if cfg["device"] == "cuda" else (lambda: None)
     # warm-up on the first image: oneDNN builds its kernels for each new shape once
     with torch.inference_mode():
         warm = to_rgb8(read_raw(paths[0]), settings.intensity)
@@ -134,17 +133,7 @@ def run_stages(cfg: dict) -> dict:
             t, image = _clock(to_rgb8, raw, settings.intensity)
             secs["normalise"] += t
             pixels += image.shape[0] * image.shape[1]
-            x = pad_to_multiple(to_input(image, cfg["device"]))[0]
-            # the better of two passes: the first may also pay for fresh memory (on a VM whose host took
-            # back freed pages, about 10 s per GiB first touched was measured)
-            best = float("inf")
-            for _ in range(2):
-                with torch.inference_mode():
-                    sync()
-                    t, _ = _clock(net, x)
-                    sync()
-                best = min(best, t)
-            secs["network"] += best
+            secs["network"] += _network_pass(net, pad_to_multiple(to_input(image, cfg["device"]))[0], cfg["device"])
             (t1, prob), (t2, _) = (_clock(lambda: next(predict_images(net, [image], settings.decoded()))) for _ in range(2))
             secs["probabilities"] += min(t1, t2)
             if cfg["tta"]:
@@ -160,30 +149,33 @@ def run_stages(cfg: dict) -> dict:
     return {"seconds": secs, "mpx": pixels / 1e6, "threads": torch.get_num_threads()}
 
 
-def _network_seconds(net, paths: list[Path], settings, device: str) -> tuple[float, float]:
-    """The U-Net alone over ``paths``, as the stage row times it: ``(seconds, megapixels)``."""
+def _network_pass(net, x, device: str) -> float:
+    """Seconds of the U-Net alone on the input ``x``: the better of two passes (the first may also pay
+    for fresh memory: on a VM whose host took back freed pages, about 10 s per GiB first touched was measured)."""
     import torch
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(2):
+        with torch.inference_mode():
+            sync()
+            t, _ = _clock(net, x)
+            sync()
+        best = min(best, t)
+    return best
+
+
+def _network_seconds(net, paths: list[Path], settings, device: str) -> tuple[float, float]:
+    """The U-Net alone over ``paths``, as the stage row times it: ``(seconds, megapixels)``."""
     from ..data.readers import read_raw, to_rgb8
     from ..inference.predict import to_input
     from ..inference.tiling import pad_to_multiple
-
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed(x) -> float:
-        sync()
-        start = time.perf_counter()
-        net(x)
-        sync()
-        return time.perf_counter() - start
 
     seconds, pixels = 0.0, 0
     for path in paths:
         image = to_rgb8(read_raw(path), settings.intensity)
         pixels += image.shape[0] * image.shape[1]
-        x = pad_to_multiple(to_input(image, device))[0]
-        with torch.inference_mode():
-            seconds += min(timed(x) for _ in range(2))
+        seconds += _network_pass(net, pad_to_multiple(to_input(image, device))[0], device)
     return seconds, pixels / 1e6
 
 

@@ -33,13 +33,7 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     labels = np.asarray(labels)
     if min_size <= 1 or not labels.max(initial=0):
         return labels.astype(np.int32)
-    area = np.bincount(labels.ravel())
-    keep = area >= min_size
-    keep[0] = False
-    if keep[1:].all():  # nothing to drop and already 1..k
-        return labels.astype(np.int32, copy=False)
-    new_id = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
-    return new_id[labels]
+    return renumber(labels, min_size)
 
 
 def fill_holes(labels: np.ndarray) -> np.ndarray:
