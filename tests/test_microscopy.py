@@ -280,6 +280,25 @@ def test_percentiles_from_the_histogram_are_numpys_and_the_lookup_is_the_formula
         assert percentiles(raw, (1.0, 99.8)) == (lo, hi)
         by_formula = np.clip(np.rint((raw.astype(np.float32) - lo) * (255.0 / max(float(hi - lo), 1e-6))), 0, 255)
         assert np.array_equal(to_rgb8(raw, "percentile")[..., 0], by_formula[..., 0].astype(np.uint8))
+    # images larger than the histogram's counting chunk (2**18 pixels), grey and RGB
+    for shape, dtype, top in (((700, 600, 1), np.uint16, 4095), ((400, 300, 3), np.uint8, 255)):
+        raw = rng.exponential(top / 10, shape).clip(0, top).astype(dtype)
+        assert percentiles(raw, (1.0, 99.8)) == tuple(np.percentile(raw, (1.0, 99.8)))
+
+
+def test_channel_mean_is_numpys_mean_bit_for_bit():
+    from unet_pl.data.readers import channel_mean
+    from unet_pl.inference.outputs import intensity_image
+
+    rng = np.random.default_rng(1)
+    for shape, dtype in (((64, 80, 3), np.uint8), ((64, 80, 3), np.uint16), ((50, 40, 1), np.uint16),
+                         ((30, 20, 4), np.uint8), ((30, 20, 9), np.uint16), ((30, 20), np.uint8)):
+        raw = rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+        ref = raw.astype(np.float32) if raw.ndim == 2 else raw.astype(np.float32).mean(axis=2)
+        got = channel_mean(raw)
+        assert got.dtype == np.float32 and got.shape == raw.shape[:2]
+        assert np.array_equal(got, ref), (shape, dtype)
+        assert np.array_equal(intensity_image(raw), ref)
 
 
 def test_binary_mask_warning_only_for_label_image_annotations(tmp_path, caplog):

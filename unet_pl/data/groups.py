@@ -63,6 +63,7 @@ import numpy as np
 
 from .holdout import MODALITIES, image_modality, parse_group_holdout
 from .images import read_image, resolve_train_dir, scan_train_dir
+from .readers import channel_mean
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def acquisition_group(image: np.ndarray) -> str:
     h, w = image.shape[:2]
     modality = image_modality(image)
     name = f"{modality} {h}x{w}"
-    grey = image.astype(np.float32).mean(axis=2)
+    grey = channel_mean(image)
     if modality == "fluorescence":
         floor = float(np.percentile(grey, 1))
         return f"{name} {'offset' if floor > FLOOR_THRESHOLD else 'dark'}"

@@ -48,7 +48,10 @@ def nucleus_table(labels: np.ndarray, intensity: np.ndarray) -> dict[str, np.nda
     h, w = labels.shape
     flat = labels.ravel()
     fg = np.flatnonzero(flat)
-    order = np.argsort(flat[fg], kind="stable")  # by label, raster order within a label (as regionprops reads)
+    keys = flat[fg]
+    if keys.max(initial=0) <= np.iinfo(np.uint16).max:
+        keys = keys.astype(np.uint16)  # the same stable order, by numpy's radix sort: 4x faster
+    order = np.argsort(keys, kind="stable")  # by label, raster order within a label (as regionprops reads)
     fg = fg[order]
     lab = flat[fg]
     if not len(lab):
@@ -255,8 +258,10 @@ def _hull_edges(py: np.ndarray, px: np.ndarray, pg: np.ndarray, n: int) -> tuple
     keep = c != 0
     pe, pc, py, px = pe[keep], pc[keep], py[keep], px[keep]
     while len(pe):
-        e = np.unique(pe)
-        k = np.searchsorted(e, pe)  # which split each point belongs to
+        present = np.zeros(len(uy), bool)
+        present[pe] = True
+        e = np.flatnonzero(present)  # the edges with points outside, in order (np.unique without sorting)
+        k = (np.cumsum(present) - 1)[pe]  # which split each point belongs to
         far = _first_max(k, pc, len(e))  # the point farthest outside each edge
         fy, fx = py[far], px[far]
         split[e] = True

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.readers import channel_mean
 from ..rle import encode_labels
 from .measure import nucleus_table
 
@@ -87,10 +88,7 @@ def label_dtype(labels: np.ndarray) -> type:
 def intensity_image(raw: np.ndarray) -> np.ndarray:
     """nuclei.csv's intensities from ``read_raw``'s pixels: float32 ``(H, W)`` in the file's own units,
     the one channel as it is, the mean of RGB's three."""
-    raw = np.asarray(raw)
-    if raw.ndim == 2 or raw.shape[2] == 1:
-        return raw.reshape(raw.shape[:2]).astype(np.float32)
-    return raw.astype(np.float32).mean(axis=2)
+    return channel_mean(raw)
 
 
 def nucleus_rows(image_id: str, table: dict[str, np.ndarray]) -> list[tuple]:
