@@ -1,4 +1,4 @@
-"""unet_pl.perf.keep_freed_memory: a training step's freed activations are reused, not faulted in again."""
+"""unet_pl.perf: a training step's freed activations are reused, not faulted in again; bincount in chunks is numpy's."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 # Forward + backward of the seed's U-Net at batch 16, counting the minor page faults of each step.
@@ -56,3 +57,16 @@ def test_training_steps_stop_page_faulting_once_memory_is_kept():
     assert sum(steady_on) < 0.05 * sum(steady_off), (on, off)
     # what was kept goes back to the system on release (LitUNet.teardown, end of prediction)
     assert on["kept_mib"] - on["released_mib"] > 100, on
+
+
+def test_bincount_in_chunks_is_numpys():
+    from unet_pl.perf import COUNT_CHUNK, bincount
+
+    rng = np.random.default_rng(0)
+    for n, top, minlength in ((0, 5, 3), (100, 7, 0), (COUNT_CHUNK, 300, 0), (3 * COUNT_CHUNK + 17, 70_000, 10),
+                              (2 * COUNT_CHUNK + 1, 3, 65536)):
+        for dtype in (np.uint8, np.uint16, np.int32):
+            values = rng.integers(0, min(top, np.iinfo(dtype).max), n).astype(dtype)
+            ref = np.bincount(values, minlength=minlength)
+            got = bincount(values.reshape(-1, 1) if n % 2 else values, minlength=minlength)
+            assert got.dtype == ref.dtype and np.array_equal(got, ref), (n, dtype)

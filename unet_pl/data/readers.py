@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..perf import bincount
+
 log = logging.getLogger(__name__)
 
 INTENSITIES = ("fixed", "percentile", "grey", "hematoxylin")
@@ -83,17 +85,10 @@ def read_label_image(path: str | Path) -> np.ndarray:
     return raw[..., 0] if raw.shape[2] == 1 else (raw > 0).any(axis=2).astype(np.uint8)
 
 
-_COUNT_CHUNK = 1 << 18
-
-
 def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
     """``np.percentile(values, qs)`` (its default linear interpolation, the same numbers) of uint8 or
     uint16 pixels, from their histogram: one counting pass instead of a partial sort of every pixel."""
-    flat = values.ravel()
-    counts = np.zeros(256 if values.dtype == np.uint8 else 65536, np.int64)
-    for i in range(0, len(flat), _COUNT_CHUNK):  # in chunks: bincount's int64 copy of each stays in cache, 2x faster
-        counts += np.bincount(flat[i:i + _COUNT_CHUNK], minlength=len(counts))
-    counts = np.cumsum(counts)
+    counts = np.cumsum(bincount(values, minlength=256))
     n = int(counts[-1])
 
     def at(rank: int) -> float:  # the rank-th smallest value, counted from 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..perf import bincount
+
 SPLITS = ("components", "watershed")
 
 
@@ -116,7 +118,7 @@ def renumber(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
     """``remove_small(relabel(labels), min_size)`` in one pass: nuclei under ``min_size`` pixels
     dropped, the others numbered 1..k in the order of their old numbers; int32."""
     labels = np.asarray(labels)
-    keep = np.bincount(labels.ravel()) >= max(min_size, 1) if labels.size else np.zeros(1, bool)
+    keep = bincount(labels) >= max(min_size, 1) if labels.size else np.zeros(1, bool)
     keep[0] = False
     if keep[1:].all():  # nothing to drop and already 1..k
         return labels.astype(np.int32, copy=False)
@@ -167,7 +169,7 @@ def remove_doubtful(labels: np.ndarray, fg: np.ndarray, min_relative_size: float
     if not labels.max(initial=0):
         return labels.astype(np.int32)
     flat = labels.ravel()
-    area = np.bincount(flat)
+    area = bincount(flat)
     keep = area > 0
     keep[0] = False
     if min_relative_size > 0:
