@@ -441,6 +441,40 @@ def test_augment_sampler_draws_per_epoch_and_resumes_exactly():
     assert list(resumed) == epoch1
 
 
+def test_balanced_sampler_draws_each_modality_by_the_square_root_of_its_count():
+    modalities = np.array(["fluorescence"] * 400 + ["histology"] * 36 + ["brightfield"] * 16)
+    weights = data.modality_weights(modalities)
+    s = data.AugmentSampler(len(modalities), seed=0, weights=weights)
+    drawn = np.concatenate([[i for i, _ in s] for _ in range(50)])  # 50 epochs of 452 draws
+    assert len(drawn) == 50 * len(modalities)
+    share = {m: float(np.mean(modalities[drawn] == m)) for m in ("fluorescence", "histology", "brightfield")}
+    expected = {"fluorescence": 20 / 30, "histology": 6 / 30, "brightfield": 4 / 30}  # sqrt(400), sqrt(36), sqrt(16)
+    for m in expected:
+        assert abs(share[m] - expected[m]) < 0.01, (m, share)
+    resumed = data.AugmentSampler(len(modalities), seed=0, weights=weights)
+    resumed.set_epoch(3)
+    assert list(resumed) == list(data.AugmentSampler(len(modalities), seed=0, epoch=3, weights=weights))
+    with pytest.raises(ValueError, match="positive"):
+        data.AugmentSampler(3, seed=0, weights=np.array([1.0, 0.0, 1.0]))
+
+
+def test_balance_modality_samples_the_training_split_of_the_data_module(sample_dm, tmp_path):
+    dm = dm_for(None, tmp_path, balance="modality")
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    modalities = dm.arrays["modalities"][dm.train_set.indices]
+    kinds, counts = np.unique(modalities, return_counts=True)
+    assert len(kinds) == 3
+    share = {k: float(sampler.p[modalities == k].sum()) for k in kinds}
+    root = np.sqrt(counts)
+    assert share == pytest.approx(dict(zip(kinds, root / root.sum())))
+    plain = dm_for(None, tmp_path)
+    plain.setup("fit")
+    assert plain.train_dataloader().sampler.p is None
+    with pytest.raises(ValueError, match="balance"):
+        NucleiDataModule(balance="kind")
+
+
 def test_same_augmentation_seed_same_item_in_any_worker():
     arrays = _square_set()
     ds = NucleiDataset(arrays, transform=data.build_augment("default"))

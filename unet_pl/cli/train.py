@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
-from ..data.module import EMPTY_MASKS
+from ..data.module import BALANCES, EMPTY_MASKS
 from ..data.readers import INTENSITIES
 from ..data.transforms import PRESETS, zoom_range
 from ..geometry import HEADS, RESOLUTIONS
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "stretched the same way, bright backgrounds (brightfield, H&E) inverted; hematoxylin: as grey, but "
                            "colour tissue on white becomes its haematoxylin stain (colour deconvolution). Default: from --mode "
                            "(fixed for notebook, percentile for instance); saved in the checkpoint, predict.py applies it")
+    data.add_argument("--balance", choices=BALANCES, default="none",
+                      help="none: every training image once an epoch (the notebook); modality: an epoch draws as many "
+                           "images with replacement, each kind (fluorescence, brightfield, histology) in proportion to "
+                           "the square root of its image count, so rare kinds are seen more often")
     data.add_argument("--labels-csv", default=None, metavar="PATH",
                       help="masks from this stage1_train_labels.csv (run-length rows) instead of the masks/ folders")
     data.add_argument("--empty-masks", choices=EMPTY_MASKS, default="error",
@@ -261,7 +265,7 @@ def make_datamodule(args: argparse.Namespace):
                             val_split=args.val_split, batch_size=args.batch_size, num_workers=args.num_workers,
                             seed=args.seed, augment=args.augment, cache_dir=args.cache_dir, holdout=args.holdout,
                             labels_csv=args.labels_csv, empty_masks=args.empty_masks, channel=args.channel,
-                            intensity=args.intensity)
+                            intensity=args.intensity, balance=args.balance)
 
 
 def make_model(args: argparse.Namespace):

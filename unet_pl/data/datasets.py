@@ -143,10 +143,19 @@ class AugmentSampler(Sampler):
     augmentations are the same whichever worker draws them, and a run resumed at epoch ``e``
     draws exactly what the uninterrupted run drew. Lightning calls ``set_epoch`` before every
     epoch; where a wrapper hides it (DDP's sampler wrapper), the epoch counts up by itself.
+
+    ``weights`` (one per index, any positive scale): an epoch is ``n`` draws with replacement,
+    index ``i`` with probability ``weights[i] / sum(weights)``, instead of a permutation.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int = 0) -> None:
+    def __init__(self, n: int, seed: int, epoch: int = 0, weights: np.ndarray | None = None) -> None:
         self.n, self.seed, self.epoch = n, seed, epoch
+        self.p = None
+        if weights is not None:
+            weights = np.asarray(weights, np.float64)
+            if weights.shape != (n,) or not np.all(weights > 0):
+                raise ValueError(f"weights must be {n} positive numbers, one per image")
+            self.p = weights / weights.sum()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -156,7 +165,8 @@ class AugmentSampler(Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        order, seeds = rng.permutation(self.n), rng.integers(0, 2**32, self.n)
+        order = rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, p=self.p)
+        seeds = rng.integers(0, 2**32, self.n)
         self.epoch += 1
         return iter(zip(order.tolist(), seeds.tolist()))
 

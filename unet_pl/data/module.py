@@ -68,6 +68,18 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+#: ``NucleiDataModule(balance=...)``: how an epoch draws its training images.
+BALANCES = ("none", "modality")
+
+
+def modality_weights(modalities: np.ndarray) -> np.ndarray:
+    """One sampling weight per image: ``1 / sqrt(images of its modality)``, so that each modality is
+    drawn in proportion to the square root of its count (grouped fold 2's training images,
+    fluorescence 373, histology 42 and brightfield 16: 65%, 22% and 13% of the draws instead of 87%, 10% and 4%)."""
+    kinds, index, counts = np.unique(np.asarray(modalities).astype(str), return_inverse=True, return_counts=True)
+    return 1.0 / np.sqrt(counts[index])
+
+
 def default_workers(gpus: int) -> int:
     """Loader processes when none are asked for (`--num-workers`, `num_workers=None`).
 
@@ -118,6 +130,10 @@ class NucleiDataModule(pl.LightningDataModule):
             stretched between its 1st and 99.8th percentiles), "grey" (grey, stretched, bright
             backgrounds inverted) or "hematoxylin" (as grey, stained tissue as its haematoxylin);
             ``unet_pl.data.readers``.
+        balance: "none" (every training image once an epoch, the notebook) or "modality" (an epoch
+            draws as many images, with replacement, each kind of image (``unet_pl.data.holdout``'s
+            modality) in proportion to the square root of its count: rare kinds seen more often,
+            ``modality_weights``).
 
     Stages: fit (train + val), validate and test (the validation split, with ``labels``),
     predict (``predict_dir``). Batches follow docs/design.md.
@@ -128,8 +144,10 @@ class NucleiDataModule(pl.LightningDataModule):
                  cache_dir: str | Path | None = None, labels_csv: str | Path | bool | None = None, empty_masks: str = "error",
                  predict_dir: str | Path | None = None, decode_workers: int = 2, progress: bool = True, head: str = "mask",
                  holdout: str = "none", resolution: str = "resize", channel: int | None = None,
-                 intensity: str = "fixed") -> None:
+                 intensity: str = "fixed", balance: str = "none") -> None:
         super().__init__()
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
         check_resolution(resolution)
         if intensity not in INTENSITIES:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITIES)}, got {intensity!r}")
@@ -270,7 +288,10 @@ class NucleiDataModule(pl.LightningDataModule):
         # set_epoch: start at the epoch Lightning will pass (the epochs processed so far, which a
         # resumed run restores before asking for the loader), so a resumed first epoch matches.
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
-        return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed, epoch))
+        weights = None
+        if self.hparams.balance == "modality":
+            weights = modality_weights(self.arrays["modalities"][self.train_set.indices])
+        return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed, epoch, weights))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set) if len(self.val_set) else []
