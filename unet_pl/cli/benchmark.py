@@ -284,6 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--huge-side", type=int, default=None,
                    help="predict section: also one image of this side end to end, e.g. 16384 (minutes; peak memory)")
     args = p.parse_args(argv)
+    if not args.worker and "predict" in (args.only or KINDS):
+        from ..inference.tiling import check_tile
+
+        try:
+            check_tile(args.tile)
+        except ValueError as e:
+            p.error(f"--tile {args.tile}: {e}")
     if args.worker:
         _worker(json.loads(args.worker))
         return
