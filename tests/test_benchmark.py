@@ -28,3 +28,10 @@ def test_predict_section_prints_every_row_with_its_ratio():
     assert all(r > 0 for r in ratios.values())
     passes = re.search(r"end to end \(`predict_folder`\): [0-9. /]+ \(passes ([0-9.]+), ([0-9.]+) s\)", out)
     assert passes, out  # two passes, each with the network timed around it
+
+
+def test_a_bad_tile_is_one_line_and_exit_2():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--only", "predict", "--tile", "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("benchmark.py: error: --tile 100: tile must be a multiple of 16")

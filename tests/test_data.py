@@ -475,6 +475,13 @@ def test_balance_modality_samples_the_training_split_of_the_data_module(sample_d
         NucleiDataModule(balance="kind")
 
 
+def test_balance_with_one_kind_of_image_keeps_every_image_once_an_epoch(make_train_dir, tmp_path):
+    dm = dm_for(make_train_dir(n=6), tmp_path, balance="modality", val_split=0.2)
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    assert sampler.p is None and sorted(i for i, _ in sampler) == list(range(len(dm.train_set)))
+
+
 def test_same_augmentation_seed_same_item_in_any_worker():
     arrays = _square_set()
     ds = NucleiDataset(arrays, transform=data.build_augment("default"))

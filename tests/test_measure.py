@@ -51,9 +51,11 @@ def test_random_touching_nuclei_with_non_consecutive_labels(seed):
     got = assert_matches_regionprops(labels, (rng.random(labels.shape) * 1000).astype(np.float32))
     assert np.all(np.diff(got["label"]) > 0) and np.all(got["label"] % 7 == 3)
     assert_matches_regionprops(labels, rng.integers(0, 65536, labels.shape).astype(np.uint16))
-    # labels above uint16's range (pixels ordered by an int32 sort, not the uint16 one)
-    big = assert_matches_regionprops(np.where(labels > 0, labels + 70_000, 0), rng.random(labels.shape))
-    assert np.array_equal(big["label"], got["label"] + 70_000)
+    # labels on both sides of uint16's range: every odd one moved up by 65536, so that a sort of the
+    # labels cast to uint16 would put them back among the even ones (the wrong order)
+    moved = np.where(labels % 2 == 1, labels + 65536, labels)
+    big = assert_matches_regionprops(moved, rng.random(labels.shape))
+    assert big["label"].max() > 65536 > big["label"].min()
 
 
 def test_random_overlapping_ellipses():

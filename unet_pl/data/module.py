@@ -133,7 +133,7 @@ class NucleiDataModule(pl.LightningDataModule):
         balance: "none" (every training image once an epoch, the notebook) or "modality" (an epoch
             draws as many images, with replacement, each kind of image (``unet_pl.data.holdout``'s
             modality) in proportion to the square root of its count: rare kinds seen more often,
-            ``modality_weights``).
+            ``modality_weights``; a training set of one kind keeps "none").
 
     Stages: fit (train + val), validate and test (the validation split, with ``labels``),
     predict (``predict_dir``). Batches follow docs/design.md.
@@ -289,8 +289,9 @@ class NucleiDataModule(pl.LightningDataModule):
         # resumed run restores before asking for the loader), so a resumed first epoch matches.
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         weights = None
-        if self.hparams.balance == "modality":
-            weights = modality_weights(self.arrays["modalities"][self.train_set.indices])
+        modalities = self.arrays["modalities"][self.train_set.indices]
+        if self.hparams.balance == "modality" and len(np.unique(modalities)) > 1:  # one kind: nothing to balance
+            weights = modality_weights(modalities)
         return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed, epoch, weights))
 
     def val_dataloader(self) -> DataLoader | list:

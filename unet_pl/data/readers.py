@@ -105,9 +105,11 @@ def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def channel_mean(raw: np.ndarray) -> np.ndarray:
-    """float32 ``(H, W)``: the mean of an ``(H, W, C)`` image's channels, ``raw.astype(np.float32).mean(axis=2)``
-    bit for bit (fewer than 8 values are summed in order in float32, then divided), without the float
-    copy of every channel and numpy's slow reduction along the last axis: 10x faster on RGB."""
+    """float32 ``(H, W)``: the mean of a uint8 or uint16 ``(H, W, C)`` image's channels,
+    ``raw.astype(np.float32).mean(axis=2)`` bit for bit (fewer than 8 channels: their sums are whole
+    numbers below 2**24, exact in float32 in any order, and one division rounds as numpy's does),
+    without the float copy of every channel and numpy's slow reduction along the last axis: 10x
+    faster on RGB."""
     raw = np.asarray(raw)
     if raw.ndim == 2:
         return raw.astype(np.float32)
@@ -115,7 +117,7 @@ def channel_mean(raw: np.ndarray) -> np.ndarray:
         return raw.astype(np.float32).mean(axis=2)
     out = raw[..., 0].astype(np.float32)
     for c in range(1, raw.shape[2]):
-        out += raw[..., c]
+        np.add(out, raw[..., c], out=out, dtype=np.float32)
     out /= np.float32(raw.shape[2])
     return out
 
