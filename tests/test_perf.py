@@ -64,7 +64,7 @@ def test_bincount_in_chunks_is_numpys():
 
     rng = np.random.default_rng(0)
     for n, top, minlength in ((0, 5, 3), (100, 7, 0), (COUNT_CHUNK, 300, 0), (3 * COUNT_CHUNK + 17, 70_000, 10),
-                              (2 * COUNT_CHUNK + 1, 3, 65536)):
+                              (2 * COUNT_CHUNK + 1, 3, 65536), (2 * COUNT_CHUNK, 1_000_000, 0)):
         for dtype in (np.uint8, np.uint16, np.int32):
             values = rng.integers(0, min(top, np.iinfo(dtype).max), n).astype(dtype)
             ref = np.bincount(values, minlength=minlength)

@@ -220,7 +220,10 @@ def bincount(values: np.ndarray, minlength: int = 0) -> np.ndarray:
     flat = np.asarray(values).ravel()
     if len(flat) <= COUNT_CHUNK:
         return np.bincount(flat, minlength=minlength)
-    counts = np.zeros(max(int(flat.max()) + 1, minlength), np.int64)
+    top = int(flat.max())
+    if top >= COUNT_CHUNK // 4:  # every chunk adds an array of top + 1 counts: at this size, one pass is cheaper
+        return np.bincount(flat, minlength=minlength)
+    counts = np.zeros(max(top + 1, minlength), np.int64)
     for i in range(0, len(flat), COUNT_CHUNK):
         counts += np.bincount(flat[i:i + COUNT_CHUNK], minlength=len(counts))
     return counts

@@ -72,12 +72,13 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.n
 BALANCES = ("none", "modality")
 
 
-def modality_weights(modalities: np.ndarray) -> np.ndarray:
+def modality_weights(modalities: np.ndarray) -> np.ndarray | None:
     """One sampling weight per image: ``1 / sqrt(images of its modality)``, so that each modality is
     drawn in proportion to the square root of its count (grouped fold 2's training images,
-    fluorescence 373, histology 42 and brightfield 16: 65%, 22% and 13% of the draws instead of 87%, 10% and 4%)."""
-    kinds, index, counts = np.unique(np.asarray(modalities).astype(str), return_inverse=True, return_counts=True)
-    return 1.0 / np.sqrt(counts[index])
+    fluorescence 373, histology 42 and brightfield 16: 65%, 22% and 13% of the draws instead of
+    87%, 10% and 4%). None for images of one modality: nothing to balance."""
+    _, index, counts = np.unique(np.asarray(modalities).astype(str), return_inverse=True, return_counts=True)
+    return 1.0 / np.sqrt(counts[index]) if len(counts) > 1 else None
 
 
 def default_workers(gpus: int) -> int:
@@ -289,9 +290,8 @@ class NucleiDataModule(pl.LightningDataModule):
         # resumed run restores before asking for the loader), so a resumed first epoch matches.
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         weights = None
-        modalities = self.arrays["modalities"][self.train_set.indices]
-        if self.hparams.balance == "modality" and len(np.unique(modalities)) > 1:  # one kind: nothing to balance
-            weights = modality_weights(modalities)
+        if self.hparams.balance == "modality":
+            weights = modality_weights(self.arrays["modalities"][self.train_set.indices])
         return self._loader(self.train_set, sampler=AugmentSampler(len(self.train_set), self.hparams.seed, epoch, weights))
 
     def val_dataloader(self) -> DataLoader | list:
