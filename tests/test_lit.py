@@ -172,3 +172,55 @@ def test_plateau_schedule_cuts_the_learning_rate_when_val_loss_stops_falling(tmp
     assert t.optimizers[0].param_groups[0]["lr"] / 1e-6 == pytest.approx(factor)
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         LitUNet(lr_schedule="cosine")
+
+
+def test_ema_keeps_the_moving_average_of_the_weights_by_hand(tmp_path):
+    """``ema=d``: after fit the model holds e_k = d e_(k-1) + (1 - d) w_k over the weights w_k after each
+    optimizer step (e_1 = w_1), computed here from the recorded weights; a checkpoint holds the average
+    as its weights (what prediction loads) and the current weights to resume from."""
+    from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+
+    from unet_pl.inference.checkpoint import load_model
+
+    class Record(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append({k: v.detach().clone() for k, v in pl_module.unet.state_dict().items()})
+
+    torch.manual_seed(0)
+    decay = 0.8
+    lit = LitUNet(lr=1e-2, ema=decay, base_filters=4, img_size=32, channels_last=False, tune=False)
+    record = Record()
+    t = trainer(tmp_path, max_epochs=3, logger=False, callbacks=[record])
+    t.fit(lit, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(seed=1))
+    assert sum(isinstance(c, EMAWeightAveraging) for c in t.callbacks) == 1
+    assert len(record.steps) == 6  # 2 batches x 3 epochs
+    by_hand = dict(record.steps[0])
+    for w in record.steps[1:]:
+        by_hand = {k: decay * by_hand[k] + (1 - decay) * w[k] for k in w}
+    last = record.steps[-1]
+    got = lit.unet.state_dict()
+    for k in by_hand:
+        assert torch.allclose(got[k], by_hand[k], atol=1e-6), k
+    assert any(not torch.allclose(by_hand[k], last[k], atol=1e-4) for k in by_hand)  # the average is not the last step
+
+    lit.unet.load_state_dict(last)  # the current weights, as during training
+    path = tmp_path / "ema.ckpt"
+    t.save_checkpoint(path)
+    net = load_model(path)
+    for k, v in net.state_dict().items():
+        assert torch.allclose(v, by_hand[k], atol=1e-6), k
+    current = torch.load(path, weights_only=True)["current_model_state"]
+    assert all(torch.equal(current["unet." + k], last[k]) for k in last)
+
+
+def test_ema_off_adds_no_averaging_and_bad_decays_are_refused(tmp_path):
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    lit = LitUNet(base_filters=4, img_size=32, channels_last=False)
+    assert not any(isinstance(c, WeightAveraging) for c in lit.configure_callbacks())
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="ema must be a decay in"):
+            LitUNet(ema=bad)

@@ -118,6 +118,7 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "0", "--compile", "default", "--mode", "instance"], "--compile needs fixed image sizes"),
     (["--gpus", "0", "--augment", "colour+scale"], "needs --resolution native"),
     (["--gpus", "0", "--contact-weight", "2"], "--contact-weight 2.0 needs the boundary head"),
+    (["--gpus", "0", "--ema", "1"], "--ema must be a decay in [0, 1) such as 0.995"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     from unet_pl.cli.train import resolve_run_dir
@@ -149,9 +150,11 @@ def signal_once_checkpointed(cmd: list[str], out: Path, sig: int, cwd: Path) -> 
     return proc.returncode, stdout
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
-    """Cut by SIGTERM after the first epoch, resumed with --resume last: same epochs, same weights."""
-    det = ["--gpus", "0", "--epochs", "4", "--deterministic", *TINY[:-1], "1"]  # one loader worker: seeds travel with the indices
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir, extra):
+    """Cut by SIGTERM after the first epoch, resumed with --resume last: same epochs, same weights
+    (with --ema: the average and the current weights)."""
+    det = ["--gpus", "0", "--epochs", "4", "--deterministic", *TINY[:-1], "1", *extra]  # one loader worker: seeds travel with the indices
     ref = run(train_cmd(*det, "--out", str(tmp_path / "ref"), cache=cache_dir), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -172,6 +175,9 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir):
     assert stop_a.keys() == stop_b.keys() and stop_a  # early stopping state went through the resume
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    assert ("current_model_state" in a) == ("current_model_state" in b) == bool(extra)
+    for k, v in a.get("current_model_state", {}).items():
+        assert torch.equal(v, b["current_model_state"][k]), k
     assert len((cut / "command.txt").read_text().splitlines()) == 2  # the cut run and the resume
     assert sorted(read_epoch_metrics(cut)) == [0, 1, 2, 3]
 

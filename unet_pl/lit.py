@@ -68,6 +68,10 @@ class LitUNet(pl.LightningModule):
         dice_weight: adds ``dice_weight * (1 - soft Dice)`` of the foreground output to the loss, the Dice
             taken per image (``(2 sum(p y) + 1) / (sum(p) + sum(y) + 1)``, p the sigmoid) and averaged over
             the batch, as many DSB 2018 entries trained their masks; 0: BCE alone (the default, Keras').
+        ema: keep an exponential moving average of the weights, updated after every optimizer step with
+            this decay (Lightning's ``EMAWeightAveraging``; 0.995 averages over about the last 200 steps).
+            Validation, early stopping, ``best.ckpt``, tuning and the model after ``fit`` use the average;
+            ``last.ckpt`` also keeps the current weights to resume from. 0: off (the default, Keras').
         channel, intensity: how the files are read (``unet_pl.data.readers``): the nuclear channel of
             multi-channel files and the intensity rule. None: the data module's (without one:
             no channel selection, "fixed").
@@ -99,6 +103,7 @@ class LitUNet(pl.LightningModule):
         boundary_weight: float = 5.0,
         contact_weight: float = 0.0,
         dice_weight: float = 0.0,
+        ema: float = 0.0,
         postprocess: dict | None = None,
         channel: int | None = None,
         intensity: str | None = None,
@@ -117,6 +122,8 @@ class LitUNet(pl.LightningModule):
             raise ValueError(f"contact_weight must be a number >= 0, got {contact_weight}")
         if not (math.isfinite(dice_weight) and dice_weight >= 0):
             raise ValueError(f"dice_weight must be a number >= 0, got {dice_weight}")
+        if not (math.isfinite(ema) and 0 <= ema < 1):
+            raise ValueError(f"ema must be a decay in [0, 1) (0: off), got {ema}")
         if contact_weight and head_channels(head) == 1:
             raise ValueError(f"contact_weight needs the 'mask+boundary' head (it weighs where nuclei touch), got head {head!r}")
         if out_channels != head_channels(head):
@@ -190,12 +197,19 @@ class LitUNet(pl.LightningModule):
         ``AdaptiveThreads``: on CPU runs the thread count follows the machine's load (fewer threads
         while another program holds a core; ``unet_pl.perf.ThreadChooser``). Both say so through
         Lightning's logger when they take effect; ``trainer.callbacks`` lists them.
+        ``EMAWeightAveraging`` with ``ema`` (before tuning, which reads the averaged ``best.ckpt``);
         ``TunePostprocessing`` with ``tune`` (see the class docstring)."""
         from .callbacks import AdaptiveThreads, KeepFreedMemory, TunePostprocessing
 
         tune = self.hparams.get("tune")
         tune = head_channels(self.hparams.head) > 1 if tune is None else tune
-        return [KeepFreedMemory(), AdaptiveThreads()] + ([TunePostprocessing()] if tune else [])
+        ema = float(self.hparams.get("ema", 0.0))  # checkpoints from before it: off
+        averaging = []
+        if ema:
+            from lightning.pytorch.callbacks import EMAWeightAveraging
+
+            averaging = [EMAWeightAveraging(decay=ema)]
+        return [KeepFreedMemory(), AdaptiveThreads(), *averaging] + ([TunePostprocessing()] if tune else [])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if self._trainer is not None and self.trainer.predicting:

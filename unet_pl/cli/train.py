@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--dice-weight", type=float, default=0.0,
                         help="add this many times (1 - soft Dice) of the foreground output to the loss (BCE + Dice, as "
                              "many DSB 2018 entries trained); 0: BCE alone, the notebook's loss")
+    beyond.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                        help="validate, keep and predict with an exponential moving average of the weights, updated "
+                             "every step with this decay (0.995: about the last 200 steps); 0: off, the notebook")
     beyond.add_argument("--tune", choices=("on", "off"), default=None,
                         help="on: at the end, choose the threshold, watershed seed threshold and minimum nucleus size "
                              "on the validation images by the competition score and store them in the checkpoints "
@@ -161,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary)")
     if not (math.isfinite(args.dice_weight) and args.dice_weight >= 0):
         fail(f"--dice-weight must be a number >= 0, got {args.dice_weight}")
+    if not (math.isfinite(args.ema) and 0 <= args.ema < 1):
+        fail(f"--ema must be a decay in [0, 1) such as 0.995 (0: off), got {args.ema}")
     if zoom_range(args.augment) is not None and args.resolution != "native":
         fail(f"--augment {args.augment} changes the crops' magnification, which needs --resolution native "
              "(or --mode instance); resized squares have no nucleus size to keep")
@@ -272,7 +277,8 @@ def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, lr_schedule=args.lr_schedule, img_size=side(args), head=args.head,
-                    contact_weight=args.contact_weight, dice_weight=args.dice_weight, tune=args.tune == "on",
+                    contact_weight=args.contact_weight, dice_weight=args.dice_weight, ema=args.ema,
+                    tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
         # in place: the parameters keep their names, so checkpoints load without torch.compile
