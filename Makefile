@@ -39,8 +39,9 @@ pretrained: install
 	$(PY) -m unet_pl.cli.export --ckpt runs/pretrained/best.ckpt --out unet_pl/pretrained/dsb2018_instance.ckpt
 
 # Grouped cross-validation of the recipe (docs/accuracy.md): 3 folds, whole acquisition groups
-# held out; ARGS adds training flags. Three trainings on about 450 images each: 12-13 min each alone
-# on a 2-core CPU (2026-11-30, fp32), plus about 2 min of prediction per fold.
+# held out; ARGS adds training flags. Three trainings on about 450 images each: 11-17 min each alone
+# on a 2-core CPU (2026-12-01, fp32, with the weights' average most run all 100 epochs), plus 2-4 min
+# of prediction per fold.
 crossval: install
 	$(PY) scripts/crossval.py --data-dir $(DSB) --out runs/cv_instance --predict "--tta d4 --min-size 20 --fill-holes" -- --gpus 0 --mode instance --epochs 100 --patience 10 $(ARGS)
 
