@@ -35,7 +35,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
 #: What makes a folder a run: train.py refuses to write a new run over any of these.
 RUN_FILES = ("best.ckpt", "last.ckpt", "hparams.yaml")
-#: --mode presets: what --resolution, --head and --tune default to (each flag given explicitly wins).
+#: --mode presets: what --resolution, --head, --tune, --intensity and --ema default to (each flag given explicitly wins).
 MODES = {
     "notebook": {"resolution": "resize", "head": "mask", "tune": "off", "intensity": "fixed", "ema": 0.0},  # the 2018 notebook
     # native crops, boundary head, watershed, post-processing tuned, each image's contrast stretched,
