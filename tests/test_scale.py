@@ -36,7 +36,7 @@ def test_auto_factor_leaves_training_sizes_alone_and_brings_others_to_the_median
 
 
 def test_check_scale_and_settings():
-    assert check_scale("auto") == "auto" and check_scale("0.5") == 0.5
+    assert check_scale("auto") == "auto" and check_scale("certainty") == "certainty" and check_scale("0.5") == 0.5
     for bad in ("big", 0, 20):
         with pytest.raises(ValueError, match="scale"):
             check_scale(bad)
@@ -79,6 +79,58 @@ def test_a_factor_resizes_the_image_and_the_probabilities_come_back_at_its_size(
     assert auto.shape == same.shape
 
 
+class SureAt(torch.nn.Module):
+    """A stand-in network sure of its answer (logit +6) only on inputs ``width`` wide, unsure
+    (logit 0, probability 0.5) on any other; it records the input sizes it sees."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.width, self.seen = width, []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return torch.full_like(x[:, :1], 6.0 if x.shape[-1] == self.width else 0.0)
+
+
+@pytest.mark.parametrize("tta", ["none", "flips"])
+def test_certainty_keeps_the_scale_the_network_is_surest_at(tta):
+    image = np.random.default_rng(0).integers(0, 256, (128, 96, 3), dtype=np.uint8)
+    s = Settings(resolution="native", scale="certainty", tta=tta)
+    views = 1 if tta == "none" else 4
+    sure_small = SureAt(48)  # sure at half size
+    prob = probabilities(sure_small, image, s)
+    assert prob.shape == (1, 128, 96) and np.allclose(prob, torch.sigmoid(torch.tensor(6.0)).item())
+    # one plain pass at each factor; with TTA, the views at the chosen factor only
+    assert sure_small.seen == [(128, 96), (64, 48)] + ([(64, 48)] * views if tta != "none" else [])
+    sure_full = SureAt(96)  # sure as it is: a tie would also keep 1.0
+    assert np.allclose(probabilities(sure_full, image, s), torch.sigmoid(torch.tensor(6.0)).item())
+    assert sure_full.seen == [(128, 96), (64, 48)] + ([(128, 96)] * views if tta != "none" else [])
+    unsure = SureAt(7)  # never sure: a tie keeps the image as it is
+    assert np.allclose(probabilities(unsure, image, s), 0.5)
+    assert unsure.seen[2:] == ([(128, 96)] * views if tta != "none" else [])
+
+
+def test_certainty_halves_a_grainy_image_and_leaves_a_plain_one():
+    """The bundled model on two real sample images: fluorescence nuclei with a coarse grain
+    (the 512 x 640 group the grouped cross-validation loses most on), which it reads as pieces
+    at full size and is surer of, and scores better, at half size; and smooth nuclei, left as they are."""
+    from unet_pl.data import SAMPLE_DIR
+    from unet_pl.data.images import decode_masks, read_image, scan_train_dir
+    from unet_pl.inference import load_model, segment
+    from unet_pl.metrics import dsb_image_score
+
+    net = load_model()
+    items = {it.id[:8]: it for it in scan_train_dir(SAMPLE_DIR)}
+    scores = {}
+    for key in ("29ea4f6e", "86f9087e"):
+        image = read_image(items[key].image)
+        truth = decode_masks(image.shape[:2], list(items[key].masks))
+        scores[key] = [dsb_image_score(truth, segment(net, image, scale=scale)).score for scale in (1.0, 0.5, "certainty")]
+    grainy, plain = scores["29ea4f6e"], scores["86f9087e"]
+    assert grainy[2] == grainy[1] and grainy[1] > grainy[0] + 0.1, grainy
+    assert plain[2] == plain[0], plain
+
+
 def test_auto_scale_recovers_an_image_at_four_times_the_magnification():
     """The bundled model on a real sample image and on the same image enlarged 4x (its nuclei 16x
     the area of any in training): at 4x it finds almost nothing right; scale="auto" measures the
@@ -106,4 +158,6 @@ def test_the_settings_line_says_how_images_meet_the_network():
     assert s.describe().startswith("images at their own size,")
     assert s.replace(scale=0.5).describe().startswith("images resized by 0.5,")
     assert "scale auto" in s.replace(scale="auto").describe()
+    assert s.replace(scale="certainty").describe().startswith("images at their own size,")
+    assert "scale certainty" in s.replace(scale="certainty").describe()
     assert s.replace(tile=512).describe().startswith("images at their own size in tiles of at most 512 px,")

@@ -23,7 +23,7 @@ from ..data.readers import read_raw, to_rgb8
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image
 from .predict import labels_from_probabilities, predict_images
-from .scale import MAX_FACTOR
+from .scale import largest_factor
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
 
     pending: deque = deque()  # chunks in progress, in order
     pool = ThreadPoolExecutor(workers, thread_name_prefix="unet_pl-predict")
-    factor = MAX_FACTOR if settings.scale == "auto" else float(settings.scale)  # the largest the network may see them
+    factor = largest_factor(settings.scale)  # the largest the network may see them
     try:
         for items in chunks():
             image = items[0][2]

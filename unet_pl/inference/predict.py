@@ -28,7 +28,7 @@ from torch import nn
 from ..data.readers import read_raw, to_rgb8
 from ..geometry import resize_back, resize_image
 from .postprocess import probabilities_to_labels
-from .scale import auto_factor, resize, scaled_size
+from .scale import CERTAINTY_FACTORS, auto_factor, certainty, resize, scaled_size
 from .settings import Settings
 from .tiling import predict_whole
 from .tta import tta_predict
@@ -136,18 +136,36 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
     device = _device(net)
     images = (check_image(image, settings) for image in images)
     if settings.resolution == "native":
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return predict_whole(lambda v: network_probabilities(net, v, settings.tta), x, tile=settings.tile,
+        def at(x: torch.Tensor, factor: float, tta: str) -> torch.Tensor:
+            """Probabilities of ``x`` resized by ``factor``, back at its size."""
+            size = tuple(x.shape[-2:])
+            small = x if factor == 1.0 else resize(x, scaled_size(size, factor))
+            prob = predict_whole(lambda v: network_probabilities(net, v, tta), small, tile=settings.tile,
                                  prepare=lambda t: to_input(t, device))
+            return resize(prob, size)
 
         for image in images:
             # uint8 until a batch of tiles goes in: a 16k x 16k image is 0.8 GB as uint8, 3.2 GB as float
             x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-            prob = run(x) if settings.scale in (1.0, "auto") else None  # "auto": the first pass measures the nuclei
-            factor = (auto_factor(labels_from_probabilities(prob[0].cpu().numpy(), settings))
-                      if settings.scale == "auto" else float(settings.scale))
-            if factor != 1.0:
-                prob = resize(run(resize(x, scaled_size(image.shape[:2], factor))), image.shape[:2])
+            if settings.scale == "certainty":
+                # one pass per factor without TTA; keep the surest (a tie keeps the first: 1.0)
+                prob, best, sure = None, 1.0, -1.0
+                for factor in CERTAINTY_FACTORS:
+                    view = at(x, factor, "none")
+                    if (c := certainty(view)) > sure:
+                        prob, best, sure = view, factor, c
+                    del view
+                if settings.tta != "none":
+                    prob = None  # freed before the pass with TTA
+                    prob = at(x, best, settings.tta)
+            else:
+                factor = 1.0 if settings.scale == "auto" else float(settings.scale)
+                prob = at(x, factor, settings.tta)
+                if settings.scale == "auto":  # the first pass measures the nuclei
+                    factor = auto_factor(labels_from_probabilities(prob[0].cpu().numpy(), settings))
+                    if factor != 1.0:
+                        prob = None  # freed before the second pass
+                        prob = at(x, factor, settings.tta)
             # (C, H, W) in order: the network's channels-last output would leave every later pass striding
             yield prob[0].cpu().contiguous().numpy()
         return

@@ -45,7 +45,7 @@ class Settings:
     foreground probability is under it (both 0: off).
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
-    network, or "auto" (``unet_pl.inference.scale``).
+    network, or "auto" or "certainty": a factor chosen per image (``unet_pl.inference.scale``).
     Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
     (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile", "grey" or "hematoxylin", applied to
     uint8/uint16 arrays and files the same way as in training.
@@ -126,7 +126,7 @@ class Settings:
         """One line for the user: what prediction will do."""
         how = (f"watershed (seed threshold {self.seed_threshold:g})" if self.watershed else "connected components")
         geo = (f"images resized to {self.img_size} px squares" if self.resolution == "resize" else
-               "images at their own size" if self.scale in (1.0, "auto") else f"images resized by {self.scale:g}")
+               "images at their own size" if self.scale in (1.0, "auto", "certainty") else f"images resized by {self.scale:g}")
         geo += f" in tiles of at most {self.tile} px" if self.resolution == "native" and self.tile != 2048 else ""
         extras = [f"min size {self.min_size} px"] if self.min_size else []
         extras += ["holes filled"] if self.fill_holes else []
@@ -134,6 +134,7 @@ class Settings:
         extras += [f"nuclei under mean probability {self.min_probability:g} dropped"] if self.min_probability else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
         extras += ["scale auto (images whose nuclei are outside the training sizes resized to them)"] if self.scale == "auto" else []
+        extras += ["scale certainty (each image at 1 or 0.5, whichever the network is surer of)"] if self.scale == "certainty" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
         extras += {"percentile": ["intensity: per-image percentiles"],
                    "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"],
