@@ -187,6 +187,23 @@ def test_stain_preset_varies_the_stain_of_colour_images_and_leaves_grey_ones_gre
     assert 35 <= restained <= 85  # HEStain on 70% of crops (seeds 0-3: 50-58), some of which land near the original
 
 
+def test_texture_preset_grains_or_blurs_the_image_and_keeps_grey_and_the_mask():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 1
+    grey = np.repeat(np.where(mask == 1, 160, 20).astype(np.uint8)[..., None], 3, axis=2)
+    t = build_augment("texture")
+    t.set_random_seed(0)
+    textured = 0
+    for _ in range(200):
+        out = t(image=grey, mask=mask)
+        m, im = out["mask"], out["image"]
+        assert m.sum() == mask.sum() and im.dtype == np.uint8
+        assert (im[..., 0] == im[..., 1]).all() and (im[..., 1] == im[..., 2]).all()  # grey stays grey
+        # grain spreads the flat nucleus' pixels, and so does a blur (at its edge); the brightness jitter alone does not
+        textured += im[..., 0][m == 1].std() > 2
+    assert 70 <= textured <= 130, textured  # 50% of crops (seed 0: 93)
+
+
 def test_a_seeded_item_draws_every_flip_and_rotation_and_crops_anywhere():
     """The sampler's seed per item (``NucleiDataset.seed_transform``) must give the transforms independent
     draws: with one generator per transform started from the same seed, the two flips always fired
