@@ -154,7 +154,6 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
                     view = at(x, factor, "none")
                     if (c := certainty(view)) > sure:
                         prob, best, sure = view, factor, c
-                    del view
                 if settings.tta != "none":
                     prob = None  # freed before the pass with TTA
                     prob = at(x, best, settings.tta)
