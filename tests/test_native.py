@@ -135,6 +135,16 @@ def test_boundary_positives_are_weighted_and_the_boundary_is_required():
         loss = LitUNet(head="mask+boundary", boundary_weight=w)._loss(logits, y)
         assert loss.item() == pytest.approx(log2 * (32 - 1 + w) / 32)
     assert LitUNet()._loss(logits[:, :1], y[:, :1]).item() == pytest.approx(log2)  # the notebook: plain BCE
+    # the distance head's third output: BCE against the soft depth, its values unweighted
+    logits3, y3 = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
+    y3[:, 1, 0, 0] = 1
+    logits3[:, 2], y3[:, 2] = 2.0, 0.25
+    p = 1 / (1 + np.exp(-2.0))
+    depth_bce = -(0.25 * np.log(p) + 0.75 * np.log(1 - p))
+    loss = LitUNet(head="mask+boundary+distance", boundary_weight=5.0)._loss(logits3, y3)
+    assert loss.item() == pytest.approx((log2 * (32 - 1 + 5) + 16 * depth_bce) / 48, rel=1e-6)
+    with pytest.raises(ValueError, match="'distance'"):
+        LitUNet(head="mask+boundary+distance")._targets({"mask": y[:, :1], "boundary": y[:, 1:]})
     with pytest.raises(ValueError, match="boundary"):
         LitUNet(head="mask+boundary")._targets({"mask": y[:, :1]})
 

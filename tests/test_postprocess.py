@@ -9,7 +9,7 @@ from unet_pl.metrics import dsb_image_score
 from unet_pl.inference.postprocess import (
     components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, renumber, split_nuclei,
 )
-from unet_pl.data.targets import boundaries, head_channels, make_targets
+from unet_pl.data.targets import boundaries, distances, head_channels, make_targets
 from unet_pl.inference.tiling import pad_to_multiple, predict_whole, tile_side, tile_starts
 from unet_pl.inference.tta import forward_view, inverse_view, tta_predict, views
 
@@ -48,11 +48,38 @@ def test_make_targets_channels_per_head():
     lab = two_touching_discs()
     assert make_targets(lab, "mask").shape == (1, *lab.shape)
     t = make_targets(lab, "mask+boundary")
-    assert t.shape == (2, *lab.shape) and t.dtype == np.uint8
+    assert t.shape == (2, *lab.shape) and set(np.unique(t)) == {0.0, 1.0}
     assert (t[0] == (lab > 0)).all() and (t[1] <= t[0]).all()
-    assert head_channels("mask") == 1 and head_channels("mask+boundary") == 2
+    t3 = make_targets(lab, "mask+boundary+distance")
+    assert t3.shape == (3, *lab.shape) and (t3[:2] == t).all() and (t3[2] == distances(lab)).all()
+    assert head_channels("mask") == 1 and head_channels("mask+boundary") == 2 and head_channels("mask+boundary+distance") == 3
     with pytest.raises(ValueError, match="choose one of mask, mask\\+boundary"):
         head_channels("contour")
+
+
+def _brute_force_depth(lab: np.ndarray) -> np.ndarray:
+    """Each nucleus pixel's Euclidean distance to the nearest pixel of the image with another label
+    (background or another nucleus), over the largest in its nucleus: every pair of pixels compared."""
+    out = np.zeros(lab.shape)
+    for k in np.unique(lab[lab > 0]):
+        own, other = np.argwhere(lab == k), np.argwhere(lab != k)
+        d = np.sqrt(((own[:, None, :] - other[None, :, :]) ** 2).sum(-1)).min(1)
+        out[lab == k] = d / d.max()
+    return out
+
+
+def test_distance_target_is_each_pixels_depth_in_its_own_nucleus():
+    lab = two_touching_discs()
+    lab[0:5, 50:60] = 3  # cut by the image's edge, which is not its outside
+    d = distances(lab)
+    assert d.dtype == np.float32
+    np.testing.assert_allclose(d, _brute_force_depth(lab), atol=1e-6)
+    assert (d[lab == 0] == 0).all() and all(d[lab == k].max() == 1.0 for k in (1, 2, 3))
+    assert d[0, 55] == 1.0  # the edge nucleus is deepest on the image's edge
+    # where the discs touch, each is shallow: a line between two nuclei, as the boundary draws it
+    line = (boundaries(lab) == 1) & (lab > 0) & (np.abs(np.mgrid[:40, :60][1] - 27.5) < 2)
+    assert line.any() and d[line].max() < 0.3
+    assert (distances(np.ones((5, 5), np.int32)) == 1).all() and not distances(np.zeros((3, 3), np.int32)).any()
 
 
 # ------------------------------------------------------------------ splitting nuclei
@@ -66,6 +93,21 @@ def test_watershed_splits_touching_nuclei_that_components_merge():
     assert split.max() == 2
     assert dsb_image_score(lab, split).score == 1.0  # the rings grow back: exactly the truth
     assert dsb_image_score(lab, components(fg > 0.5)).score < 0.1  # the merged blob matches one disc at IoU 0.5 at most
+
+
+def test_distance_channel_splits_what_a_faint_boundary_does_not():
+    """With a third (distance) output, seeds need a low boundary and a high depth: two touching
+    nuclei whose boundary output is blank between them are still two, as the depth falls there."""
+    lab = two_touching_discs()
+    fg = (lab > 0).astype(np.float32)
+    faint = np.where(lab > 0, 0.0, 1.0).astype(np.float32)  # no line between the discs
+    prob = np.stack([fg, faint])
+    assert probabilities_to_labels(prob, seed_threshold=0.3).max() == 1
+    out = probabilities_to_labels(np.concatenate([prob, distances(lab)[None]]), seed_threshold=0.3)
+    assert out.max() == 2 and dsb_image_score(lab, out).score == 1.0
+    # a high boundary still vetoes a seed where the depth is high
+    blocked = np.stack([fg, np.ones_like(fg), distances(lab)])
+    assert probabilities_to_labels(blocked, seed_threshold=0.3).max() == 1  # no seed: the blob is one nucleus
 
 
 def test_watershed_keeps_seedless_blobs():

@@ -12,6 +12,8 @@ So ``img_size`` is always the side of the squares the network trains on.
 Heads (the U-Net body is the seed's; only the 1x1 head's channel count changes):
     "mask"           1 channel: foreground (the notebook)
     "mask+boundary"  2 channels: foreground, each nucleus' boundary (``unet_pl.data.targets``)
+    "mask+boundary+distance"  3 channels: also each pixel's distance to its nucleus' edge, divided
+                     by the largest in that nucleus (1 at its centre; StarDist's object probability)
 
 The notebook's resize (on the scikit-image of early 2018, whose ``resize`` did not blur first):
 ``resize(x, (S, S), order=1, mode="constant", preserve_range=True, anti_aliasing=False)``;
@@ -30,7 +32,7 @@ import numpy as np
 from .model import DIVISOR, nearest_valid_size
 
 RESOLUTIONS = ("resize", "native")
-HEADS = {"mask": 1, "mask+boundary": 2}
+HEADS = {"mask": 1, "mask+boundary": 2, "mask+boundary+distance": 3}
 #: The defaults a model falls back on when it was never given a side or a resolution (and that
 #: checkpoints from before these settings existed were trained with).
 DEFAULT_RESOLUTION, DEFAULT_SIZE = "resize", 128

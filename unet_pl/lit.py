@@ -7,6 +7,7 @@ The batch (a dict, as ``unet_pl.data`` yields it):
     id:     list[str]; size: int64 (N, 2) original (H, W) of each image (predict)
     boundary: uint8 (N, 1, H, W), nucleus boundaries (train/val/test with the mask+boundary head)
     contact: uint8 (N, 1, H, W), where two nuclei touch (with boundary; used with ``contact_weight``)
+    distance: float (N, 1, H, W) in [0, 1], each pixel's depth in its nucleus (the mask+boundary+distance head)
 ``on_after_batch_transfer`` turns images into float [0, 1] on the device (the seed's
 ``Lambda(x / 255)``), so only uint8 crosses the host-device link.
 """
@@ -53,7 +54,9 @@ class LitUNet(pl.LightningModule):
         channels_last: run convolutions in NHWC memory layout (much faster on CPUs and GPUs).
         head: "mask" (one output, the notebook) or "mask+boundary" (a second output, nucleus
             boundaries, trained from the batch's "boundary"; prediction splits touching nuclei
-            with a watershed on it). Sets ``out_channels`` (leave that at 1).
+            with a watershed on it), or "mask+boundary+distance" (a third output, each pixel's depth in its
+            nucleus, ``unet_pl.data.targets.distances``, a soft target of the same BCE; its watershed seeds
+            need a low boundary and a high depth). Sets ``out_channels`` (leave that at 1).
         resolution: "resize" (images squashed to ``img_size`` squares, the notebook) or "native"
             (trained on crops of full-size images; prediction runs whole images at their size).
             None: the data module's ("resize" without one). A data module with other values
@@ -217,7 +220,7 @@ class LitUNet(pl.LightningModule):
         if isinstance(batch, dict):
             batch = dict(batch)
             batch["image"] = self.prepare_images(batch["image"])
-            for key in ("mask", "boundary"):
+            for key in ("mask", "boundary", "distance"):
                 if key in batch:
                     batch[key] = batch[key].float()
         return batch
@@ -327,7 +330,7 @@ class LitUNet(pl.LightningModule):
         if self.hparams.out_channels == 1:
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         else:
-            pos_weight = torch.tensor([1.0, float(self.hparams.boundary_weight)], device=y.device).view(2, 1, 1)
+            pos_weight = torch.tensor([1.0, float(self.hparams.boundary_weight), 1.0][: y.shape[1]], device=y.device).view(-1, 1, 1)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y, weight=weight, pos_weight=pos_weight)
         dice_weight = float(self.hparams.get("dice_weight", 0.0))  # checkpoints from before it: 0
         if dice_weight:
@@ -347,13 +350,13 @@ class LitUNet(pl.LightningModule):
         return 1.0 + w * batch["contact"].float()
 
     def _targets(self, batch: dict) -> torch.Tensor:
-        """The loss' targets ``(N, out_channels, H, W)``: the mask, then the boundary for that head."""
-        if self.hparams.out_channels == 1:
-            return batch["mask"]
-        if "boundary" not in batch:
-            raise ValueError(f"the {self.hparams.head!r} head trains on the batch's 'boundary' maps, and this batch has "
+        """The loss' targets ``(N, out_channels, H, W)``: the mask, then the boundary and the distance for those heads."""
+        keys = ("mask", "boundary", "distance")[: self.hparams.out_channels]
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(f"the {self.hparams.head!r} head trains on the batch's {missing[0]!r} maps, and this batch has "
                              f"none; build the data module with head={self.hparams.head!r}")
-        return torch.cat([batch["mask"], batch["boundary"]], 1)
+        return torch.cat([batch[k] for k in keys], 1)
 
     def _nuclei(self, logits: torch.Tensor) -> np.ndarray:
         """Predicted nuclei (int labels (N, H, W), on the CPU) as prediction makes them at this resolution:

@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--resolution native: side of the random training crops (the same pixels per step as the notebook's 128 squares)")
     beyond.add_argument("--head", choices=tuple(HEADS), default=None,
                         help="mask: one output, the foreground (the notebook); mask+boundary: a second output, each "
-                             "nucleus' boundary, which predict.py uses to split touching nuclei. Default: from --mode")
+                             "nucleus' boundary, which predict.py uses to split touching nuclei; mask+boundary+distance: "
+                             "a third, each pixel's depth in its nucleus (the watershed's seeds need a high one). "
+                             "Default: from --mode")
     beyond.add_argument("--contact-weight", type=float, default=0.0,
-                        help="mask+boundary head: the loss counts 1 + this many times where two nuclei touch (within 2 px), "
+                        help="boundary heads: the loss counts 1 + this many times where two nuclei touch (within 2 px), "
                              "so the network learns to cut them apart; 0: off")
     beyond.add_argument("--dice-weight", type=float, default=0.0,
                         help="add this many times (1 - soft Dice) of the foreground output to the loss (BCE + Dice, as "
@@ -162,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (math.isfinite(args.contact_weight) and args.contact_weight >= 0):
         fail(f"--contact-weight must be a number >= 0, got {args.contact_weight}")
-    if args.contact_weight and args.head != "mask+boundary":
+    if args.contact_weight and HEADS[args.head] < 2:
         fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary)")
     if not (math.isfinite(args.dice_weight) and args.dice_weight >= 0):
         fail(f"--dice-weight must be a number >= 0, got {args.dice_weight}")

@@ -78,6 +78,7 @@ class NucleiDataset(Dataset):
     def __init__(self, arrays: dict[str, np.ndarray], indices: Sequence[int] | None = None, transform: Callable | None = None,
                  with_labels: bool = False, head: str = "mask", resolution: str = "resize") -> None:
         self.resolution = check_resolution(resolution)
+        self.head = head
         self.boundary = head_channels(head) > 1
         self.with_labels = with_labels
         self.arrays = arrays
@@ -129,7 +130,10 @@ class NucleiDataset(Dataset):
             "size": torch.from_numpy(np.array(size, dtype=np.int64)),
         }
         if self.boundary:
-            item["boundary"] = torch.from_numpy(make_targets(labels, "mask+boundary")[1:])
+            targets = make_targets(labels, self.head)
+            item["boundary"] = torch.from_numpy(targets[1:2].astype(np.uint8))
+            if len(targets) > 2:
+                item["distance"] = torch.from_numpy(targets[2:3])
             item["contact"] = torch.from_numpy(contacts(labels))[None]
         if self.with_labels:
             item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))

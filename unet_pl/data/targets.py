@@ -6,7 +6,10 @@ and connected components cannot split them. The ``mask+boundary`` head adds a se
 the nucleus boundary, the outermost ring of pixels of every nucleus (``find_boundaries``'s
 "inner" mode), which covers the line where two nuclei touch from both sides. Foreground minus
 boundary then leaves one core per nucleus, the seeds ``unet_pl.inference.postprocess.split_nuclei``
-grows back into the foreground with a watershed.
+grows back into the foreground with a watershed. The ``mask+boundary+distance`` head adds a third:
+each nucleus pixel's distance to the nucleus' edge over the largest such distance in that nucleus
+(``distances``), high at every nucleus' centre whatever its size or texture, as StarDist's object
+probability; seeds then need both a low boundary and a high distance.
 
 The heads themselves (names, channel counts) are ``unet_pl.geometry``'s.
 """
@@ -63,9 +66,43 @@ def contacts(labels: np.ndarray, reach: int = 2) -> np.ndarray:
     return ((bottom != none) & (top != bottom)).astype(np.uint8)
 
 
+def distances(labels: np.ndarray) -> np.ndarray:
+    """float32 ``(H, W)`` in [0, 1]: each nucleus pixel's Euclidean distance to the nearest pixel
+    outside its nucleus (background or another nucleus; the image's edge does not count), divided
+    by the largest such distance in its nucleus; 0 on background.
+
+    A pixel on the nucleus' rim is 1 pixel from the outside, its centre the farthest, so every
+    nucleus with a pixel reads 1.0 at its centre(s).
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"expected one label image (H, W), got shape {lab.shape}")
+    out = np.zeros(lab.shape, np.float32)
+    h, w = lab.shape
+    for k, box in enumerate(ndi.find_objects(lab.astype(np.int64, copy=False)), start=1):
+        if box is None:
+            continue
+        # the nucleus' box grown by one pixel (inside the image), so its outside is in view
+        rows = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, h))
+        cols = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, w))
+        own = lab[rows, cols] == k
+        # OpenCV's exact Euclidean transform (scipy's distance_transform_edt gives the same, ~4x slower);
+        # its last bit varies with the array's address, so the squared distance, a whole number, is
+        # rounded and the root taken again: the same targets on every run
+        depth = cv2.distanceTransform(own.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        depth = np.sqrt(np.rint(np.square(depth, dtype=np.float64)))
+        top = depth.max()
+        out[rows, cols][own] = depth[own] / top if top < 1e9 else 1.0  # nothing outside in view: all centre
+    return out
+
+
 def make_targets(labels: np.ndarray, head: str) -> np.ndarray:
-    """uint8 ``(C, H, W)`` in {0, 1} for ``head``: foreground, then (``mask+boundary``) the boundary."""
-    fg = (np.asarray(labels) > 0).astype(np.uint8)
-    if head_channels(head) == 1:
-        return fg[None]
-    return np.stack([fg, boundaries(labels)])
+    """float32 ``(C, H, W)`` for ``head``: foreground, then (``mask+boundary``) the boundary, both in
+    {0, 1}, then (``mask+boundary+distance``) ``distances`` in [0, 1]."""
+    n = head_channels(head)
+    channels = [(np.asarray(labels) > 0).astype(np.float32)]
+    if n > 1:
+        channels.append(boundaries(labels).astype(np.float32))
+    if n > 2:
+        channels.append(distances(labels))
+    return np.stack(channels)

@@ -128,7 +128,7 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
 
 
 def _channel_names(s: Settings) -> list[str]:
-    return ["foreground", "boundary"][: s.out_channels]
+    return ["foreground", "boundary", "distance"][: s.out_channels]
 
 
 def _cover(image: np.ndarray, prob: np.ndarray, path: Path) -> None:

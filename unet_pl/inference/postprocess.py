@@ -114,6 +114,16 @@ def _split(fg: np.ndarray, boundary: np.ndarray, threshold: float, seed_threshol
     return labels
 
 
+def ridge(prob: np.ndarray) -> np.ndarray:
+    """The map the watershed seeds and floods on, from probabilities ``(C, H, W)``: the boundary
+    (channel 1); with a distance channel (2, each pixel's depth in its nucleus) the larger of the
+    boundary and ``1 - depth``, so that a seed (ridge under the seed threshold s) needs both a low
+    boundary and a depth over ``1 - s``, and nuclei meet where either output draws a line."""
+    if prob.shape[0] < 3:
+        return prob[1]
+    return np.maximum(prob[1], 1.0 - prob[2])
+
+
 def renumber(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
     """``remove_small(relabel(labels), min_size)`` in one pass: nuclei under ``min_size`` pixels
     dropped, the others numbered 1..k in the order of their old numbers; int32."""
@@ -132,7 +142,7 @@ def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5, *, split: 
     """Model probabilities ``(C, H, W)`` (or ``(H, W)`` for one channel) -> int32 nuclei ``(H, W)``.
 
     ``split``: "components" (the notebook: 8-connected blobs of channel 0 > ``threshold``) or
-    "watershed" (``split_nuclei`` with channel 1 as the boundary); None: watershed when there is
+    "watershed" (``split_nuclei`` with ``ridge(prob)`` as the boundary); None: watershed when there is
     a boundary channel. Then ``holes`` fills holes, nuclei under ``min_size`` pixels go, and
     ``remove_doubtful`` drops those under ``min_relative_size`` x the image's median nucleus area
     or with a mean foreground probability under ``min_probability`` (0: off).
@@ -146,7 +156,7 @@ def probabilities_to_labels(prob: np.ndarray, threshold: float = 0.5, *, split: 
     if split == "watershed":
         if prob.shape[0] < 2:
             raise ValueError("the watershed split needs a boundary channel: a model trained with --head mask+boundary")
-        labels = _split(prob[0], prob[1], threshold, seed_threshold, 4)  # split_nuclei's default min_seed
+        labels = _split(prob[0], ridge(prob), threshold, seed_threshold, 4)  # split_nuclei's default min_seed
     else:
         labels = components(prob[0] > threshold)
     if holes:
