@@ -5,7 +5,9 @@ Items follow docs/design.md's batch: ``image`` uint8 (3, S, S), ``mask`` uint8 (
 {0, 1}, ``id`` str, ``size`` int64 (2,) the image's own (H, W); ``labels`` int32 (S, S) with
 ``with_labels``; ``boundary`` uint8 (1, S, S) for the ``mask+boundary`` head, made after
 augmentation from the moved labels (``unet_pl.data.targets``), and with it ``contact`` uint8
-(1, S, S), where two nuclei touch (``LitUNet(contact_weight=...)`` weighs the loss there).
+(1, S, S), where two nuclei touch (``LitUNet(contact_weight=...)`` weighs the loss there);
+``distance`` float32 (1, S, S) in [0, 1] for the ``mask+boundary+distance`` head, each pixel's
+depth in its nucleus (``unet_pl.data.targets.distances``).
 """
 from __future__ import annotations
 

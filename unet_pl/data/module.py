@@ -104,8 +104,9 @@ class NucleiDataModule(pl.LightningDataModule):
         resolution: "resize" (images and masks squashed to ``img_size`` squares, the notebook) or
             "native" (random ``img_size`` crops of the full-size images; centre crops for validation).
         img_size: the side of the squares the network trains on (a multiple of 16).
-        head: "mask" (batches carry the mask, the notebook) or "mask+boundary" (also each nucleus'
-            boundary, ``unet_pl.data.targets``, computed after augmentation).
+        head: "mask" (batches carry the mask, the notebook), "mask+boundary" (also each nucleus'
+            boundary, ``unet_pl.data.targets``, computed after augmentation) or "mask+boundary+distance"
+            (also each pixel's depth in its nucleus, float ``distance``).
         val_split: fraction of images held out (seeded, see the module docstring); 0: none.
         batch_size: images per batch.
         num_workers: loader processes (augmentation runs in them); None: ``default_workers`` for
