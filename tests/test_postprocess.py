@@ -10,6 +10,7 @@ from unet_pl.inference.postprocess import (
     components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, renumber, split_nuclei,
 )
 from unet_pl.data.targets import boundaries, distances, head_channels, make_targets
+from unet_pl.inference.settings import LEGACY_SEED_THRESHOLDS
 from unet_pl.inference.tiling import pad_to_multiple, predict_whole, tile_side, tile_starts
 from unet_pl.inference.tta import forward_view, inverse_view, tta_predict, views
 
@@ -59,22 +60,31 @@ def test_make_targets_channels_per_head():
 
 def _brute_force_depth(lab: np.ndarray) -> np.ndarray:
     """Each nucleus pixel's Euclidean distance to the nearest pixel of the image with another label
-    (background or another nucleus), over the largest in its nucleus: every pair of pixels compared."""
+    (background or another nucleus), over the largest in its 8-connected piece of the nucleus
+    (scikit-image's label): every pair of pixels compared."""
+    from skimage.measure import label
+
     out = np.zeros(lab.shape)
     for k in np.unique(lab[lab > 0]):
         own, other = np.argwhere(lab == k), np.argwhere(lab != k)
-        d = np.sqrt(((own[:, None, :] - other[None, :, :]) ** 2).sum(-1)).min(1)
-        out[lab == k] = d / d.max()
+        d = np.zeros(lab.shape)
+        d[lab == k] = np.sqrt(((own[:, None, :] - other[None, :, :]) ** 2).sum(-1)).min(1)
+        pieces = label(lab == k, connectivity=2)
+        for p in range(1, pieces.max() + 1):
+            out[pieces == p] = d[pieces == p] / d[pieces == p].max()
     return out
 
 
 def test_distance_target_is_each_pixels_depth_in_its_own_nucleus():
     lab = two_touching_discs()
     lab[0:5, 50:60] = 3  # cut by the image's edge, which is not its outside
+    lab[30:40, 44:52] = 4  # one nucleus in two pieces (as a crop can leave it): each has its centre
+    lab[33:36, 54:57] = 4
     d = distances(lab)
     assert d.dtype == np.float32
     np.testing.assert_allclose(d, _brute_force_depth(lab), atol=1e-6)
     assert (d[lab == 0] == 0).all() and all(d[lab == k].max() == 1.0 for k in (1, 2, 3))
+    assert d[30:40, 44:52].max() == d[33:36, 54:57].max() == 1.0
     assert d[0, 55] == 1.0  # the edge nucleus is deepest on the image's edge
     # where the discs touch, each is shallow: a line between two nuclei, as the boundary draws it
     line = (boundaries(lab) == 1) & (lab > 0) & (np.abs(np.mgrid[:40, :60][1] - 27.5) < 2)
@@ -105,6 +115,16 @@ def test_distance_channel_splits_what_a_faint_boundary_does_not():
     assert probabilities_to_labels(prob, seed_threshold=0.3).max() == 1
     out = probabilities_to_labels(np.concatenate([prob, distances(lab)[None]]), seed_threshold=0.3)
     assert out.max() == 2 and dsb_image_score(lab, out).score == 1.0
+    # at the native default seed threshold (0.15, what validation during training uses), small
+    # touching nuclei (about 50 px each) are still two
+    yy, xx = np.mgrid[:20, :30]
+    small = np.zeros((20, 30), np.int32)
+    small[(yy - 10) ** 2 + (xx - 10) ** 2 <= 16] = 1
+    small[((yy - 10) ** 2 + (xx - 17) ** 2 <= 16) & (small == 0)] = 2
+    assert all(35 < (small == k).sum() < 55 for k in (1, 2)) and (small[:, 1:] * small[:, :-1] == 2).sum() >= 3  # they touch
+    out = probabilities_to_labels(np.stack([(small > 0).astype(np.float32), np.where(small > 0, 0.0, 1.0),
+                                            distances(small)]), seed_threshold=LEGACY_SEED_THRESHOLDS["native"])
+    assert out.max() == 2 and dsb_image_score(small, out).score == 1.0
     # a high boundary still vetoes a seed where the depth is high
     blocked = np.stack([fg, np.ones_like(fg), distances(lab)])
     assert probabilities_to_labels(blocked, seed_threshold=0.3).max() == 1  # no seed: the blob is one nucleus

@@ -324,7 +324,7 @@ class LitUNet(pl.LightningModule):
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Keras' sigmoid + binary_crossentropy, computed from logits for numerical safety; with the
-        boundary head the mean over both outputs, the boundary's positives weighted by ``boundary_weight``
+        boundary heads the mean over all outputs (the distance's soft target too), the boundary's positives weighted by ``boundary_weight``
         and every pixel by ``weight`` (``(N, 1, H, W)``, the contact weights) when given; plus the
         foreground's soft-Dice term when ``dice_weight`` is set."""
         if self.hparams.out_channels == 1:

@@ -6,7 +6,7 @@ with ``--config``, ``--print_config``, every ``LitUNet`` (``--model.*``), ``Nucl
 data module: ``--data.resolution``, ``--data.img_size`` and ``--data.head`` are linked into the
 model, so the two cannot disagree. ``scripts/train.py`` stays the main entry (run folder,
 resume, summary); this one is Lightning's (the model adds its callbacks: the post-processing
-tuning with ``--model.tune``, on for the ``mask+boundary`` head by default, and the CPU settings).
+tuning with ``--model.tune``, on for the boundary heads by default, and the CPU settings).
 
     python -m unet_pl.cli.lightning fit --data.data_dir path/to/stage1_train --data.resolution native \\
         --data.head mask+boundary --trainer.max_epochs 100 --print_config > config.yaml

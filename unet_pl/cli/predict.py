@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="drop nuclei whose mean foreground probability is under P, e.g. 0.7 (default 0: off)")
     post.add_argument("--fill-holes", action="store_true", default=None, help="fill holes inside each predicted nucleus")
     post.add_argument("--split", choices=("auto", *SPLITS), default="auto",
-                      help="how foreground becomes nuclei: components (the notebook), watershed (needs a --head mask+boundary "
-                           "checkpoint); auto: watershed when the checkpoint has a boundary output")
+                      help="how foreground becomes nuclei: components (the notebook), watershed (needs a checkpoint with a "
+                           "boundary output, --head mask+boundary or mask+boundary+distance); auto: watershed when it has one")
     post.add_argument("--seed-threshold", type=float, default=None,
-                      help="watershed seeds: foreground pixels whose boundary probability is below this")
+                      help="watershed seeds: foreground pixels whose boundary probability is below this (with a distance "
+                           "output, also whose depth is above 1 - 2 x this)")
     p.add_argument("--channel", type=int, default=None, metavar="N",
                    help="the nuclear channel of multi-channel files, from 1 (default: the checkpoint's)")
     p.add_argument("--intensity", choices=INTENSITIES, default=None,

@@ -19,6 +19,9 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+#: 8-connectivity (a pixel touches the eight around it), as prediction's components
+EIGHT = np.ones((3, 3), bool)
+
 from ..geometry import HEADS, head_channels  # noqa: F401  (the heads are the network's: unet_pl.geometry)
 
 
@@ -69,10 +72,11 @@ def contacts(labels: np.ndarray, reach: int = 2) -> np.ndarray:
 def distances(labels: np.ndarray) -> np.ndarray:
     """float32 ``(H, W)`` in [0, 1]: each nucleus pixel's Euclidean distance to the nearest pixel
     outside its nucleus (background or another nucleus; the image's edge does not count), divided
-    by the largest such distance in its nucleus; 0 on background.
+    by the largest such distance in its piece of the nucleus (8-connected: a nucleus that a crop or
+    a resize cut in two is two pieces, each with a centre); 0 on background.
 
     A pixel on the nucleus' rim is 1 pixel from the outside, its centre the farthest, so every
-    nucleus with a pixel reads 1.0 at its centre(s).
+    piece reads 1.0 at its centre(s).
     """
     lab = np.asarray(labels)
     if lab.ndim != 2:
@@ -91,8 +95,11 @@ def distances(labels: np.ndarray) -> np.ndarray:
         # rounded and the root taken again: the same targets on every run
         depth = cv2.distanceTransform(own.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         depth = np.sqrt(np.rint(np.square(depth, dtype=np.float64)))
-        top = depth.max()
-        out[rows, cols][own] = depth[own] / top if top < 1e9 else 1.0  # nothing outside in view: all centre
+        if depth.max() >= 1e9:  # nothing outside it in view (a nucleus filling the image): all centre
+            depth = np.ones(own.shape)
+        pieces, n = ndi.label(own, EIGHT)
+        top = depth.max() if n == 1 else ndi.maximum(depth, pieces, np.arange(1, n + 1))[pieces[own] - 1]
+        out[rows, cols][own] = depth[own] / top
     return out
 
 

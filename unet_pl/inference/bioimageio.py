@@ -78,7 +78,7 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         f"input channels), trained with unet_pl. Input: RGB float32, y and x multiples of 16; preprocessing "
         f"`{'scale_range 1-99.8 percentile' if s.intensity == 'percentile' else 'scale_linear 1/255'}`. Output: sigmoid "
         f"probabilities, channels {', '.join(_channel_names(s))}. unet_pl turns them into nuclei with "
-        f"{'a watershed seeded where foreground > threshold and boundary < seed threshold' if s.watershed else 'connected components'} "
+        f"{_watershed_words(s) if s.watershed else 'connected components'} "
         f"(threshold {s.threshold:g}{f', seed threshold {s.seed_threshold:g}' if s.watershed else ''}"
         f"{f', minimum size {s.min_size} px' if s.min_size else ''}).\n\n# Validation\n\nThe package is checked with "
         f"bioimageio.spec's format validation (io checks on), and test_output.npy is what weights.pt in unet.py gives "
@@ -91,7 +91,7 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     rdf = {
         "type": "model", "format_version": "0.5.4", "name": name,
         "description": "Nuclei in fluorescence, brightfield and H&E images: the 2018 Data Science Bowl starter's U-Net, "
-                       "trained with unet_pl; outputs foreground and boundary probabilities",
+                       f"trained with unet_pl; outputs {' and '.join(_channel_names(s))} probabilities",
         "authors": [{"name": "unet_pl contributors"}],
         "cite": [{"text": "Caicedo et al., Nucleus segmentation across imaging experiments: the 2018 Data Science Bowl, "
                           "Nature Methods 2019", "doi": "10.1038/s41592-019-0612-7"}],
@@ -125,6 +125,13 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     rdf_path = out / "rdf.yaml"
     rdf_path.write_text(yaml.safe_dump(rdf, sort_keys=False))
     return rdf_path
+
+
+def _watershed_words(s: Settings) -> str:
+    if s.out_channels > 2:
+        return ("a watershed on max(boundary, (1 - distance) / 2), seeded where foreground > threshold and that map "
+                "< seed threshold")
+    return "a watershed seeded where foreground > threshold and boundary < seed threshold"
 
 
 def _channel_names(s: Settings) -> list[str]:

@@ -11,7 +11,7 @@ Into ``--out-dir`` (each optional one on request):
                                perimeter, eccentricity, solidity, axis lengths, orientation, diameter
     summary.csv                one row per image: nuclei, mean and median area, area fraction
     rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
-    probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary) probabilities           --probabilities
+    probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
     overlays/<id>.png          the image with each nucleus outlined                                 --overlays
 
 Safety: every file is written into a hidden staging folder beside its destination and moved into

@@ -34,12 +34,13 @@ class Settings:
     """How an image becomes nuclei with one network.
 
     Geometry (how the network was trained): ``resolution`` "resize" | "native"; ``img_size`` the
-    training side (resize: the square every image is squashed to); ``out_channels`` 1 (mask) or 2
-    (mask + boundary).
+    training side (resize: the square every image is squashed to); ``out_channels`` 1 (mask), 2
+    (mask + boundary) or 3 (mask + boundary + distance).
     Post-processing: ``threshold`` foreground probability; ``split`` "components" (8-connected
     blobs, the notebook) or "watershed" (needs the boundary channel), None: watershed when there
     is a boundary; ``seed_threshold`` watershed seeds are foreground pixels whose boundary
-    probability is below it; ``min_size`` drop nuclei under this many pixels (at the image's own
+    probability is below it (with a distance output, also whose depth is above 1 - 2 x it:
+    ``postprocess.ridge``); ``min_size`` drop nuclei under this many pixels (at the image's own
     size); ``fill_holes`` fill holes inside nuclei; ``min_relative_size`` drop nuclei under this
     fraction of the image's median nucleus area; ``min_probability`` drop nuclei whose mean
     foreground probability is under it (both 0: off).
