@@ -248,7 +248,7 @@ def test_a_bioimageio_package_validates_and_its_test_tensors_are_what_the_weight
 
 #: The bundled model's score on the bundled sample (30 images; most of them were in its training set,
 #: so this pins the file and the pipeline, not accuracy: docs/model-card.md has the hold-out scores).
-SAMPLE_SCORE_FLOOR = 0.38  # measured 0.3929 (2026-12-01, the retrained model; 0.4086 the one before)
+SAMPLE_SCORE_FLOOR = 0.41  # measured 0.4306 (2026-12-01, the model trained with --augment texture; 0.3929 and 0.4086 the two before)
 
 
 def test_the_bundled_model_segments_the_sample_without_a_checkpoint(tmp_path):
