@@ -110,25 +110,29 @@ def test_certainty_keeps_the_scale_the_network_is_surest_at(tta):
     assert unsure.seen[2:] == ([(128, 96)] * views if tta != "none" else [])
 
 
-def test_certainty_halves_a_grainy_image_and_leaves_a_plain_one():
-    """The bundled model on two real sample images: fluorescence nuclei with a coarse grain
-    (the 512 x 640 group the grouped cross-validation loses most on), which it reads as pieces
-    at full size and is surer of, and scores better, at half size; and smooth nuclei, left as they are."""
+def test_certainty_keeps_the_scale_the_bundled_model_is_surer_at_on_real_images():
+    """The bundled model on three real sample images: scale="certainty" gives exactly the nuclei of
+    the factor (1 or 0.5) at which the model's foreground is surer, measured here independently
+    from ``probabilities`` at each factor; the two factors' nuclei differ, so the choice shows. The
+    images: coarse-grained fluorescence (29ea4f6e), smooth nuclei (86f9087e), and one the model is
+    surer of at half size (aa47f0b3). (Whether the choice helps depends on the model: it did for
+    models trained without --augment texture, not for the bundled one; docs/accuracy.md.)"""
     from unet_pl.data import SAMPLE_DIR
-    from unet_pl.data.images import decode_masks, read_image, scan_train_dir
-    from unet_pl.inference import load_model, segment
-    from unet_pl.metrics import dsb_image_score
+    from unet_pl.data.images import read_image, scan_train_dir
+    from unet_pl.inference import load_model, probabilities, segment
 
     net = load_model()
     items = {it.id[:8]: it for it in scan_train_dir(SAMPLE_DIR)}
-    scores = {}
-    for key in ("29ea4f6e", "86f9087e"):
+    chosen = []
+    for key in ("29ea4f6e", "86f9087e", "aa47f0b3"):
         image = read_image(items[key].image)
-        truth = decode_masks(image.shape[:2], list(items[key].masks))
-        scores[key] = [dsb_image_score(truth, segment(net, image, scale=scale)).score for scale in (1.0, 0.5, "certainty")]
-    grainy, plain = scores["29ea4f6e"], scores["86f9087e"]
-    assert grainy[2] == grainy[1] and grainy[1] > grainy[0] + 0.1, grainy
-    assert plain[2] == plain[0], plain
+        sure = {f: float(np.abs(2 * probabilities(net, image, scale=f)[0] - 1).mean()) for f in (1.0, 0.5)}
+        best = 0.5 if sure[0.5] > sure[1.0] else 1.0
+        by_factor = {f: segment(net, image, scale=f) for f in (1.0, 0.5)}
+        assert not np.array_equal(by_factor[1.0], by_factor[0.5])
+        assert np.array_equal(segment(net, image, scale="certainty"), by_factor[best]), (key, sure)
+        chosen.append(best)
+    assert chosen[1] == 1.0 and 0.5 in chosen  # the smooth image stays; at least one is halved
 
 
 def test_auto_scale_recovers_an_image_at_four_times_the_magnification():

@@ -23,7 +23,8 @@ fixed, not fitted.
 "certainty" is for images whose nuclei are inside the training sizes but whose texture the model
 reads as pieces (grainy or speckled nuclei): half size smooths the grain. On the grouped
 cross-validation it chose 0.5 for 3-7% of the images and raised the pooled score by 0.008 and
-0.007 with the fold checkpoints of two seeds (docs/accuracy.md). Without TTA it costs a quarter of a pass more
+0.007 with the fold checkpoints of two seeds trained without ``--augment texture``; with models
+trained with it (the recipe now) it is neutral (docs/accuracy.md). Without TTA it costs a quarter of a pass more
 per image (the chosen pass is kept); with TTA, 1.25 plain passes before the augmented one.
 """
 from __future__ import annotations
