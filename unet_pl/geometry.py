@@ -13,7 +13,8 @@ Heads (the U-Net body is the seed's; only the 1x1 head's channel count changes):
     "mask"           1 channel: foreground (the notebook)
     "mask+boundary"  2 channels: foreground, each nucleus' boundary (``unet_pl.data.targets``)
     "mask+boundary+distance"  3 channels: also each pixel's distance to its nucleus' edge, divided
-                     by the largest in that nucleus (1 at its centre; StarDist's object probability)
+                     by the largest in that nucleus (1 at its centre; StarDist's object probability;
+                     ``unet_pl.data.targets.distances``)
 
 The notebook's resize (on the scikit-image of early 2018, whose ``resize`` did not blur first):
 ``resize(x, (S, S), order=1, mode="constant", preserve_range=True, anti_aliasing=False)``;

@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..geometry import HEADS, head_channels  # noqa: F401  (the heads are the network's: unet_pl.geometry)
+
 #: 8-connectivity (a pixel touches the eight around it), as prediction's components
 EIGHT = np.ones((3, 3), bool)
-
-from ..geometry import HEADS, head_channels  # noqa: F401  (the heads are the network's: unet_pl.geometry)
 
 
 def boundaries(labels: np.ndarray) -> np.ndarray:
