@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from ..geometry import check_resolution, head_channels
 from .cache import native_image
 from .images import image_size, read_image
-from .targets import contacts, make_targets
+from .targets import boundaries, contacts, distances
 
 
 def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
@@ -132,10 +132,9 @@ class NucleiDataset(Dataset):
             "size": torch.from_numpy(np.array(size, dtype=np.int64)),
         }
         if self.boundary:
-            targets = make_targets(labels, self.head)
-            item["boundary"] = torch.from_numpy(targets[1:2].astype(np.uint8))
-            if len(targets) > 2:
-                item["distance"] = torch.from_numpy(targets[2:3])
+            item["boundary"] = torch.from_numpy(boundaries(labels))[None]
+            if head_channels(self.head) > 2:
+                item["distance"] = torch.from_numpy(distances(labels))[None]
             item["contact"] = torch.from_numpy(contacts(labels))[None]
         if self.with_labels:
             item["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int32))
