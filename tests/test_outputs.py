@@ -118,7 +118,24 @@ def test_nucleus_table_matches_scikit_image_and_the_rois_match_the_labels(run, i
                 assert xy[:, 0].min() <= p.bbox[1] + 0.5 and xy[:, 0].max() >= p.bbox[3] - 0.5
         prob = tifffile.imread(out / "probabilities" / f"{image_id}.tif")
         assert prob.dtype == np.float32 and prob.shape == (1, *labels.shape)
+        # how sure the model is: each nucleus' mean foreground probability (scikit-image's intensity_mean of the
+        # saved map), the image's over all its nuclei' pixels
+        for r, p in zip(mine, regionprops(labels, intensity_image=prob[0])):
+            assert float(r["probability_mean"]) == pytest.approx(p.intensity_mean, abs=1e-4)
+        if props:
+            assert float(summary[image_id]["probability_mean"]) == pytest.approx(prob[0][labels > 0].mean(), abs=1e-4)
+        else:
+            assert summary[image_id]["probability_mean"] == ""
         assert (out / "overlays" / f"{image_id}.png").is_file()
+
+
+def test_the_closing_line_names_the_image_the_model_is_least_sure_of(run):
+    """Four images: the lowest quarter is one, the image with the lowest probability_mean in summary.csv."""
+    summary = [r for r in _rows(run["out"] / "summary.csv") if r["probability_mean"]]
+    assert len(summary) == 4
+    least = min(summary, key=lambda r: float(r["probability_mean"]))
+    line = next(ln for ln in run["stdout"].splitlines() if ln.startswith("least sure: "))
+    assert line.startswith(f"least sure: {least['image']} ({float(least['probability_mean']):.2f}): look at these first")
 
 
 def test_more_than_65535_nuclei_are_written_as_uint32(tmp_path):
@@ -312,11 +329,19 @@ def test_images_predicted_two_at_once_write_what_one_at_a_time_writes(tmp_path):
         outs[workers] = {p.relative_to(out): _content(p) for p in sorted(out.rglob("*")) if p.is_file()}
     assert outs[1].keys() == outs[2].keys() and len(outs[1]) == 3 + 6 * 3  # 3 CSVs; label TIFF, ROI zip, probabilities
     # the network on one thread or on two rounds differently in the last bits: the maps agree to
-    # rounding, everything made from them (labels, ROIs, tables) byte for byte
+    # rounding, and so do the tables' probability_mean columns; everything else (labels, ROIs, the
+    # tables' other columns) byte for byte
     differ = [k for k in outs[1] if outs[1][k] != outs[2][k]]
-    assert all(k.parts[0] == "probabilities" for k in differ)
+    assert all(k.parts[0] == "probabilities" or k.name in ("nuclei.csv", "summary.csv") for k in differ)
     for k in differ:
-        np.testing.assert_allclose(tifffile.imread(tmp_path / "out1" / k), tifffile.imread(tmp_path / "out2" / k), atol=1e-5)
+        if k.suffix == ".csv":
+            one, two = _rows(tmp_path / "out1" / k), _rows(tmp_path / "out2" / k)
+            assert len(one) == len(two)
+            for a, b in zip(one, two):
+                assert {c: v for c, v in a.items() if c != "probability_mean"} == {c: v for c, v in b.items() if c != "probability_mean"}
+                assert float(a["probability_mean"]) == pytest.approx(float(b["probability_mean"]), abs=2e-4)
+        else:
+            np.testing.assert_allclose(tifffile.imread(tmp_path / "out1" / k), tifffile.imread(tmp_path / "out2" / k), atol=1e-5)
     order = [i for i, _ in list_images(images)]
     rows = (tmp_path / "out2" / "summary.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == order

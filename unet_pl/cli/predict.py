@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                   "(kept; nuclei.csv and summary.csv list this run's images only)")
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
+    if stats.get("least_sure"):
+        names = ", ".join(f"{i} ({p:.2f})" for i, p in stats["least_sure"])
+        print(f"least sure: {names}: look at these first (summary.csv's probability_mean, the mean foreground "
+              "probability over an image's nuclei; low where images are unlike those the model learned from)")
     if stats["images"] and not stats["nuclei"]:
         size = f" and min size {settings.min_size} px" if settings.min_size else ""
         print(f"warning: no nucleus in any image at threshold {settings.threshold:g}{size}: is this the right model and "

@@ -8,8 +8,11 @@ Into ``--out-dir`` (each optional one on request):
                                nucleus k = k; napari, Fiji and QuPath open it as labels
     nuclei.csv                 one row per nucleus: image, label, area, centroid, bounding box,
                                intensity mean/min/max (in the file's own units, the nuclear channel),
-                               perimeter, eccentricity, solidity, axis lengths, orientation, diameter
-    summary.csv                one row per image: nuclei, mean and median area, area fraction
+                               perimeter, eccentricity, solidity, axis lengths, orientation, diameter,
+                               the mean foreground probability (how sure the model is of the nucleus)
+    summary.csv                one row per image: nuclei, mean and median area, area fraction, the
+                               mean foreground probability over its nuclei (the images where it is
+                               lowest are where the model most likely failed: look at those first)
     rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
     probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
     overlays/<id>.png          the image with each nucleus outlined                                 --overlays
@@ -33,6 +36,7 @@ import numpy as np
 from ..data.readers import channel_mean
 from ..rle import encode_labels
 from .measure import nucleus_table
+from .postprocess import label_means
 
 STAGING_PREFIX = ".unet_pl-partial-"
 NUCLEUS_PROPERTIES = ("label", "area", "centroid", "bbox", "intensity_mean", "intensity_min", "intensity_max",
@@ -40,10 +44,11 @@ NUCLEUS_PROPERTIES = ("label", "area", "centroid", "bbox", "intensity_mean", "in
                       "equivalent_diameter_area")
 NUCLEUS_COLUMNS = ("image", "label", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col", "bbox_max_row",
                    "bbox_max_col", "intensity_mean", "intensity_min", "intensity_max", "perimeter", "eccentricity",
-                   "solidity", "axis_major_length", "axis_minor_length", "orientation", "equivalent_diameter")
+                   "solidity", "axis_major_length", "axis_minor_length", "orientation", "equivalent_diameter",
+                   "probability_mean")
 #: ``out_dir``'s folders of one file per image, and the suffix of the files we write there.
 PER_IMAGE = {"labels": ".tif", "rois": ".zip", "probabilities": ".tif", "overlays": ".png"}
-SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction")
+SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction", "probability_mean")
 
 
 def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> None:
@@ -91,9 +96,12 @@ def intensity_image(raw: np.ndarray) -> np.ndarray:
     return channel_mean(raw)
 
 
-def nucleus_rows(image_id: str, table: dict[str, np.ndarray]) -> list[tuple]:
+def nucleus_rows(image_id: str, table: dict[str, np.ndarray], probability: np.ndarray | None = None) -> list[tuple]:
     """One tuple per nucleus, in ``NUCLEUS_COLUMNS`` order, from ``measure.nucleus_table``'s columns
-    (scikit-image's ``regionprops_table`` columns for ``NUCLEUS_PROPERTIES``)."""
+    (scikit-image's ``regionprops_table`` columns for ``NUCLEUS_PROPERTIES``) and ``probability``, each
+    nucleus' mean foreground probability in the table's order (None: the column left empty)."""
+    n = len(table["label"])
+    table = {**table, "probability_mean": np.full(n, "", object) if probability is None else np.asarray(probability, np.float64)}
     names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col",
              "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col", "equivalent_diameter_area": "equivalent_diameter"}
     cols = {names.get(k, k): np.asarray(v) for k, v in table.items()}
@@ -103,12 +111,15 @@ def nucleus_rows(image_id: str, table: dict[str, np.ndarray]) -> list[tuple]:
     return list(zip([image_id] * len(values[0]), *values))
 
 
-def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray) -> dict:
-    """``summary.csv``'s row of an image of ``shape`` whose nuclei have ``areas`` (pixels, one per nucleus)."""
+def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probability: np.ndarray | None = None) -> dict:
+    """``summary.csv``'s row of an image of ``shape`` whose nuclei have ``areas`` (pixels, one per nucleus)
+    and mean foreground probabilities ``probability`` (one per nucleus; None: the column left empty).
+    The image's ``probability_mean`` is the mean over all its nuclei's pixels (empty without nuclei)."""
     areas = np.asarray(areas)
+    sure = "" if probability is None or not len(areas) else _plain(float(np.dot(areas, probability) / areas.sum()))
     return {"image": image_id, "height": shape[0], "width": shape[1], "nuclei": len(areas),
             "mean_area": _plain(areas.mean()) if len(areas) else 0, "median_area": _plain(np.median(areas)) if len(areas) else 0,
-            "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1]))}
+            "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1])), "probability_mean": sure}
 
 
 def _plain(v):
@@ -170,6 +181,8 @@ class Outputs:
         self._lock = threading.Lock()  # images may be added from several threads at once
         #: after ``commit``: files in the per-image folders left by earlier runs for images not in this one
         self.earlier = 0
+        #: per image with nuclei (``out_dir`` given, probabilities passed): summary.csv's probability_mean
+        self.sureness: dict[str, float] = {}
 
     def _stage(self, dest: Path) -> Path:
         folder = dest.parent
@@ -193,8 +206,13 @@ class Outputs:
         rows, nuclei, summary = _csv_text(submission_rows(image_id, labels)), "", ""
         if self.out_dir is not None:
             table = nucleus_table(labels, intensity)  # measured once: nuclei.csv's rows and summary.csv's areas
-            nuclei = _csv_text(nucleus_rows(image_id, table))
-            summary = _csv_text([tuple(summary_row(image_id, labels.shape, table["area"]).values())])
+            sure = None if prob is None else label_means(labels, prob[0])[table["label"]]
+            nuclei = _csv_text(nucleus_rows(image_id, table, sure))
+            row = summary_row(image_id, labels.shape, table["area"], sure)
+            summary = _csv_text([tuple(row.values())])
+            if row["probability_mean"] != "":
+                with self._lock:
+                    self.sureness[image_id] = row["probability_mean"]
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
                              compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         if "rois" in self.dirs:

@@ -181,14 +181,22 @@ def remove_doubtful(labels: np.ndarray, fg: np.ndarray, min_relative_size: float
     labels = np.asarray(labels)
     if not labels.max(initial=0):
         return labels.astype(np.int32)
-    flat = labels.ravel()
-    area = bincount(flat)
+    area = bincount(labels)
     keep = area > 0
     keep[0] = False
     if min_relative_size > 0:
         keep &= area >= min_relative_size * float(np.median(area[keep]))
     if min_probability > 0:
-        mean = np.bincount(flat, weights=np.asarray(fg, np.float64).ravel(), minlength=len(area)) / np.maximum(area, 1)
-        keep &= mean >= min_probability
+        keep &= label_means(labels, fg, area) >= min_probability
     new_id = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
     return new_id[labels]
+
+
+def label_means(labels: np.ndarray, values: np.ndarray, area: np.ndarray | None = None) -> np.ndarray:
+    """The mean of ``values`` ``(H, W)`` over each label's pixels: float64 ``(labels.max() + 1,)``,
+    entry k for label k (0 for a label without pixels; entry 0 is the background's). ``area``:
+    ``bincount(labels)`` when already counted."""
+    flat = np.asarray(labels).ravel()
+    area = bincount(flat) if area is None else area
+    sums = np.bincount(flat, weights=np.asarray(values, np.float64).ravel(), minlength=len(area))
+    return sums / np.maximum(area, 1)
