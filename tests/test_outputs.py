@@ -136,6 +136,21 @@ def test_the_closing_line_names_the_image_the_model_is_least_sure_of(run):
     least = min(summary, key=lambda r: float(r["probability_mean"]))
     line = next(ln for ln in run["stdout"].splitlines() if ln.startswith("least sure: "))
     assert line.startswith(f"least sure: {least['image']} ({float(least['probability_mean']):.2f}): look at these first")
+    median = np.median([float(r["probability_mean"]) for r in summary])
+    assert f"this run's median {median:.2f}" in line
+
+
+@pytest.mark.parametrize("n", [3, 4, 12, 20])
+def test_least_sure_is_the_lowest_quarter_at_most_three_images_without_nuclei_first(n):
+    from unet_pl.inference.folder import least_sure
+
+    rng = np.random.default_rng(n)
+    sureness = {f"im{i}": float(v) for i, v in enumerate(rng.permutation(np.linspace(0.5, 0.99, n)))}
+    by_value = sorted(sureness, key=sureness.get)
+    expect = by_value[:min(3, n // 4)]  # 3 images: none; 4: one; 12: three; 20: still three
+    assert [i for i, _ in least_sure(sureness)] == expect
+    sureness["empty"] = None  # an image without nuclei: the least sure of all
+    assert [i for i, _ in least_sure(sureness)] == (["empty"] + by_value)[:min(3, (n + 1) // 4)]
 
 
 def test_more_than_65535_nuclei_are_written_as_uint32(tmp_path):

@@ -9,6 +9,7 @@ override them. Nothing is written inside FOLDER, and nothing is replaced until e
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -160,9 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
     if stats.get("least_sure"):
-        names = ", ".join(f"{i} ({p:.2f})" for i, p in stats["least_sure"])
-        print(f"least sure: {names}: look at these first (summary.csv's probability_mean, the mean foreground "
-              "probability over an image's nuclei; low where images are unlike those the model learned from)")
+        names = ", ".join(f"{i} ({'no nuclei' if p is None else f'{p:.2f}'})" for i, p in stats["least_sure"])
+        found = [p for p in stats["sureness"].values() if p is not None]
+        median = f", this run's median {statistics.median(found):.2f}" if found else ""
+        print(f"least sure: {names}: look at these first (the lowest in this run by summary.csv's probability_mean, "
+              f"the mean foreground probability over an image's nuclei{median}; sort summary.csv by it for more)")
     if stats["images"] and not stats["nuclei"]:
         size = f" and min size {settings.min_size} px" if settings.min_size else ""
         print(f"warning: no nucleus in any image at threshold {settings.threshold:g}{size}: is this the right model and "

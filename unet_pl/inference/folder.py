@@ -63,6 +63,14 @@ SQUASH_WARNING = 4.0
 LEAST_SURE = 3
 
 
+def least_sure(sureness: dict[str, float | None], most: int = LEAST_SURE) -> list[tuple[str, float | None]]:
+    """The lowest quarter (rounded down) of the images by ``sureness`` (image -> probability_mean;
+    None: no nucleus found, the least sure of all), at most ``most``, least sure first, as
+    ``(image, probability_mean)``; ties keep the images' order."""
+    ranked = sorted(sureness.items(), key=lambda kv: -1.0 if kv[1] is None else kv[1])
+    return ranked[:min(most, len(ranked) // 4)]
+
+
 def read_pair(path: Path, channel: int | None, intensity: str) -> tuple[np.ndarray, np.ndarray]:
     """(the file's pixels ``read_raw``, the network's uint8 RGB ``to_rgb8``) of one image."""
     raw = read_raw(path, channel)
@@ -112,8 +120,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     runs alone on all threads.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one,
-    "least_sure": [(id, probability_mean)] of the lowest quarter of the images with nuclei by summary.csv's
-    probability_mean, lowest first, at most LEAST_SURE (with out_dir only)}``.
+    "sureness": {id: summary.csv's probability_mean, None without nuclei} (with out_dir only, else empty),
+    "least_sure": ``least_sure(sureness)``}``.
     """
     from tqdm.auto import tqdm
 
@@ -197,9 +205,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             collect(pending.popleft().result())
         stats["written"] = outputs.commit(order=[i for i, _ in entries])
         stats["earlier"] = outputs.earlier
-        # the lowest quarter of the images by how sure the model is of their nuclei, at most LEAST_SURE
-        sure = sorted(outputs.sureness.items(), key=lambda kv: kv[1])
-        stats["least_sure"] = sure[:min(LEAST_SURE, len(sure) // 4)]
+        stats["sureness"] = {i: outputs.sureness[i] for i, _ in entries if i in outputs.sureness}  # the folder's order
+        stats["least_sure"] = least_sure(stats["sureness"])
     except BaseException:
         for f in pending:
             f.cancel()

@@ -9,10 +9,11 @@ Into ``--out-dir`` (each optional one on request):
     nuclei.csv                 one row per nucleus: image, label, area, centroid, bounding box,
                                intensity mean/min/max (in the file's own units, the nuclear channel),
                                perimeter, eccentricity, solidity, axis lengths, orientation, diameter,
-                               the mean foreground probability (how sure the model is of the nucleus)
+                               the mean foreground probability (lower for small nuclei, whose edge
+                               pixels weigh more; validated per image, not per nucleus)
     summary.csv                one row per image: nuclei, mean and median area, area fraction, the
                                mean foreground probability over its nuclei (the images where it is
-                               lowest are where the model most likely failed: look at those first)
+                               lowest in a run are where the model most likely failed: look at those first)
     rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
     probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
     overlays/<id>.png          the image with each nucleus outlined                                 --overlays
@@ -181,8 +182,8 @@ class Outputs:
         self._lock = threading.Lock()  # images may be added from several threads at once
         #: after ``commit``: files in the per-image folders left by earlier runs for images not in this one
         self.earlier = 0
-        #: per image with nuclei (``out_dir`` given, probabilities passed): summary.csv's probability_mean
-        self.sureness: dict[str, float] = {}
+        #: per image (``out_dir`` given, probabilities passed): summary.csv's probability_mean, None without nuclei
+        self.sureness: dict[str, float | None] = {}
 
     def _stage(self, dest: Path) -> Path:
         folder = dest.parent
@@ -210,9 +211,9 @@ class Outputs:
             nuclei = _csv_text(nucleus_rows(image_id, table, sure))
             row = summary_row(image_id, labels.shape, table["area"], sure)
             summary = _csv_text([tuple(row.values())])
-            if row["probability_mean"] != "":
+            if prob is not None:
                 with self._lock:
-                    self.sureness[image_id] = row["probability_mean"]
+                    self.sureness[image_id] = row["probability_mean"] if len(table["area"]) else None
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
                              compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
         if "rois" in self.dirs:

@@ -194,9 +194,11 @@ def remove_doubtful(labels: np.ndarray, fg: np.ndarray, min_relative_size: float
 
 def label_means(labels: np.ndarray, values: np.ndarray, area: np.ndarray | None = None) -> np.ndarray:
     """The mean of ``values`` ``(H, W)`` over each label's pixels: float64 ``(labels.max() + 1,)``,
-    entry k for label k (0 for a label without pixels; entry 0 is the background's). ``area``:
-    ``bincount(labels)`` when already counted."""
+    entry k for label k (0 for a label without pixels, and for the background, entry 0). ``area``:
+    ``bincount(labels)`` when already counted. Only the labelled pixels are gathered (no image-sized
+    float64 copy)."""
     flat = np.asarray(labels).ravel()
     area = bincount(flat) if area is None else area
-    sums = np.bincount(flat, weights=np.asarray(values, np.float64).ravel(), minlength=len(area))
+    at = flat > 0
+    sums = np.bincount(flat[at], weights=np.asarray(values).ravel()[at].astype(np.float64), minlength=len(area))
     return sums / np.maximum(area, 1)
