@@ -121,39 +121,102 @@ def test_distance_head_trains_on_depth_maps_and_predicts_through_the_inference_a
     assert labels.shape == prob.shape[1:] and labels.dtype == np.int32
 
 
+class _Oracle(torch.nn.Module):
+    """A stand-in network that knows the true nuclei of ``samples``: foreground probability
+    ``inside`` on them and ``outside`` elsewhere for whichever sample image is fed (padded or not);
+    with ``boundary``, a second channel of that constant boundary probability."""
+
+    def __init__(self, samples, inside, outside, boundary=None):
+        super().__init__()
+        self.samples, self.inside, self.outside, self.boundary = samples, inside, outside, boundary
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        p = torch.full((1, 1, *x.shape[-2:]), self.outside)
+        seen = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        for image, labels in self.samples:
+            h, w = labels.shape
+            if seen.shape[0] >= h and seen.shape[1] >= w and np.array_equal(seen[:h, :w], image):
+                p[0, 0, :h, :w][torch.from_numpy(labels > 0)] = self.inside
+        if self.boundary is not None:
+            p = torch.cat([p, torch.full_like(p, self.boundary)], dim=1)
+        return torch.log(p / (1 - p)) + self.w
+
+
+def _decoded_samples(sample_dir, n=3):
+    from unet_pl.data.cache import decode_item
+    from unet_pl.data.images import scan_train_dir
+
+    return [decode_item(it, None, None) for it in scan_train_dir(sample_dir)[:n]]
+
+
 def test_tuning_picks_the_best_threshold_by_the_score_and_the_checkpoint_keeps_it(tmp_path, sample_dir):
     """A stand-in network whose probability is 0.45 on the true nuclei and 0.35 elsewhere: only a
     threshold between them finds the nuclei, and the tuner must pick 0.4 (scored by hand: 1.0)."""
-    from unet_pl.data.cache import decode_item
-    from unet_pl.data.images import scan_train_dir
     from unet_pl.inference import Settings, segment
     from unet_pl.inference.tune import tune_postprocessing
 
-    items = scan_train_dir(sample_dir)[:3]
-    samples = [decode_item(it, None, None) for it in items]
-
-    class Oracle(torch.nn.Module):
-        """Logits of p = 0.45 on the true nuclei of whichever sample image is fed (padded or not), 0.35 elsewhere."""
-
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, x):
-            p = torch.full((1, 1, *x.shape[-2:]), 0.35)
-            seen = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-            for image, labels in samples:
-                h, w = labels.shape
-                if seen.shape[0] >= h and seen.shape[1] >= w and np.array_equal(seen[:h, :w], image):
-                    p[0, 0, :h, :w][torch.from_numpy(labels > 0)] = 0.45
-            return torch.log(p / (1 - p)) + self.w
-
+    samples = _decoded_samples(sample_dir)
     settings = Settings(resolution="native", img_size=64)
-    chosen, score = tune_postprocessing(Oracle(), samples, settings, min_sizes=(0,))
+    chosen, score = tune_postprocessing(_Oracle(samples, 0.45, 0.35), samples, settings, min_sizes=(0,))
     assert chosen["threshold"] == 0.4
     # touching true nuclei merge into one component, so the score is below 1 but above the others'
-    by_hand = [dsb_image_score(lab, segment(Oracle(), im, settings, threshold=0.4)).score for im, lab in samples]
+    by_hand = [dsb_image_score(lab, segment(_Oracle(samples, 0.45, 0.35), im, settings, threshold=0.4)).score
+               for im, lab in samples]
     assert score > 0.3 and score == pytest.approx(np.mean(by_hand))
+
+
+def test_tuning_keeps_the_largest_seed_threshold_that_scores_as_well(sample_dir):
+    """With no boundary anywhere, every seed threshold gives the same watershed (one seed per
+    blob), so validation cannot tell them apart: the tuner keeps the largest (fewest splits), not
+    the model's own 0.15 (tried first, which the threshold keeps on a tie)."""
+    from unet_pl.inference import Settings
+    from unet_pl.inference.tune import SEED_THRESHOLDS, tune_postprocessing
+
+    samples = _decoded_samples(sample_dir)
+    net = _Oracle(samples, 0.9, 0.2, boundary=0.01)
+    settings = Settings(resolution="native", img_size=64, out_channels=2, seed_threshold=0.15)
+    chosen, _ = tune_postprocessing(net, samples, settings, min_sizes=(0,))
+    assert chosen["threshold"] == 0.5 and chosen["seed_threshold"] == max(SEED_THRESHOLDS)
+
+
+def _surface(text):
+    """``"t s:score s:score ..."`` lines (as printed when the grid was measured) -> {(t, s): score}."""
+    return {(float(t), float(s)): float(v) for line in text.strip().splitlines()
+            for t, *cells in [line.split()] for s, v in (c.split(":") for c in cells)}
+
+
+# mean scores on the validation images of two grouped-validation fold checkpoints (docs/accuracy.md)
+GREY_S42_FOLD2 = """
+0.4 0.5:0.4042 0.3:0.4341 0.2:0.4418 0.15:0.4448 0.1:0.4466
+0.5 0.5:0.4387 0.3:0.4558 0.2:0.4631 0.15:0.4661 0.1:0.4686
+0.6 0.5:0.4500 0.3:0.4635 0.2:0.4710 0.15:0.4729 0.1:0.4771
+0.7 0.5:0.4417 0.3:0.4504 0.2:0.4588 0.15:0.4605 0.1:0.4630
+"""
+TEXTURE_S7_FOLD1 = """
+0.4 0.5:0.4238 0.3:0.4340 0.2:0.4272 0.15:0.4258 0.1:0.4236
+0.5 0.5:0.4653 0.3:0.4727 0.2:0.4660 0.15:0.4642 0.1:0.4625
+0.6 0.5:0.4668 0.3:0.4713 0.2:0.4645 0.15:0.4617 0.1:0.4595
+0.7 0.5:0.4386 0.3:0.4422 0.2:0.4330 0.15:0.4297 0.1:0.4283
+"""
+
+
+@pytest.mark.parametrize("surface, tolerance, expected", [
+    # best 0.4771 at (0.6, 0.1); (0.6, 0.15) is 0.0042 below it, (0.6, 0.2) 0.0061: 0.15 by hand
+    (GREY_S42_FOLD2, 0.005, (0.6, 0.15)),
+    (GREY_S42_FOLD2, 0.0, (0.6, 0.1)),
+    # best 0.4727 at (0.5, 0.3); the best at seed 0.5 is (0.6, 0.5), 0.0059 below: unchanged
+    (TEXTURE_S7_FOLD1, 0.005, (0.5, 0.3)),
+    (TEXTURE_S7_FOLD1, 0.006, (0.6, 0.5)),
+    # a flat surface: the largest seed threshold at the threshold tried first
+    ("0.5 0.5:0.3 0.1:0.3\n0.4 0.5:0.3 0.1:0.3", 0.005, (0.5, 0.5)),
+    # a lower seed threshold better by more than the tolerance wins
+    ("0.5 0.5:0.30 0.3:0.32 0.1:0.34", 0.005, (0.5, 0.1)),
+])
+def test_choose_pair_takes_the_largest_seed_threshold_within_the_tolerance(surface, tolerance, expected):
+    from unet_pl.inference.tune import choose_pair
+
+    assert choose_pair(_surface(surface), tolerance) == expected
 
 
 def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, sample_dir):
