@@ -19,7 +19,7 @@ def test_predict_section_prints_every_row_with_its_ratio():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
-    for row in ("read (tifffile)", "normalise (percentile)", "**network alone** (reference)", "post-processing",
+    for row in ("read (tifffile)", "normalise (the model's intensity rule)", "**network alone** (reference)", "post-processing",
                 "outputs (label TIFF, CSVs)", "start-up: `scripts/predict.py`", "peak memory, end to end (128 x 128)"):
         assert row in out, row
     ratios = {m.group(1): float(m.group(2)) for m in re.finditer(r"\*\*(end to end[^*]*)\*\* \|[^|]*\|[^|]*\| \*\*([0-9.]+)x\*\*", out)}

@@ -250,11 +250,18 @@ def _side(path: Path) -> int:
     return max(image_size(path))
 
 
+def _package_module(pkg: Path):
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("pkg_unet", pkg / "unet.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def test_a_bioimageio_package_validates_and_its_test_tensors_are_what_the_weights_give(tmp_path):
     """The BioImage Model Zoo package: bioimage.io's own format validation (io checks on: every file's
     sha256), then the architecture file and weights from the package alone reproduce its test output."""
-    import importlib.util
-
     spec = pytest.importorskip("bioimageio.spec")
     from unet_pl.cli.export import main as export
 
@@ -264,16 +271,49 @@ def test_a_bioimageio_package_validates_and_its_test_tensors_are_what_the_weight
         descr = spec.load_description(tmp_path / "pkg" / "rdf.yaml")
     assert type(descr).__name__ == "ModelDescr", descr.validation_summary
     assert "scale_range" in [p.id for p in descr.inputs[0].preprocessing]
-    module_spec = importlib.util.spec_from_file_location("pkg_unet", tmp_path / "pkg" / "unet.py")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    net = module.UNet(3, 2, 8)
+    net = _package_module(tmp_path / "pkg").UNet(3, 2, 8)
     net.load_state_dict(torch.load(tmp_path / "pkg" / "weights.pt", weights_only=True))
     x = np.load(tmp_path / "pkg" / "test_input.npy")
     lo, hi = np.percentile(x, [1.0, 99.8])  # the declared scale_range, written out
     with torch.inference_mode():
         y = torch.sigmoid(net.eval()(torch.from_numpy(((x - lo) / (hi - lo + 1e-6)).astype(np.float32)))).numpy()
     assert y.shape == (1, 2, 256, 256) and np.allclose(y, np.load(tmp_path / "pkg" / "test_output.npy"), atol=1e-5)
+
+
+def test_a_grey_models_package_reads_raw_pixels_as_unet_pl_does(tmp_path):
+    """``intensity="grey"`` inverts bright backgrounds per image, which bioimage.io's preprocessing
+    cannot say: the package declares none and its architecture (``GreyUNet``) reads raw values. On an
+    H&E image (bright background, so inverted) and a 12-bit fluorescence one, the package's own files
+    give what the plain U-Net gives on unet_pl's reader output (``to_rgb8(raw, "grey") / 255``)."""
+    spec = pytest.importorskip("bioimageio.spec")
+    from unet_pl.data.readers import read_raw, to_rgb8
+    from unet_pl.inference import load_model
+    from unet_pl.inference.bioimageio import export_bioimageio
+
+    ckpt = _ckpt(tmp_path / "m.ckpt", head="mask+boundary", resolution="native", intensity="grey")
+    raws = [read_raw(p, None) for p in sorted(SAMPLE_DIR.glob("*/images/*.png"))]
+    he = next(r for r in raws if r.shape[0] >= 256 and r.shape[1] >= 256 and np.median(r) > 150)
+    fluo = next(r for r in raws if r.shape[0] >= 256 and r.shape[1] >= 256 and np.median(r) < 50)
+    for name, raw in (("he", he[:256, :256, :3]), ("fluo12", fluo[:256, :256, :3].astype(np.uint16) * 16)):
+        pkg = tmp_path / name
+        export_bioimageio(load_model(ckpt), pkg, test_image=raw)
+        with spec.ValidationContext(perform_io_checks=True):
+            descr = spec.load_description(pkg / "rdf.yaml")
+        assert type(descr).__name__ == "ModelDescr", descr.validation_summary
+        assert not descr.inputs[0].preprocessing or all(p.id == "ensure_dtype" for p in descr.inputs[0].preprocessing)
+        module = _package_module(pkg)
+        state = torch.load(pkg / "weights.pt", weights_only=True)
+        packaged, plain = module.GreyUNet(3, 2, 8), module.UNet(3, 2, 8)
+        packaged.load_state_dict(state)
+        plain.load_state_dict(state)
+        x = np.load(pkg / "test_input.npy")
+        assert x.max() == raw.max()  # raw values, not scaled
+        reference = torch.from_numpy(to_rgb8(raw, "grey").transpose(2, 0, 1)[None].astype(np.float32) / 255)
+        assert torch.equal(module.grey_input(torch.from_numpy(x)).expand(-1, 3, -1, -1), reference)  # every grey level
+        with torch.inference_mode():
+            y = torch.sigmoid(packaged.eval()(torch.from_numpy(x))).numpy()
+            expected = torch.sigmoid(plain.eval()(reference)).numpy()
+        assert np.allclose(y, expected, atol=1e-6) and np.allclose(y, np.load(pkg / "test_output.npy"), atol=1e-6)
 
 
 # ---------------------------------------------------------------- the bundled pretrained model

@@ -318,7 +318,7 @@ def test_every_flag_of_train_and_predict_is_in_the_readme():
 def test_mode_presets_fill_what_was_not_given(tmp_path):
     args = parse_args(["--gpus", "0", "--mode", "instance"])
     assert (args.resolution, args.head, args.tune, args.intensity, args.ema, args.augment) == (
-        "native", "mask+boundary", "on", "percentile", 0.995, "texture")
+        "native", "mask+boundary", "on", "grey", 0.995, "texture")
     args = parse_args(["--gpus", "0", "--mode", "instance", "--intensity", "fixed", "--tune", "off", "--ema", "0", "--augment", "default"])
     assert (args.tune, args.intensity, args.ema, args.augment) == ("off", "fixed", 0.0, "default")
     args = parse_args(["--gpus", "0"])

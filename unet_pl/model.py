@@ -148,6 +148,56 @@ class UNet(nn.Module):
         return self.head(c)
 
 
+class GreyUNet(UNet):
+    """The U-Net with ``intensity="grey"``'s reading in front of it, for packages whose consumers
+    cannot apply that rule themselves (bioimage.io's preprocessing cannot invert per image).
+
+    ``forward(x)``: ``x`` float32 ``(N, C, H, W)`` of raw pixel values (8- or 16-bit, any C);
+    ``grey_input`` turns it into what the U-Net was trained on. The same weights as ``UNet``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(grey_input(x).repeat(1, self.in_channels, 1, 1))
+
+
+#: The stretch's percentiles (``unet_pl.data.readers.PERCENTILES``).
+PERCENTILES = (1.0, 99.8)
+
+
+def grey_input(x: torch.Tensor) -> torch.Tensor:
+    """Raw ``(N, C, H, W)`` -> float32 ``(N, 1, H, W)`` in [0, 1], per image the numbers of
+    ``to_rgb8(raw, "grey") / 255``: the channels' mean, stretched so that its 1st and 99.8th
+    percentiles become 0 and 255 (clipped), inverted when its median is above the middle (a bright
+    background: nuclei become bright on dark), rounded to whole grey levels. In float64 where numpy
+    computes in float64, so that the levels round the same."""
+    out = []
+    for image in x.float():
+        grey = image.mean(dim=0)
+        lo, hi = _percentiles(grey, PERCENTILES)
+        scaled = ((grey.double() - lo) * (255.0 / max(hi - lo, 1e-6))).clamp(0, 255)
+        if _percentiles(scaled, (50.0,))[0] > 127.5:
+            scaled = 255.0 - scaled
+        out.append((torch.round(scaled) / 255.0).float())
+    return torch.stack(out)[:, None]
+
+
+def _percentiles(values: torch.Tensor, q: tuple[float, ...]) -> list[float]:
+    """``np.percentile(values, q)`` (linear), step for step: the neighbours' difference in the
+    values' own dtype, the interpolation in float64 from whichever neighbour is nearer. No size
+    limit (``torch.quantile`` has one)."""
+    v = values.flatten().sort().values
+    n = v.numel()
+    out = []
+    for p in q:
+        at = (n - 1) * (p / 100.0)
+        i = int(at)
+        j = min(i + 1, n - 1)
+        t = at - i
+        a, b, diff = float(v[i]), float(v[j]), float(v[j] - v[i])
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return out
+
+
 def conv_layers(net: nn.Module) -> list[nn.Module]:
     """Every Conv2d and ConvTranspose2d in registration (= the seed's layer) order."""
     return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]

@@ -6,7 +6,7 @@ Test images are made from the bundled sample: mosaics of its fluorescence images
 ``side`` x ``side`` pixels each. One fresh process times the stages on them in turn:
 
     read            tifffile decoding (``read_raw``)
-    normalise       the model's intensity rule (``to_rgb8``: percentiles for the bundled model)
+    normalise       the model's intensity rule (``to_rgb8``: the bundled model's is recorded in it)
     network         the U-Net alone, float32 channels-last, one forward pass per image: the reference
     probabilities   network + sigmoid + tiling (``predict_images``; tiles above ``--tile``)
                     (these two: the better of two passes per image)
@@ -268,7 +268,7 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
     if stages:
         s, mpx = stages["seconds"], stages["mpx"]
         net = s["network"]
-        names = [("read", "read (tifffile)"), ("normalise", "normalise (percentile)"), ("network", "**network alone** (reference)"),
+        names = [("read", "read (tifffile)"), ("normalise", "normalise (the model's intensity rule)"), ("network", "**network alone** (reference)"),
                  ("probabilities", "probabilities (network, sigmoid, tiles)"), ("tta", "probabilities with TTA d4 (8 views)"),
                  ("postprocess", "post-processing (watershed, size filter)"), ("outputs", "outputs (label TIFF, CSVs)")]
         for key, label in names:

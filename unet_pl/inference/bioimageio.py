@@ -6,7 +6,9 @@ The package folder holds ``rdf.yaml`` (format 0.5), ``weights.pt`` (the UNet's `
 (a 256 x 256 crop of a bundled sample image and the probabilities the model gives it), a cover
 and a README. The input is ``(batch, channel RGB, y, x)`` float32 with y and x multiples of 16;
 preprocessing is the model's intensity rule in the spec's own terms (``scale_linear`` 1/255 for
-"fixed", ``scale_range`` 1st-99.8th percentile for "percentile"); the output is the sigmoid of the
+"fixed", ``scale_range`` 1st-99.8th percentile for "percentile"); "grey" inverts bright backgrounds
+per image, which the spec's steps cannot say, so its package declares none and its architecture
+is ``GreyUNet`` (``unet_pl/model.py``), which reads raw values as unet_pl does; the output is the sigmoid of the
 network, the foreground (and boundary) probabilities. The resize of resize-mode models and our
 watershed are not part of the package: consumers see the network.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import UNet
+from ..model import GreyUNet, UNet
 from .settings import Settings
 
 EPS = 1e-6  # the spec's scale_range epsilon
@@ -30,8 +32,11 @@ def _sha256(path: Path) -> str:
 
 
 def preprocess(image: np.ndarray, settings: Settings) -> np.ndarray:
-    """uint8/float ``(1, 3, H, W)`` -> float32 the way the package's ``preprocessing`` declares it."""
+    """uint8/float ``(1, 3, H, W)`` -> float32 the way the package's ``preprocessing`` declares it
+    ("grey": none; ``GreyUNet`` reads the raw values)."""
     x = image.astype(np.float32)
+    if settings.intensity == "grey":
+        return x
     if settings.intensity == "percentile":
         lo, hi = np.percentile(x, [1.0, 99.8])
         return ((x - lo) / (hi - lo + EPS)).astype(np.float32)
@@ -47,10 +52,12 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     from ..data.readers import read_raw
 
     s: Settings = net.settings
-    if s.intensity not in ("fixed", "percentile"):
-        raise ValueError(f"the model reads images with intensity {s.intensity!r}, which bioimage.io's preprocessing "
-                         "cannot express (it inverts bright backgrounds per image); export it as a checkpoint instead "
+    if s.intensity not in ("fixed", "percentile", "grey"):
+        raise ValueError(f"the model reads images with intensity {s.intensity!r} (colour deconvolution), which a "
+                         "bioimage.io package cannot express; export it as a checkpoint instead "
                          "(export.py without --bioimageio)")
+    grey = s.intensity == "grey"
+    arch = GreyUNet if grey else UNet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(__file__).resolve().parents[1] / "model.py", out / "unet.py")
@@ -63,7 +70,7 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     raw = np.repeat(raw, 3, axis=2) if raw.shape[2] == 1 else raw[..., :3]
     x = raw.transpose(2, 0, 1)[None].astype(np.float32)
     np.save(out / "test_input.npy", x)
-    plain = UNet(net.in_channels, net.out_channels, 8)
+    plain = arch(net.in_channels, net.out_channels, 8)
     plain.load_state_dict(state)
     with torch.inference_mode():
         y = torch.sigmoid(plain.eval()(torch.from_numpy(preprocess(x, s)))).numpy()
@@ -76,7 +83,7 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     (out / "README.md").write_text(
         f"# {name}\n\nThe seed notebook's U-Net (Kaggle 2018 Data Science Bowl starter, 485,817 parameters at 3 "
         f"input channels), trained with unet_pl. Input: RGB float32, y and x multiples of 16; preprocessing "
-        f"`{'scale_range 1-99.8 percentile' if s.intensity == 'percentile' else 'scale_linear 1/255'}`. Output: sigmoid "
+        f"{_preprocessing_words(s)}. Output: sigmoid "
         f"probabilities, channels {', '.join(_channel_names(s))}. unet_pl turns them into nuclei with "
         f"{_watershed_words(s) if s.watershed else 'connected components'} "
         f"(threshold {s.threshold:g}{f', seed threshold {s.seed_threshold:g}' if s.watershed else ''}"
@@ -84,9 +91,10 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         f"bioimageio.spec's format validation (io checks on), and test_output.npy is what weights.pt in unet.py gives "
         f"for test_input.npy after the declared preprocessing (unet_pl's tests re-run it). Scores of the bundled model: "
         f"docs/model-card.md in the unet_pl repository.\n")
-    pre = ({"id": "scale_range", "kwargs": {"axes": ["channel", "y", "x"], "min_percentile": 1.0, "max_percentile": 99.8,
-                                            "eps": EPS}}
-           if s.intensity == "percentile" else {"id": "scale_linear", "kwargs": {"gain": 1 / 255.0, "offset": 0.0}})
+    pre = ([] if grey else
+           [{"id": "scale_range", "kwargs": {"axes": ["channel", "y", "x"], "min_percentile": 1.0, "max_percentile": 99.8,
+                                             "eps": EPS}}] if s.intensity == "percentile" else
+           [{"id": "scale_linear", "kwargs": {"gain": 1 / 255.0, "offset": 0.0}}])
     space = {"min": 16, "step": 16}
     rdf = {
         "type": "model", "format_version": "0.5.4", "name": name,
@@ -98,12 +106,13 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         "license": "MIT", "documentation": "README.md", "covers": ["cover.png"],
         "tags": ["nuclei", "instance-segmentation", "unet", "fluorescence-light-microscopy", "2d", "pytorch"],
         "inputs": [{
-            "id": "raw", "description": "RGB image (grey images repeated into the three channels)",
+            "id": "raw", "description": "RGB image (grey images repeated into the three channels)"
+                                        + (", raw pixel values (8- or 16-bit) as float32" if grey else ""),
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["red", "green", "blue"]},
                      {"type": "space", "id": "y", "size": space}, {"type": "space", "id": "x", "size": space}],
             "test_tensor": {"source": "test_input.npy", "sha256": _sha256(out / "test_input.npy")},
             "sample_tensor": {"source": "sample_input.tif", "sha256": _sha256(out / "sample_input.tif")},
-            "data": {"type": "float32"}, "preprocessing": [pre],
+            "data": {"type": "float32"}, "preprocessing": pre,
         }],
         "outputs": [{
             "id": "probabilities", "description": "sigmoid of the network: " + ", ".join(_channel_names(s)),
@@ -116,7 +125,7 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         }],
         "weights": {"pytorch_state_dict": {
             "source": "weights.pt", "sha256": _sha256(out / "weights.pt"),
-            "architecture": {"source": "unet.py", "sha256": _sha256(out / "unet.py"), "callable": "UNet",
+            "architecture": {"source": "unet.py", "sha256": _sha256(out / "unet.py"), "callable": arch.__name__,
                              "kwargs": {"in_channels": net.in_channels, "out_channels": net.out_channels, "base_filters": 8}},
             "pytorch_version": torch.__version__.split("+")[0],
         }},
@@ -125,6 +134,13 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     rdf_path = out / "rdf.yaml"
     rdf_path.write_text(yaml.safe_dump(rdf, sort_keys=False))
     return rdf_path
+
+
+def _preprocessing_words(s: Settings) -> str:
+    if s.intensity == "grey":
+        return ("none: the architecture `GreyUNet` reads raw values (8- or 16-bit) itself: the channels averaged, "
+                "stretched between the 1st and 99.8th percentiles, inverted where the background is bright")
+    return f"`{'scale_range 1-99.8 percentile' if s.intensity == 'percentile' else 'scale_linear 1/255'}`"
 
 
 def _watershed_words(s: Settings) -> str:
