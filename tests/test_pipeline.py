@@ -274,14 +274,16 @@ def test_trainer_predict_of_a_folder_with_the_bundled_model_and_the_default_logg
     for it in sorted(SAMPLE_DIR.iterdir())[:2]:
         shutil.copy(it / "images" / f"{it.name}.png", folder / f"{it.name}.png")
     model = LitUNet.load_from_checkpoint(PRETRAINED)
-    dm = NucleiDataModule(predict_dir=folder, intensity="percentile", cache_dir=tmp_path / "cache", progress=False)
+    rule = model.settings.intensity  # the bundled model's reading (not the data module's default "fixed")
+    assert rule != "fixed"
+    dm = NucleiDataModule(predict_dir=folder, intensity=rule, cache_dir=tmp_path / "cache", progress=False)
     trainer = pl.Trainer(default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
     assert trainer.logger is not None
     out = trainer.predict(model, dm)
     assert [o["id"] for o in out] == sorted(p.stem for p in folder.iterdir())
     assert all(np.array_equal(o["labels"], segment(model, folder / f"{o['id']}.png")) for o in out)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
-    with pytest.raises(ValueError, match="intensity: model 'percentile', data module 'fixed'"):
+    with pytest.raises(ValueError, match=f"intensity: model '{rule}', data module 'fixed'"):
         pl.Trainer(default_root_dir=tmp_path, enable_progress_bar=False).predict(
             model, NucleiDataModule(predict_dir=folder, cache_dir=tmp_path / "cache", progress=False))
 
@@ -331,7 +333,7 @@ def test_segment_takes_image_arrays_and_says_what_else_to_do():
 
 def test_segment_of_a_16_bit_file_equals_predict_py_with_the_bundled_model(tmp_path):
     """The README's inference lines on a 12-bit-in-16-bit, non-square TIFF with the bundled model
-    (native, per-image percentiles): the path and ``read_raw``'s pixels give predict.py's labels."""
+    (native, its own intensity rule): the path and ``read_raw``'s pixels give predict.py's labels."""
     import tifffile
 
     from unet_pl import load_model, segment
