@@ -180,6 +180,28 @@ def test_tuning_keeps_the_largest_seed_threshold_that_scores_as_well(sample_dir)
     assert chosen["threshold"] == 0.5 and chosen["seed_threshold"] == max(SEED_THRESHOLDS)
 
 
+def test_the_tuner_applies_the_tolerance_it_is_given(sample_dir, monkeypatch):
+    """A made-up score surface (``tune.score`` replaced): seed threshold 0.1 better than the others
+    by 0.003. Within the default tolerance (0.005) 0.5 is kept; with 0.002, 0.1 wins. Settings
+    without a watershed have no seed threshold to choose: the model's stays."""
+    from unet_pl.inference import Settings
+    from unet_pl.inference import tune
+
+    def made_up(probs, truths, settings):
+        return 0.5 - 0.01 * abs(settings.threshold - 0.5) + (0.003 if settings.seed_threshold == 0.1 else 0.0)
+
+    monkeypatch.setattr(tune, "score", made_up)
+    samples = _decoded_samples(sample_dir, 1)
+    net = _Oracle(samples, 0.9, 0.2, boundary=0.01)
+    watershed = Settings(resolution="native", img_size=64, out_channels=2, seed_threshold=0.15)
+    assert tune.tune_postprocessing(net, samples, watershed, min_sizes=(0,))[0]["seed_threshold"] == 0.5
+    chosen, best = tune.tune_postprocessing(net, samples, watershed, min_sizes=(0,), seed_tolerance=0.002)
+    assert (chosen["threshold"], chosen["seed_threshold"], best) == (0.5, 0.1, pytest.approx(0.503))
+    plain = Settings(resolution="native", img_size=64, seed_threshold=0.15)
+    chosen, _ = tune.tune_postprocessing(_Oracle(samples, 0.9, 0.2), samples, plain, min_sizes=(0,))
+    assert (chosen["threshold"], chosen["seed_threshold"]) == (0.5, 0.15)
+
+
 def _surface(text):
     """``"t s:score s:score ..."`` lines (as printed when the grid was measured) -> {(t, s): score}."""
     return {(float(t), float(s)): float(v) for line in text.strip().splitlines()

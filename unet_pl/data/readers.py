@@ -9,11 +9,13 @@ rule turns them into the network's uint8.
                       file: 0-4095) is read nearly black: a warning names it and the flag.
         "percentile"  per image, the 1st and 99.8th percentiles of all its values go to 0 and 255
                       (clipped): what StarDist and Cellpose do, so that every camera, bit depth and
-                      exposure looks alike to the network. The default of --mode instance.
+                      exposure looks alike to the network.
         "grey"        every kind of image made to look like fluorescence: the channels averaged
                       to grey, stretched like "percentile", and inverted when the background is
                       bright (the stretched image's median above 0.5: brightfield, H&E and other
-                      stains on white), so that nuclei are always bright on dark. Issue 15.
+                      stains on white), so that nuclei are always bright on dark. Issue 15. The
+                      default of --mode instance. ``unet_pl.model.grey_input`` is the same in torch
+                      (for bioimage.io packages), to the grey level.
         "hematoxylin" as "grey", except colour images on a bright background (H&E and other stained
                       tissue): the haematoxylin stain's amount from colour deconvolution
                       (scikit-image's ``rgb2hed``) in place of the inverted grey, stretched the same

@@ -107,7 +107,10 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         "tags": ["nuclei", "instance-segmentation", "unet", "fluorescence-light-microscopy", "2d", "pytorch"],
         "inputs": [{
             "id": "raw", "description": "RGB image (grey images repeated into the three channels)"
-                                        + (", raw pixel values (8- or 16-bit) as float32" if grey else ""),
+                                        + (", raw pixel values (8- or 16-bit) as float32; whole images, not tiles: "
+                                           "the stretch and inversion are decided per input" if grey else "")
+                                        + (f"; this model reads channel {s.channel} of multi-channel files: feed that "
+                                           "channel repeated into the three" if s.channel else ""),
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["red", "green", "blue"]},
                      {"type": "space", "id": "y", "size": space}, {"type": "space", "id": "x", "size": space}],
             "test_tensor": {"source": "test_input.npy", "sha256": _sha256(out / "test_input.npy")},
@@ -139,7 +142,9 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
 def _preprocessing_words(s: Settings) -> str:
     if s.intensity == "grey":
         return ("none: the architecture `GreyUNet` reads raw values (8- or 16-bit) itself: the channels averaged, "
-                "stretched between the 1st and 99.8th percentiles, inverted where the background is bright")
+                "stretched between the 1st and 99.8th percentiles, inverted where the background is bright. It decides "
+                "that per input, so give it whole images, not tiles (a tile of background alone would be stretched "
+                "and inverted on its own)")
     return f"`{'scale_range 1-99.8 percentile' if s.intensity == 'percentile' else 'scale_linear 1/255'}`"
 
 
