@@ -83,7 +83,9 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
     (out / "README.md").write_text(
         f"# {name}\n\nThe seed notebook's U-Net (Kaggle 2018 Data Science Bowl starter, 485,817 parameters at 3 "
         f"input channels), trained with unet_pl. Input: RGB float32, y and x multiples of 16; preprocessing "
-        f"{_preprocessing_words(s)}. Output: sigmoid "
+        f"{_preprocessing_words(s)}."
+        f"{f' This model reads channel {s.channel} of multi-channel files: feed that channel repeated into the three.' if s.channel else ''}"
+        f" Output: sigmoid "
         f"probabilities, channels {', '.join(_channel_names(s))}. unet_pl turns them into nuclei with "
         f"{_watershed_words(s) if s.watershed else 'connected components'} "
         f"(threshold {s.threshold:g}{f', seed threshold {s.seed_threshold:g}' if s.watershed else ''}"
@@ -106,11 +108,9 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         "license": "MIT", "documentation": "README.md", "covers": ["cover.png"],
         "tags": ["nuclei", "instance-segmentation", "unet", "fluorescence-light-microscopy", "2d", "pytorch"],
         "inputs": [{
-            "id": "raw", "description": "RGB image (grey images repeated into the three channels)"
-                                        + (", raw pixel values (8- or 16-bit) as float32; whole images, not tiles: "
-                                           "the stretch and inversion are decided per input" if grey else "")
-                                        + (f"; this model reads channel {s.channel} of multi-channel files: feed that "
-                                           "channel repeated into the three" if s.channel else ""),
+            # at most 128 characters (the spec); the package README says more
+            "id": "raw", "description": ("RGB, or grey repeated; raw 8/16-bit values; whole images, not tiles (see README)"
+                                         if grey else "RGB image (grey images repeated into the three channels)"),
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["red", "green", "blue"]},
                      {"type": "space", "id": "y", "size": space}, {"type": "space", "id": "x", "size": space}],
             "test_tensor": {"source": "test_input.npy", "sha256": _sha256(out / "test_input.npy")},
