@@ -53,3 +53,19 @@ def test_full_set_holdout_is_pinned(real_train_dir):
     assert Counter(mods[i] for i in ids) == {"fluorescence": 55, "histology": 11, "brightfield": 2}
     # The README's hold-out scores were measured on exactly these 68 images.
     assert hashlib.sha256(",".join(ids).encode()).hexdigest()[:16] == "cbd3619e314a044b"
+
+
+@pytest.mark.parametrize("intensity", ["fixed", "percentile", "grey", "hematoxylin"])
+def test_the_data_modules_stratified_holdout_is_the_folders_whatever_the_intensity_rule(sample_dir, tmp_path, intensity):
+    """train.py holds out what predict.py and evaluate.py score: the data module's stratified hold-out
+    (from its cache) is ``holdout_ids`` of the folder (the files as stored) under every intensity
+    rule, though grey makes the sample's H&E look like fluorescence (a grey model once trained on
+    most of the hold-out and held out other images)."""
+    from unet_pl import NucleiDataModule
+
+    dm = NucleiDataModule(sample_dir, resolution="native", holdout="stratified", intensity=intensity,
+                          cache_dir=tmp_path, progress=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.holdout_ids == holdout_ids(sample_dir)
+    assert Counter(dm.arrays["modalities"]) == {"fluorescence": 21, "histology": 7, "brightfield": 2}

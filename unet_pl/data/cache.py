@@ -45,8 +45,10 @@ from .images import TrainItem, decode_masks, image_size, read_image
 
 log = logging.getLogger(__name__)
 
-#: Bump when the cache's content changes meaning: every cache is rebuilt. 2: modalities stored.
-CACHE_VERSION = 2
+#: Bump when the cache's content changes meaning: every cache is rebuilt. 2: modalities stored;
+#: 3: modalities from the files as stored, whatever the intensity rule (they were from the image
+#: after it, so a grey model's stratified hold-out was not the one predict.py and evaluate.py use).
+CACHE_VERSION = 3
 KEYS = {
     "resize": ("images", "masks", "labels", "sizes", "ids", "modalities"),
     "native": ("images", "labels", "shapes", "offsets", "ids", "modalities"),
@@ -90,6 +92,18 @@ def decode_item(item: TrainItem, rles: dict | None, csv_path: Path | None, chann
     return image, labels
 
 
+def stored_modality(item: TrainItem, image: np.ndarray, channel: int | None, intensity: str) -> str:
+    """The modality of ``item``'s file as stored (``holdout.folder_modalities``: the fixed rule, no
+    channel picked), not of ``image`` after the intensity rule: grey makes H&E look like
+    fluorescence, and the stratified hold-out must be the same images whatever a model reads."""
+    if intensity == "fixed" and channel is None:
+        return image_modality(image)
+    try:
+        return image_modality(read_image(item.image))
+    except ValueError:  # a file that needs its channel picked: as the model reads it, under the fixed rule
+        return image_modality(read_image(item.image, channel))
+
+
 def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Path, rles: dict | None = None,
                 csv_path: Path | None = None, workers: int = 2, progress: bool = True, channel: int | None = None,
                 intensity: str = "fixed") -> None:
@@ -124,7 +138,7 @@ def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Pa
 
     def work(k: int) -> None:  # in a thread: decoding, inflating and resizing release the GIL
         image, labels = decode_item(items[k], rles, csv_path, channel, intensity)
-        modalities[k] = image_modality(image)
+        modalities[k] = stored_modality(items[k], image, channel, intensity)
         store(k, image, labels)
 
     _run_pool(work, n, workers, desc, progress)
