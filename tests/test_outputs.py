@@ -320,7 +320,7 @@ def test_a_grey_models_package_reads_raw_pixels_as_unet_pl_does(tmp_path):
 
 #: The bundled model's score on the bundled sample (30 images; most of them were in its training set,
 #: so this pins the file and the pipeline, not accuracy: docs/model-card.md has the hold-out scores).
-SAMPLE_SCORE_FLOOR = 0.40  # measured 0.4191 (2026-12-02, the grey model; 0.4306, 0.3929 and 0.4086 the three before)
+SAMPLE_SCORE_FLOOR = 0.41  # measured 0.4191 (2026-12-02, the grey model; 0.4306, 0.3929 and 0.4086 the three before)
 
 
 def test_the_bundled_model_segments_the_sample_without_a_checkpoint(tmp_path):

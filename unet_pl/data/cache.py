@@ -42,6 +42,7 @@ from ..atomic import atomic_write
 from ..geometry import resize_image, resize_labels, resize_mask
 from .holdout import image_modality
 from .images import TrainItem, decode_masks, image_size, read_image
+from .readers import read_raw, to_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +84,29 @@ def cache_name(resolution: str, size: int, key: str) -> str:
 
 
 def decode_item(item: TrainItem, rles: dict | None, csv_path: Path | None, channel: int | None = None,
-                intensity: str = "fixed") -> tuple[np.ndarray, np.ndarray]:
+                intensity: str = "fixed", modality: bool = False) -> tuple:
     """One training image at full size: (uint8 (H, W, 3), uint16 labels (H, W)), masks from files or
-    runs, the image read with ``channel`` and ``intensity`` (``unet_pl.data.readers``)."""
-    image = read_image(item.image, channel, intensity)
+    runs, the image read with ``channel`` and ``intensity`` (``unet_pl.data.readers``); with
+    ``modality``, also the file's modality (``stored_modality``), from the same decoding."""
+    raw = read_raw(item.image, channel)
+    image = to_rgb8(raw, intensity, item.image)
     labels = decode_masks(image.shape[:2], None if rles is not None else list(item.masks),
                           None if rles is None else rles.get(item.id, []), csv_path)
-    return image, labels
+    if not modality:
+        return image, labels
+    return image, labels, stored_modality(item, raw, image, channel, intensity)
 
 
-def stored_modality(item: TrainItem, image: np.ndarray, channel: int | None, intensity: str) -> str:
+def stored_modality(item: TrainItem, raw: np.ndarray, image: np.ndarray, channel: int | None, intensity: str) -> str:
     """The modality of ``item``'s file as stored (``holdout.folder_modalities``: the fixed rule, no
-    channel picked), not of ``image`` after the intensity rule: grey makes H&E look like
+    channel picked), not of ``image`` (``raw`` after the intensity rule): grey makes H&E look like
     fluorescence, and the stratified hold-out must be the same images whatever a model reads."""
-    if intensity == "fixed" and channel is None:
-        return image_modality(image)
-    try:
+    if channel is None:
+        return image_modality(image if intensity == "fixed" else to_rgb8(raw, "fixed", warn=False))
+    try:  # the file's channels as stored, not the one picked: decoded again (channel models only)
         return image_modality(read_image(item.image))
     except ValueError:  # a file that needs its channel picked: as the model reads it, under the fixed rule
-        return image_modality(read_image(item.image, channel))
+        return image_modality(to_rgb8(raw, "fixed", warn=False))
 
 
 def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Path, rles: dict | None = None,
@@ -137,8 +142,7 @@ def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Pa
         desc = f"decoding {n} images at {size}px"
 
     def work(k: int) -> None:  # in a thread: decoding, inflating and resizing release the GIL
-        image, labels = decode_item(items[k], rles, csv_path, channel, intensity)
-        modalities[k] = stored_modality(items[k], image, channel, intensity)
+        image, labels, modalities[k] = decode_item(items[k], rles, csv_path, channel, intensity, modality=True)
         store(k, image, labels)
 
     _run_pool(work, n, workers, desc, progress)

@@ -124,8 +124,10 @@ def channel_mean(raw: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image") -> np.ndarray:
-    """``read_raw``'s array (or any uint8/uint16 ``(H, W)`` / ``(H, W, 1|3)``) -> uint8 ``(H, W, 3)``."""
+def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image", warn: bool = True) -> np.ndarray:
+    """``read_raw``'s array (or any uint8/uint16 ``(H, W)`` / ``(H, W, 1|3)``) -> uint8 ``(H, W, 3)``.
+    ``warn``: the fixed rule's warning on dark 12-bit data (off where the fixed reading is only
+    looked at, not trained on: the modality of a file that a model reads with another rule)."""
     if intensity not in INTENSITIES:
         raise ValueError(f"unknown intensity rule {intensity!r}; choose one of {', '.join(INTENSITIES)}")
     raw = np.asarray(raw)
@@ -156,7 +158,7 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
             out = np.rint(scaled).astype(np.uint8)[:, :, None]
     else:
         top = np.iinfo(raw.dtype).max
-        if raw.size and int(raw.max()) < (top + 1) // 16:
+        if warn and raw.size and int(raw.max()) < (top + 1) // 16:
             log.warning("%s uses values up to %d of its %d-bit range: under the fixed rule it reads nearly black; "
                         "pass --intensity percentile (intensity='percentile') to stretch each image",
                         name, int(raw.max()), 8 * raw.dtype.itemsize)
