@@ -91,18 +91,26 @@ def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
     """``np.percentile(values, qs)`` (its default linear interpolation, the same numbers) of uint8 or
     uint16 pixels, from their histogram: one counting pass instead of a partial sort of every pixel."""
     counts = np.cumsum(bincount(values, minlength=256))
+    return ranked_percentiles(counts, np.arange(len(counts), dtype=np.float64), qs)
+
+
+def ranked_percentiles(counts: np.ndarray, values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
+    """``np.percentile`` of the pixels whose cumulative histogram is ``counts``, bin ``i`` holding
+    the value ``values[i]`` (in the dtype numpy would see them in): numpy's ``_lerp`` step for step,
+    the neighbours' difference in that dtype, the interpolation in float64."""
     n = int(counts[-1])
 
-    def at(rank: int) -> float:  # the rank-th smallest value, counted from 0
-        return float(np.searchsorted(counts, rank, side="right"))
+    def at(rank: int):  # the rank-th smallest value, counted from 0
+        return values[int(np.searchsorted(counts, rank, side="right"))]
 
     out = []
     for q in qs:
-        pos = q / 100.0 * (n - 1)
+        pos = (n - 1) * (q / 100.0)
         k = int(np.floor(pos))
         t = pos - k
         a, b = at(k), at(min(k + 1, n - 1))
-        out.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)  # numpy's _lerp
+        diff = float(b - a)
+        out.append(float(b) - diff * (1 - t) if t >= 0.5 else float(a) + diff * t)
     return tuple(out)
 
 
@@ -180,19 +188,7 @@ def _grey_levels(raw: np.ndarray) -> tuple[np.ndarray, bool]:
     counts = np.cumsum(bincount(sums, minlength=top + 1))
     n = int(counts[-1])
     means = np.arange(top + 1, dtype=np.float32) / np.float32(c)  # channel_mean's float32 value of each sum
-
-    def at(rank: int) -> np.float32:  # the rank-th smallest mean, counted from 0
-        return means[int(np.searchsorted(counts, rank, side="right"))]
-
-    def percentile(q: float) -> float:  # numpy's _lerp on float32 neighbours with a float64 weight
-        pos = (n - 1) * (q / 100.0)
-        k = int(np.floor(pos))
-        t = pos - k
-        a, b = at(k), at(min(k + 1, n - 1))
-        diff = float(b - a)  # float32 subtraction, as numpy's
-        return float(b) - diff * (1 - t) if t >= 0.5 else float(a) + diff * t
-
-    lo, hi = (percentile(q) for q in PERCENTILES)
+    lo, hi = ranked_percentiles(counts, means, PERCENTILES)
     scaled = np.clip((means.astype(np.float64) - lo) * (255.0 / max(float(hi - lo), 1e-6)), 0, 255)
     # np.median: the middle value, or the mean of the two middle ones (sorted by the sum, as the stretch keeps order)
     middle = [int(np.searchsorted(counts, r, side="right")) for r in sorted({(n - 1) // 2, n // 2})]
