@@ -126,6 +126,30 @@ def test_contact_weight_weighs_the_step_loss():
         LitUNet(head="mask+boundary", contact_weight=float("nan"))
 
 
+def test_ring_plus_contact_boundary_target_adds_the_contact_pixels_to_the_boundary_it_learns():
+    from unet_pl.data.targets import boundaries, contacts
+
+    # two 4 x 4 nuclei one background pixel apart, and one alone: by hand, the pixels with both of
+    # the pair within 2 px are columns 4-6 (the pair's facing edges and the gap) in rows 0-6
+    lab = np.zeros((12, 16), np.int32)
+    lab[1:5, 1:5], lab[1:5, 6:10], lab[9:12, 13:16] = 1, 2, 3
+    ring, near = boundaries(lab), contacts(lab)
+    assert near[0:7, 4:7].all() and near.sum() == 7 * 3
+    batch = {"mask": torch.from_numpy((lab > 0).astype(np.uint8))[None, None],
+             "boundary": torch.from_numpy(ring)[None, None], "contact": torch.from_numpy(near)[None, None]}
+    plain = LitUNet(head="mask+boundary", resolution="native", img_size=32)
+    wide = LitUNet(head="mask+boundary", resolution="native", img_size=32, boundary_target="ring+contact")
+    np.testing.assert_array_equal(plain._targets(batch)[0, 1].numpy(), ring)
+    np.testing.assert_array_equal(wide._targets(batch)[0, 1].numpy(), ring | near)  # background pixel at column 5 too
+    np.testing.assert_array_equal(wide._targets(batch)[0, 0].numpy(), lab > 0)  # the foreground unchanged
+    with pytest.raises(ValueError, match="'contact' maps"):
+        wide._targets({k: batch[k] for k in ("mask", "boundary")})
+    with pytest.raises(ValueError, match="boundary head"):
+        LitUNet(head="mask", boundary_target="ring+contact")
+    with pytest.raises(ValueError, match="unknown boundary_target"):
+        LitUNet(head="mask+boundary", boundary_target="thick")
+
+
 def test_boundary_positives_are_weighted_and_the_boundary_is_required():
     logits = torch.zeros(1, 2, 4, 4)  # p = 0.5 everywhere: BCE is log 2 per pixel
     y = torch.zeros(1, 2, 4, 4)

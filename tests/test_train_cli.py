@@ -118,6 +118,7 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "0", "--compile", "default", "--mode", "instance"], "--compile needs fixed image sizes"),
     (["--gpus", "0", "--augment", "colour+scale"], "needs --resolution native"),
     (["--gpus", "0", "--contact-weight", "2"], "--contact-weight 2.0 needs the boundary head"),
+    (["--gpus", "0", "--boundary-target", "ring+contact"], "--boundary-target ring+contact needs the boundary head"),
     (["--gpus", "0", "--ema", "1"], "--ema must be a decay in [0, 1) such as 0.995"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):

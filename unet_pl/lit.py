@@ -31,6 +31,8 @@ from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
 
 LR_SCHEDULES = ("constant", "plateau")
+#: What the boundary output learns (``boundary_target``): each nucleus' rim, or the rim and where nuclei touch.
+BOUNDARY_TARGETS = ("ring", "ring+contact")
 
 
 class LitUNet(pl.LightningModule):
@@ -68,6 +70,10 @@ class LitUNet(pl.LightningModule):
         contact_weight: where two nuclei touch (the batch's ``contact``, ``unet_pl.data.targets.contacts``),
             both outputs' loss counts ``1 + contact_weight`` times; 0: not weighted (the default).
             ``mask+boundary`` head only.
+        boundary_target: what the boundary output learns: "ring" (each nucleus' outermost ring of pixels,
+            the default) or "ring+contact" (also every pixel, nucleus or background, within 2 px of two nuclei:
+            the batch's ``contact``, a wider line where nuclei touch, as the "touching borders" output of
+            DSB 2018 entries; the watershed still grows the nuclei over the whole foreground).
         dice_weight: adds ``dice_weight * (1 - soft Dice)`` of the foreground output to the loss, the Dice
             taken per image (``(2 sum(p y) + 1) / (sum(p) + sum(y) + 1)``, p the sigmoid) and averaged over
             the batch, as many DSB 2018 entries trained their masks; 0: BCE alone (the default, Keras').
@@ -105,6 +111,7 @@ class LitUNet(pl.LightningModule):
         resolution: str | None = None,
         boundary_weight: float = 5.0,
         contact_weight: float = 0.0,
+        boundary_target: str = "ring",
         dice_weight: float = 0.0,
         ema: float = 0.0,
         postprocess: dict | None = None,
@@ -127,6 +134,10 @@ class LitUNet(pl.LightningModule):
             raise ValueError(f"dice_weight must be a number >= 0, got {dice_weight}")
         if not (math.isfinite(ema) and 0 <= ema < 1):
             raise ValueError(f"ema must be a decay in [0, 1) (0: off), got {ema}")
+        if boundary_target not in BOUNDARY_TARGETS:
+            raise ValueError(f"unknown boundary_target {boundary_target!r}; choose one of {', '.join(BOUNDARY_TARGETS)}")
+        if boundary_target != "ring" and head_channels(head) == 1:
+            raise ValueError(f"boundary_target {boundary_target!r} needs a boundary head ('mask+boundary'), got head {head!r}")
         if contact_weight and head_channels(head) == 1:
             raise ValueError(f"contact_weight needs the 'mask+boundary' head (it weighs where nuclei touch), got head {head!r}")
         if out_channels != head_channels(head):
@@ -356,7 +367,13 @@ class LitUNet(pl.LightningModule):
         if missing:
             raise ValueError(f"the {self.hparams.head!r} head trains on the batch's {missing[0]!r} maps, and this batch has "
                              f"none; build the data module with head={self.hparams.head!r}")
-        return torch.cat([batch[k] for k in keys], 1)
+        maps = [batch[k] for k in keys]
+        if self.hparams.get("boundary_target", "ring") == "ring+contact":  # checkpoints from before it: ring
+            if "contact" not in batch:
+                raise ValueError("boundary_target 'ring+contact' needs the batch's 'contact' maps (NucleiDataModule with "
+                                 "head='mask+boundary' makes them)")
+            maps[1] = torch.maximum(maps[1], batch["contact"].to(maps[1].dtype))
+        return torch.cat(maps, 1)
 
     def _nuclei(self, logits: torch.Tensor) -> np.ndarray:
         """Predicted nuclei (int labels (N, H, W), on the CPU) as prediction makes them at this resolution:

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--contact-weight", type=float, default=0.0,
                         help="boundary heads: the loss counts 1 + this many times where two nuclei touch (within 2 px), "
                              "so the network learns to cut them apart; 0: off")
+    beyond.add_argument("--boundary-target", choices=("ring", "ring+contact"), default="ring",
+                        help="boundary heads: what the boundary output learns: ring, each nucleus' outermost pixels; "
+                             "ring+contact, also every pixel within 2 px of two nuclei (a wider line where they touch)")
     beyond.add_argument("--dice-weight", type=float, default=0.0,
                         help="add this many times (1 - soft Dice) of the foreground output to the loss (BCE + Dice, as "
                              "many DSB 2018 entries trained); 0: BCE alone, the notebook's loss")
@@ -172,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--contact-weight must be a number >= 0, got {args.contact_weight}")
     if args.contact_weight and HEADS[args.head] < 2:
         fail(f"--contact-weight {args.contact_weight} needs the boundary head (--mode instance or --head mask+boundary)")
+    if args.boundary_target != "ring" and HEADS[args.head] < 2:
+        fail(f"--boundary-target {args.boundary_target} needs the boundary head (--mode instance or --head mask+boundary)")
     if not (math.isfinite(args.dice_weight) and args.dice_weight >= 0):
         fail(f"--dice-weight must be a number >= 0, got {args.dice_weight}")
     if not (math.isfinite(args.ema) and 0 <= args.ema < 1):
@@ -287,7 +292,7 @@ def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, lr_schedule=args.lr_schedule, img_size=side(args), head=args.head,
-                    contact_weight=args.contact_weight, dice_weight=args.dice_weight, ema=args.ema,
+                    contact_weight=args.contact_weight, boundary_target=args.boundary_target, dice_weight=args.dice_weight, ema=args.ema,
                     tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
