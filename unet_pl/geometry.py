@@ -34,6 +34,8 @@ from .model import DIVISOR, nearest_valid_size
 
 RESOLUTIONS = ("resize", "native")
 HEADS = {"mask": 1, "mask+boundary": 2, "mask+boundary+distance": 3}
+#: What a boundary head's boundary output learns: each nucleus' rim, or the rim and where nuclei touch.
+BOUNDARY_TARGETS = ("ring", "ring+contact")
 #: The defaults a model falls back on when it was never given a side or a resolution (and that
 #: checkpoints from before these settings existed were trained with).
 DEFAULT_RESOLUTION, DEFAULT_SIZE = "resize", 128

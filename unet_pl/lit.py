@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from .geometry import SHARED_KEYS, agreed_keys, check_resolution, check_side, head_channels, reconcile
+from .geometry import BOUNDARY_TARGETS, SHARED_KEYS, agreed_keys, check_resolution, check_side, head_channels, reconcile
 from .inference.predict import labels_from_probabilities, probabilities, to_input
 from .inference.settings import TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
@@ -31,8 +31,6 @@ from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
 
 LR_SCHEDULES = ("constant", "plateau")
-#: What the boundary output learns (``boundary_target``): each nucleus' rim, or the rim and where nuclei touch.
-BOUNDARY_TARGETS = ("ring", "ring+contact")
 
 
 class LitUNet(pl.LightningModule):
@@ -356,9 +354,14 @@ class LitUNet(pl.LightningModule):
         w = float(self.hparams.get("contact_weight", 0.0))
         if not w:
             return None
+        return 1.0 + w * self._contact(batch, "contact_weight").float()
+
+    @staticmethod
+    def _contact(batch: dict, needed_by: str) -> torch.Tensor:
+        """The batch's ``contact`` map (``unet_pl.data.targets.contacts``), or ``ValueError`` naming ``needed_by``."""
         if "contact" not in batch:
-            raise ValueError("contact_weight needs the batch's 'contact' maps (NucleiDataModule with head='mask+boundary' makes them)")
-        return 1.0 + w * batch["contact"].float()
+            raise ValueError(f"{needed_by} needs the batch's 'contact' maps (NucleiDataModule with head='mask+boundary' makes them)")
+        return batch["contact"]
 
     def _targets(self, batch: dict) -> torch.Tensor:
         """The loss' targets ``(N, out_channels, H, W)``: the mask, then the boundary and the distance for those heads."""
@@ -369,10 +372,7 @@ class LitUNet(pl.LightningModule):
                              f"none; build the data module with head={self.hparams.head!r}")
         maps = [batch[k] for k in keys]
         if self.hparams.get("boundary_target", "ring") == "ring+contact":  # checkpoints from before it: ring
-            if "contact" not in batch:
-                raise ValueError("boundary_target 'ring+contact' needs the batch's 'contact' maps (NucleiDataModule with "
-                                 "head='mask+boundary' makes them)")
-            maps[1] = torch.maximum(maps[1], batch["contact"].to(maps[1].dtype))
+            maps[1] = torch.maximum(maps[1], self._contact(batch, "boundary_target 'ring+contact'").to(maps[1].dtype))
         return torch.cat(maps, 1)
 
     def _nuclei(self, logits: torch.Tensor) -> np.ndarray:

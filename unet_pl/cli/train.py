@@ -22,7 +22,7 @@ from ..data.holdout import HOLDOUTS
 from ..data.module import BALANCES, EMPTY_MASKS
 from ..data.readers import INTENSITIES
 from ..data.transforms import PRESETS, zoom_range
-from ..geometry import HEADS, RESOLUTIONS
+from ..geometry import BOUNDARY_TARGETS, HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
 from .common import Parser, fail, holdout_arg
 from .run_folder import draw, summarise, write_run_files
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--contact-weight", type=float, default=0.0,
                         help="boundary heads: the loss counts 1 + this many times where two nuclei touch (within 2 px), "
                              "so the network learns to cut them apart; 0: off")
-    beyond.add_argument("--boundary-target", choices=("ring", "ring+contact"), default="ring",
+    beyond.add_argument("--boundary-target", choices=BOUNDARY_TARGETS, default="ring",
                         help="boundary heads: what the boundary output learns: ring, each nucleus' outermost pixels; "
                              "ring+contact, also every pixel within 2 px of two nuclei (a wider line where they touch)")
     beyond.add_argument("--dice-weight", type=float, default=0.0,
