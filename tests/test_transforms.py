@@ -9,7 +9,8 @@ from scipy import ndimage as ndi
 
 from unet_pl.data import NucleiDataModule
 from unet_pl.data.datasets import crop_transform
-from unet_pl.data.transforms import PRESETS, ZOOM, build_augment, default_augment, zoom_range
+from unet_pl.data.targets import boundaries
+from unet_pl.data.transforms import PRESETS, ZOOM, TouchingCopy, build_augment, default_augment, zoom_range
 
 
 def test_none_means_no_augmentation():
@@ -229,3 +230,77 @@ def test_a_seeded_item_draws_every_flip_and_rotation_and_crops_anywhere():
         tops[k >= 4].append(top)
     assert len(seen) == 8 and min(seen.values()) >= 20, seen  # mirrored views too (k >= 4), about 50 each
     assert abs(np.mean(tops[True]) - np.mean(tops[False])) < 6, tops  # the crop's row does not follow the mirror
+
+
+def _one_nucleus_and_a_far_one():
+    """A 64 x 64 crop: nucleus 3, an ellipse whose pixels all differ (so each copied pixel says where it
+    came from), and nucleus 7, far away in a corner (not touching the edge), too small to be copied."""
+    from skimage.draw import ellipse
+    labels = np.zeros((64, 64), np.uint16)
+    rr, cc = ellipse(30, 30, 9, 5, rotation=0.4, shape=labels.shape)
+    labels[rr, cc] = 3
+    labels[52:56, 52:56] = 7  # 16 pixels, under min_area
+    grey = np.zeros((64, 64), np.uint8)
+    grey[rr, cc] = 60 + np.arange(len(rr))  # 60..~200, all different
+    grey[labels == 7] = 250
+    return np.repeat(grey[..., None], 3, axis=2), labels
+
+
+def _turned(shape: np.ndarray) -> list[np.ndarray]:
+    """The eight right-angle symmetries of a binary shape, each cropped to its box."""
+    out = []
+    for s in (shape, shape.T):
+        for k in range(4):
+            r = np.rot90(s, k)
+            out.append(r[np.ix_(r.any(1), r.any(0))])
+    return out
+
+
+def test_touching_copy_presses_a_turned_copy_of_a_nucleus_against_it_as_a_new_nucleus():
+    import random
+    image, labels = _one_nucleus_and_a_far_one()
+    original = labels == 3
+    box = original[np.ix_(original.any(1), original.any(0))]
+    whole = 0
+    for seed in range(30):
+        t = TouchingCopy(p=1.0)
+        t.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = t(image=image, mask=(labels > 0).astype(np.uint8), masks=[labels])
+        lab, im = np.asarray(out["masks"][0]), out["image"]
+        new = lab == 8  # the next label
+        assert set(np.unique(lab)) == {0, 3, 7, 8}
+        assert (out["mask"] == (lab > 0)).all()
+        assert (lab == 7).sum() == 16 and (im[labels == 7] == 250).all()  # the other nucleus untouched
+        assert new.sum() >= 0.7 * original.sum()  # most of the copy landed
+        assert 0 < original.sum() - (lab == 3).sum() <= 0.3 * original.sum()  # the copy lies over the original's edge
+        # every pixel of the copy is one of the original's values, each at most once: a copy, not a paint
+        values = im[..., 0][new]
+        assert np.isin(values, image[..., 0][original]).all() and len(np.unique(values)) == len(values)
+        # pressed against the original (4-neighbours), so the boundary target draws a line on both sides
+        b = boundaries(lab).astype(bool)
+        assert (b & new & ndi.binary_dilation(lab == 3)).any() and (b & (lab == 3) & ndi.binary_dilation(new)).any()
+        if new.sum() == original.sum():  # landed whole: the shape is the original turned
+            whole += 1
+            assert any(s.shape == new[np.ix_(new.any(1), new.any(0))].shape and (s == new[np.ix_(new.any(1), new.any(0))]).all()
+                       for s in _turned(box))
+    assert whole >= 5, whole
+
+
+def test_touching_copy_without_labels_uses_the_blobs_and_leaves_crops_without_a_whole_nucleus_alone():
+    import random
+    image, labels = _one_nucleus_and_a_far_one()
+    t = TouchingCopy(p=1.0)
+    t.set_random_state(np.random.default_rng(0), random.Random(0))
+    out = t(image=image, mask=(labels > 0).astype(np.uint8))
+    assert out["mask"].sum() > (labels > 0).sum() and out["image"].shape == image.shape
+    edge_only = np.zeros((64, 64), np.uint16)
+    edge_only[0:10, 20:30] = 1  # touches the crop's edge: a cut nucleus is not copied
+    edge_only[30:33, 30:33] = 2  # 9 pixels: under min_area
+    grey = np.repeat((edge_only > 0).astype(np.uint8)[..., None] * 200, 3, axis=2)
+    out = t(image=grey, mask=(edge_only > 0).astype(np.uint8), masks=[edge_only])
+    assert (np.asarray(out["masks"][0]) == edge_only).all() and (out["image"] == grey).all()
+
+
+def test_texture_touch_preset_is_texture_with_touching_copies_before_the_grain():
+    names = [type(x).__name__ for x in build_augment("texture+touch").transforms]
+    assert names == [type(x).__name__ for x in build_augment("texture").transforms][:4] + ["TouchingCopy", "OneOf"]

@@ -28,14 +28,21 @@ Presets (``NucleiDataModule(augment=...)``, ``train.py --augment``):
                at a quarter of the resolution: a grain of about 4 px), multiplicative speckle
                (0.7-1.3x per pixel) or a Gaussian blur (sigma 0.5-1.5). The same for every channel,
                so grey images stay grey. For textured nuclei that a model cuts into pieces.
+    "texture+touch": "texture" and, before the grain, synthetic touching nuclei (``TouchingCopy``,
+               half the crops): a nucleus of the crop copied, turned, and set down pressed against
+               itself, a new nucleus in the labels. For touching nuclei the watershed leaves merged.
     or an ``A.Compose`` (or any albumentations transform) of your own, called as
     ``t(image=uint8 (H, W, 3), mask=uint8 (H, W))`` and expected to return the same keys.
 """
 from __future__ import annotations
 
-import albumentations as A
+from typing import Any
 
-PRESETS = ("none", "default", "colour", "scale", "colour+scale", "stain", "texture")
+import albumentations as A
+import numpy as np
+from scipy import ndimage as ndi
+
+PRESETS = ("none", "default", "colour", "scale", "colour+scale", "stain", "texture", "texture+touch")
 ZOOM = (0.67, 1.5)  # the "scale" presets' range of magnifications (crop_transform)
 
 
@@ -89,6 +96,99 @@ def texture_augment() -> list[A.BasicTransform]:
     ]
 
 
+class TouchingCopy(A.DualTransform):
+    """Synthetic touching nuclei (the DSB 2018 ablations' "touching nuclei" augmentation): one
+    nucleus of the crop, copied pixel for pixel, turned by one of the eight right-angle symmetries,
+    and set down against the original in a random direction, 1 to ``max_overlap`` steps short of
+    where the two would no longer overlap, on top of it: pressed together along a line (they share
+    4-neighbours). The copy takes background pixels and the original's (never another nucleus');
+    it becomes a new nucleus in the labels (``masks[0]``), so the boundary target draws the line
+    between the two where the image shows only their shapes.
+
+    Nuclei of at least ``min_area`` pixels that do not touch the crop's edge are drawn from; a copy
+    of which less than ``min_kept`` would land, or that would leave less than ``min_kept`` of the
+    original, is not made; after ``tries`` nuclei and directions that do not fit, the crop passes
+    unchanged. Without ``masks`` (no labels), the mask's 8-connected blobs stand for the nuclei.
+    """
+
+    def __init__(self, min_area: int = 20, max_overlap: int = 2, min_kept: float = 0.7, tries: int = 5,
+                 p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.min_area, self.max_overlap, self.min_kept, self.tries = min_area, max_overlap, min_kept, tries
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        none = {"src": None, "dst": None, "new": 0}
+        masks = data.get("masks")
+        labels = np.asarray(masks[0]) if masks is not None and len(masks) else ndi.label(data["mask"] > 0, np.ones((3, 3)))[0]
+        edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        ids, areas = np.unique(labels[labels > 0], return_counts=True)
+        ok = ids[(areas >= self.min_area) & ~np.isin(ids, edge)]
+        if not len(ok):
+            return none
+        rng = self.random_generator
+        for _ in range(self.tries):
+            plan = self._place(labels, ok[rng.integers(len(ok))], rng)
+            if plan is not None:
+                return plan
+        return none
+
+    def _place(self, labels: np.ndarray, k: int, rng: np.random.Generator) -> dict[str, Any] | None:
+        """Where the turned copy of nucleus ``k`` lands pressed against it, in a random direction; None
+        where it does not fit."""
+        h, w = labels.shape
+        ys, xs = np.nonzero(labels == k)
+        cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+        dy, dx = ys - cy, xs - cx
+        if rng.random() < 0.5:  # one of the eight symmetries of the square: a transpose or not, then signs
+            dy, dx = dx, dy
+        dy, dx = dy * rng.choice((-1, 1)), dx * rng.choice((-1, 1))
+        angle = rng.uniform(0, 2 * np.pi)
+        uy, ux = np.sin(angle), np.cos(angle)
+        own = labels == k
+        reach = 2 * (int(np.abs(dy).max()) + int(np.abs(dx).max())) + 3
+        for t in range(1, reach + 1):  # the first step at which the copy no longer covers the original
+            ty, tx = cy + dy + int(round(t * uy)), cx + dx + int(round(t * ux))
+            inside = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+            if not own[ty[inside], tx[inside]].any():
+                break
+        else:
+            return None
+        t = max(1, t - int(rng.integers(1, self.max_overlap + 1)))  # a step or two back: over the original's edge
+        ty, tx = cy + dy + int(round(t * uy)), cx + dx + int(round(t * ux))
+        inside = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        free = np.zeros_like(inside)
+        free[inside] = np.isin(labels[ty[inside], tx[inside]], (0, k))
+        covered = own[ty[free], tx[free]].sum()
+        if free.sum() < self.min_kept * len(ys) or len(ys) - covered < self.min_kept * len(ys):
+            return None
+        # pixel i of the original lands at (ty[i], tx[i]): the turn and the shift keep the order
+        return {"src": (ys[free], xs[free]), "dst": (ty[free], tx[free]), "new": int(labels.max()) + 1}
+
+    def apply(self, img: np.ndarray, src=None, dst=None, **params: Any) -> np.ndarray:
+        if src is None:
+            return img
+        out = img.copy()
+        out[dst] = img[src]
+        return out
+
+    def apply_to_mask(self, mask: np.ndarray, src=None, dst=None, **params: Any) -> np.ndarray:
+        if src is None:
+            return mask
+        out = mask.copy()
+        out[dst] = 1
+        return out
+
+    def apply_to_masks(self, masks: np.ndarray, src=None, dst=None, new: int = 0, **params: Any) -> np.ndarray:
+        if src is None:
+            return masks
+        out = np.array(masks, dtype=np.promote_types(np.asarray(masks).dtype, np.min_scalar_type(new)), copy=True)
+        out[0][dst] = new
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_area", "max_overlap", "min_kept", "tries")
+
+
 def zoom_range(augment) -> tuple[float, float] | None:
     """The magnifications a preset trains at (``crop_transform``'s ``zoom``), None: the crop as cut."""
     return ZOOM if isinstance(augment, str) and "scale" in augment.lower().split("+") else None
@@ -110,6 +210,8 @@ def build_augment(augment: str | A.BasicTransform | A.BaseCompose | None) -> A.B
             return A.Compose([*default_augment().transforms, *stain_augment()])
         if name == "texture":
             return A.Compose([*default_augment().transforms, *texture_augment()])
+        if name == "texture+touch":
+            return A.Compose([*default_augment().transforms, TouchingCopy(p=0.5), *texture_augment()])
         raise ValueError(f"unknown augment preset {augment!r}; choose one of {', '.join(PRESETS)} or pass an A.Compose")
     if isinstance(augment, A.BaseCompose):
         return augment
