@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training augmentation (unet_pl.data.transforms): default = flips/rotations; none = the notebook; "
                            "colour = also hue, channel, grey and gamma changes for unseen stains; scale = also nuclei "
                            "at 0.67-1.5x (native resolution only); colour+scale = both; stain = also H&E stain variation of colour "
-                           "images (albumentations' HEStain); texture = also grain, speckle or blur of the image. "
+                           "images (albumentations' HEStain); texture = also grain, speckle or blur of the image; texture+touch = "
+                           "texture and synthetic touching nuclei (a nucleus copied and pressed against itself). "
                            "Default: from --mode (default for notebook, texture for instance)")
     data.add_argument("--channel", type=int, default=None, metavar="N",
                       help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
