@@ -40,10 +40,10 @@ pretrained: install
 
 # Grouped cross-validation of the recipe (docs/accuracy.md): 3 folds, whole acquisition groups
 # held out; ARGS adds training flags. Three trainings on about 450 images each: 11-17 min each alone
-# on a 2-core CPU (2026-12-01, fp32, with the weights' average most run all 100 epochs), plus 2-4 min
+# on a 2-core CPU (2026-12-01, fp32, with the weights' average most run all 100 epochs), plus 3-5 min
 # of prediction per fold.
 crossval: install
-	$(PY) scripts/crossval.py --data-dir $(DSB) --out runs/cv_instance --predict "--tta d4 --min-size 20 --fill-holes" -- --gpus 0 --mode instance --epochs 100 --patience 10 $(ARGS)
+	$(PY) scripts/crossval.py --data-dir $(DSB) --out runs/cv_instance --predict "--tta d4 --min-size 20 --fill-holes --scale auto" -- --gpus 0 --mode instance --epochs 100 --patience 10 $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

@@ -22,9 +22,12 @@ def discs(side: int, radius: int, n: int = 4) -> np.ndarray:
     return lab
 
 
-def test_auto_factor_leaves_training_sizes_alone_and_brings_others_to_the_median():
+def test_auto_factor_enlarges_nuclei_below_the_training_median_and_shrinks_the_largest():
     lo, mid, hi = TRAINING_MEDIAN_AREAS
-    assert auto_factor(discs(256, 8)) == 1.0  # ~200 px: inside the training range
+    assert auto_factor(discs(256, 12)) == 1.0  # ~450 px: above the median, below the 95th percentile: as it is
+    under = discs(256, 8)  # ~200 px: inside the 5th-95th percentiles, below the median: enlarged to it
+    area = np.median(np.bincount(under.ravel())[1:])
+    assert lo < area < mid and auto_factor(under) == pytest.approx(np.sqrt(mid / area)) and auto_factor(under) > 1.1
     big = discs(1024, 30)  # ~2,800 px nuclei
     area = np.median(np.bincount(big.ravel())[1:])
     assert area > hi and auto_factor(big) == pytest.approx(np.sqrt(mid / area))
@@ -77,6 +80,36 @@ def test_a_factor_resizes_the_image_and_the_probabilities_come_back_at_its_size(
     assert not np.allclose(half, same, atol=1e-3)
     auto = probabilities(net, image, s.replace(scale="auto"))  # first pass: nuclei sizes unknown here
     assert auto.shape == same.shape
+
+
+class Bright(torch.nn.Module):
+    """A stand-in network that calls bright pixels nucleus (logit +-6) and records the input sizes it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return x[:, :1] * 12 - 6
+
+
+@pytest.mark.parametrize("tta", ["none", "flips"])
+def test_auto_measures_with_one_view_then_predicts_at_its_factor_with_the_tta(tta):
+    views = 1 if tta == "none" else 4
+    for radius, enlarged in ((5, True), (12, False)):  # ~80 px nuclei (below the median 258), ~450 px (kept)
+        labels = discs(128, radius)
+        image = np.repeat((labels > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
+        net = Bright()
+        prob = probabilities(net, image, Settings(resolution="native", scale="auto", tta=tta))
+        assert prob.shape == (1, 128, 128) and ((prob[0] > 0.5) == (labels > 0)).mean() > 0.99
+        first, rest = net.seen[0], net.seen[1:]
+        assert first == (128, 128)  # one plain view measures the nuclei
+        if enlarged:  # then every view at the factor that brings them to 258 px, worked by hand
+            factor = np.sqrt(258 / np.median(np.bincount(labels.ravel())[1:]))
+            assert len(rest) == views and len(set(rest)) == 1 and abs(rest[0][0] - 128 * factor) < 16, (rest, factor)
+        else:  # kept: without TTA the first pass is the answer; with it, the views at 1.0
+            assert rest == [(128, 128)] * (views if tta != "none" else 0)
 
 
 class SureAt(torch.nn.Module):

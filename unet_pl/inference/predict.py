@@ -158,11 +158,12 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
                     prob = None  # freed before the pass with TTA
                     prob = at(x, best, settings.tta)
             else:
-                factor = 1.0 if settings.scale == "auto" else float(settings.scale)
-                prob = at(x, factor, settings.tta)
-                if settings.scale == "auto":  # the first pass measures the nuclei
+                auto = settings.scale == "auto"
+                factor = 1.0 if auto else float(settings.scale)
+                prob = at(x, factor, "none" if auto else settings.tta)
+                if auto:  # the first pass, one view, measures the nuclei
                     factor = auto_factor(labels_from_probabilities(prob[0].cpu().numpy(), settings))
-                    if factor != 1.0:
+                    if factor != 1.0 or settings.tta != "none":
                         prob = None  # freed before the second pass
                         prob = at(x, factor, settings.tta)
             # (C, H, W) in order: the network's channels-last output would leave every later pass striding
