@@ -134,7 +134,7 @@ class Settings:
         extras += [f"nuclei under {self.min_relative_size:g} x the median area dropped"] if self.min_relative_size else []
         extras += [f"nuclei under mean probability {self.min_probability:g} dropped"] if self.min_probability else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
-        extras += ["scale auto (images whose nuclei are outside the training sizes resized to them)"] if self.scale == "auto" else []
+        extras += ["scale auto (images whose nuclei are below the training median or above its 95th percentile resized to the median)"] if self.scale == "auto" else []
         extras += ["scale certainty (each image at 1 or 0.5, whichever the network is surer of)"] if self.scale == "certainty" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
         extras += {"percentile": ["intensity: per-image percentiles"],
