@@ -7,7 +7,7 @@ import torch
 
 from unet_pl.inference import Settings
 from unet_pl.inference.predict import probabilities
-from unet_pl.inference.scale import TRAINING_MEDIAN_AREAS, auto_factor, check_scale, resize
+from unet_pl.inference.scale import AUTO_BAND, TRAINING_MEDIAN_AREAS, auto_factor, check_scale, resize
 
 
 def discs(side: int, radius: int, n: int = 4) -> np.ndarray:
@@ -22,15 +22,22 @@ def discs(side: int, radius: int, n: int = 4) -> np.ndarray:
     return lab
 
 
-def test_auto_factor_enlarges_nuclei_below_the_training_median_and_shrinks_the_largest():
-    lo, mid, hi = TRAINING_MEDIAN_AREAS
-    assert auto_factor(discs(256, 12)) == 1.0  # ~450 px: above the median, below the 95th percentile: as it is
-    under = discs(256, 8)  # ~200 px: inside the 5th-95th percentiles, below the median: enlarged to it
+def test_auto_factor_brings_the_median_nucleus_into_the_band():
+    lo, mid, _ = TRAINING_MEDIAN_AREAS
+    low, high = AUTO_BAND
+    assert (low, high) == (mid, 500.0)
+    inside = discs(256, 12)  # 441 px discs (the grid points within 12 px of the centre): inside the band, as it is
+    assert low < np.median(np.bincount(inside.ravel())[1:]) < high and auto_factor(inside) == 1.0
+    under = discs(256, 8)  # ~200 px: below the training median: enlarged to it
     area = np.median(np.bincount(under.ravel())[1:])
     assert lo < area < mid and auto_factor(under) == pytest.approx(np.sqrt(mid / area)) and auto_factor(under) > 1.1
-    big = discs(1024, 30)  # ~2,800 px nuclei
+    above = discs(512, 15)  # ~700 px: above the band: shrunk to its top (500 px), not to the median
+    area = np.median(np.bincount(above.ravel())[1:])
+    assert 650 < area < 750 and auto_factor(above) == pytest.approx(np.sqrt(high / area))
+    assert 0.8 < auto_factor(above) < 0.9
+    big = discs(1024, 30)  # ~2,800 px nuclei: shrunk to 500 px, about 0.42 in each side
     area = np.median(np.bincount(big.ravel())[1:])
-    assert area > hi and auto_factor(big) == pytest.approx(np.sqrt(mid / area))
+    assert auto_factor(big) == pytest.approx(np.sqrt(high / area)) and 0.40 < auto_factor(big) < 0.44
     small = discs(256, 3)  # ~29 px
     area = np.median(np.bincount(small.ravel())[1:])
     assert area < lo and auto_factor(small) == pytest.approx(np.sqrt(mid / area))

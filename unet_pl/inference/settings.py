@@ -16,7 +16,7 @@ from typing import Any
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
 from ..data.readers import INTENSITIES
 from .postprocess import SPLITS
-from .scale import check_scale
+from .scale import AUTO_BAND, check_scale
 from .tiling import check_tile
 from .tta import TTAS
 
@@ -134,7 +134,7 @@ class Settings:
         extras += [f"nuclei under {self.min_relative_size:g} x the median area dropped"] if self.min_relative_size else []
         extras += [f"nuclei under mean probability {self.min_probability:g} dropped"] if self.min_probability else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
-        extras += ["scale auto (images whose nuclei are below the training median or above its 95th percentile resized to the median)"] if self.scale == "auto" else []
+        extras += [f"scale auto (images whose median nucleus is below {AUTO_BAND[0]:g} px enlarged to it, above {AUTO_BAND[1]:g} px shrunk to it)"] if self.scale == "auto" else []
         extras += ["scale certainty (each image at 1 or 0.5, whichever the network is surer of)"] if self.scale == "certainty" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
         extras += {"percentile": ["intensity: per-image percentiles"],
