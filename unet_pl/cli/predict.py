@@ -16,6 +16,7 @@ from pathlib import Path
 from ..data.holdout import HOLDOUTS
 from ..data.readers import INTENSITIES
 from ..inference.postprocess import SPLITS
+from ..inference.scale import AUTO_BAND
 from ..inference.tta import TTAS
 from .common import Parser, fail, holdout_arg
 
@@ -62,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fold k of K of the grouped cross-validation (unet_pl.data.groups)")
     p.add_argument("--scale", default=None, metavar="auto|certainty|FACTOR",
                    help="native-resolution checkpoints: resize each image by FACTOR before the network (0.5 for images at "
-                        "twice the training magnification), or auto: when the nuclei of a first pass are larger or "
-                        "smaller than in any of the training images, resize them to the typical training size and "
-                        "predict again; or certainty: one pass at 1 and one at 0.5 without TTA, and each image kept at the "
+                        "twice the training magnification), or auto: a first pass measures the nuclei; an image whose median "
+                        f"nucleus is below {AUTO_BAND[0]:g} px (the training median) is enlarged to it, above "
+                        f"{AUTO_BAND[1]:g} px shrunk to it, and predicted again; or certainty: one pass at 1 and one at 0.5 without TTA, and each image kept at the "
                         "one whose foreground the network is surer of (helps grainy nuclei read as pieces; a quarter pass "
                         "more per image without TTA, 1.25 passes more with it) (default 1: as they are)")
     p.add_argument("--tile", type=int, default=2048,
