@@ -66,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "twice the training magnification), or auto: a first pass measures the nuclei; an image whose median "
                         f"nucleus is below {AUTO_BAND[0]:g} px (the training median) is enlarged to it, above "
                         f"{AUTO_BAND[1]:g} px shrunk to it, and predicted again; or certainty: one pass at 1 and one at 0.5 "
-                        "without TTA, and each image kept at the "
-                        "one whose foreground the network is surer of (helps grainy nuclei read as pieces; a quarter pass "
+                        "without TTA, and each image kept at the one whose foreground the network is surer of (helps grainy nuclei read as pieces; a quarter pass "
                         "more per image without TTA, 1.25 passes more with it) (default 1: as they are)")
     p.add_argument("--tile", type=int, default=2048,
                    help="native-resolution checkpoints: images with a side above this go through in overlapping tiles of at most this side (default 2048: about 0.9 GB for the network)")

@@ -28,7 +28,8 @@ rule was chosen on fold 2, then held on folds 1 and 3). Until the twelfth sessio
 only images above the 95th percentile (to the median); shrinking every image whose nuclei are
 above 500 px to 500 px raised fold 1's score of the recipe's checkpoints from 0.525 to 0.543 and
 0.544 to 0.547 (two seeds; its large-nucleus fluorescence gains most; the top of the band was chosen
-there among 400-1,923 px, then held on folds 2 and 3, +0.003 and +0.000: docs/accuracy.md). The rule is fixed, not fitted per model.
+there among 400-1,923 px, then held on folds 2 and 3, +0.003 and +0.000: docs/accuracy.md). The
+rule is fixed, not fitted per model.
 
 "certainty" is for images whose nuclei are inside the training sizes but whose texture the model
 reads as pieces (grainy or speckled nuclei): half size smooths the grain. On the grouped
