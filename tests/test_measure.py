@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
 from skimage.segmentation import watershed
 
-from unet_pl.inference.measure import COLUMNS, nucleus_table
+from unet_pl.inference.measure import COLUMNS, nucleus_table, solidity
 from unet_pl.inference.outputs import NUCLEUS_PROPERTIES
 
 from conftest import REAL_DATA_DIR
@@ -150,3 +150,16 @@ def test_a_real_competition_image():
     got = assert_matches_regionprops(labels, image.astype(np.float32).mean(axis=2))
     assert len(got["label"]) == len(masks)
     assert_matches_regionprops(labels, image[..., 0])
+
+
+def test_solidity_of_some_labels_matches_regionprops():
+    rng = np.random.default_rng(5)
+    labels = watershed_nuclei(rng)
+    ref = regionprops_table(labels, properties=("label", "solidity"))
+    which = rng.permutation(ref["label"])[:15]  # a subset, in no order
+    expected = ref["solidity"][np.searchsorted(ref["label"], which)]
+    np.testing.assert_allclose(solidity(labels, which), expected, rtol=1e-12)
+    assert (expected < 1).any()  # some concave ones among them
+    assert solidity(labels, np.zeros(0, int)).shape == (0,)
+    with pytest.raises(ValueError, match="not in the image"):
+        solidity(labels, [4])  # labels are 7k + 3

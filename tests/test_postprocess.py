@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from unet_pl.metrics import dsb_image_score
+from skimage.measure import regionprops
+
 from unet_pl.inference.postprocess import (
-    components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, renumber, split_nuclei,
+    CONCAVE_MIN_AREA, CONCAVE_SOLIDITY, components, fill_holes, probabilities_to_labels, relabel, remove_doubtful, remove_small, renumber, split_concave,
+    split_nuclei,
 )
 from unet_pl.data.targets import boundaries, distances, head_channels, make_targets
-from unet_pl.inference.settings import LEGACY_SEED_THRESHOLDS
+from unet_pl.inference.predict import labels_from_probabilities
+from unet_pl.inference.settings import LEGACY_SEED_THRESHOLDS, Settings
 from unet_pl.inference.tiling import pad_to_multiple, predict_whole, tile_side, tile_starts
 from unet_pl.inference.tta import forward_view, inverse_view, tta_predict, views
 
@@ -314,6 +318,53 @@ def test_tiles_agree_with_whole_image_for_a_local_model():
     assert torch.allclose(tiled, whole, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 16"):
         predict_whole(conv, x, tile=100)
+
+
+def disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+
+
+def touching_field() -> tuple[np.ndarray, list[np.ndarray]]:
+    """Five round nuclei of radius 8, one ellipse twice their area, and two touching discs drawn as one
+    nucleus (label 7): the labels, and the true nuclei of the touching pair."""
+    shape = (60, 160)
+    lab = np.zeros(shape, np.int32)
+    for k, x in enumerate((10, 30, 50, 70, 90), start=1):
+        lab[disc(shape, (12, x), 8)] = k
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    lab[((yy - 40) / 8) ** 2 + ((xx - 25) / 17) ** 2 <= 1] = 6  # convex, 2.1 x the median: stays whole
+    left, right = disc(shape, (40, 100), 8), disc(shape, (40, 115), 8)  # centres 15 px apart: a waist
+    lab[left | right] = 7
+    return lab, [left & ~right, right & ~left]
+
+
+def test_split_concave_cuts_two_touching_nuclei_and_leaves_convex_ones():
+    lab, (left, right) = touching_field()
+    props = {p.label: p for p in regionprops(lab)}
+    assert props[7].solidity < CONCAVE_SOLIDITY < props[6].solidity  # the reference says which is concave
+    assert props[6].area >= CONCAVE_MIN_AREA * np.median([p.area for p in props.values()])
+    out = split_concave(lab)
+    assert out.dtype == np.int32 and out.max() == 8
+    for k in range(1, 7):  # untouched, same numbers
+        assert np.array_equal(out == k, lab == k)
+    pieces = [out == 7, out == 8]
+    assert np.array_equal(pieces[0] | pieces[1], lab == 7)
+    for truth in (left, right):  # each true disc is one of the pieces
+        iou = max((truth & p).sum() / (truth | p).sum() for p in pieces)
+        assert iou > 0.9
+    assert np.array_equal(split_concave(lab[:, :45]), relabel(lab[:, :45]))  # two nuclei: no median, left alone
+
+
+def test_split_concave_through_the_post_processing():
+    lab, _ = touching_field()
+    fg = (lab > 0).astype(np.float32)
+    prob = np.stack([fg, np.zeros_like(fg)])  # no boundary drawn: the watershed keeps the pair in one piece
+    assert probabilities_to_labels(prob, 0.5).max() == 7
+    assert probabilities_to_labels(prob, 0.5, concave=True).max() == 8
+    s = Settings(resolution="native", out_channels=2, threshold=0.5, split_concave=True)
+    assert labels_from_probabilities(prob, s).max() == 8
+    assert "concave nuclei cut" in s.describe() and "concave" not in s.replace(split_concave=False).describe()
 
 
 def test_remove_doubtful_by_relative_size_and_mean_probability():

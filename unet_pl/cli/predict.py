@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--min-probability", type=float, default=None, metavar="P",
                       help="drop nuclei whose mean foreground probability is under P, e.g. 0.7 (default 0: off)")
     post.add_argument("--fill-holes", action="store_true", default=None, help="fill holes inside each predicted nucleus")
+    post.add_argument("--split-concave", action="store_true", default=None,
+                      help="cut predicted nuclei shaped like two or more touching ones (solidity under 0.92, at least 1.5 x "
+                           "the image's median nucleus area) at the peaks of their distance transform")
     post.add_argument("--split", choices=("auto", *SPLITS), default="auto",
                       help="how foreground becomes nuclei: components (the notebook), watershed (needs a checkpoint with a "
                            "boundary output, --head mask+boundary or mask+boundary+distance); auto: watershed when it has one")
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = read_checkpoint(args.ckpt or PRETRAINED) if not args.keras_h5 else None
         net = load_model(ckpt, args.keras_h5, device, name=source)
         settings = net.settings.replace(threshold=args.threshold, min_size=args.min_size, fill_holes=args.fill_holes,
+                                        split_concave=args.split_concave,
                                         min_relative_size=args.min_relative_size, min_probability=args.min_probability,
                                         seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile, scale=args.scale,
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split,

@@ -108,7 +108,8 @@ def labels_from_probabilities(prob: np.ndarray, settings: Settings) -> np.ndarra
     """Probabilities ``(C, H, W)`` -> int32 nuclei ``(H, W)`` with ``settings``' post-processing."""
     return probabilities_to_labels(prob, settings.threshold, split=settings.split, seed_threshold=settings.seed_threshold,
                                    min_size=settings.min_size, holes=settings.fill_holes,
-                                   min_relative_size=settings.min_relative_size, min_probability=settings.min_probability)
+                                   min_relative_size=settings.min_relative_size, min_probability=settings.min_probability,
+                                   concave=settings.split_concave)
 
 
 def segment(net: nn.Module, image: np.ndarray | str | Path, settings: Settings | None = None,

@@ -43,7 +43,8 @@ class Settings:
     ``postprocess.ridge``); ``min_size`` drop nuclei under this many pixels (at the image's own
     size); ``fill_holes`` fill holes inside nuclei; ``min_relative_size`` drop nuclei under this
     fraction of the image's median nucleus area; ``min_probability`` drop nuclei whose mean
-    foreground probability is under it (both 0: off).
+    foreground probability is under it (both 0: off); ``split_concave`` cut nuclei shaped like
+    touching ones (solidity under 0.92, ``postprocess.split_concave``).
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
     network, or "auto" or "certainty": a factor chosen per image (``unet_pl.inference.scale``).
@@ -62,6 +63,7 @@ class Settings:
     fill_holes: bool = False
     min_relative_size: float = 0.0
     min_probability: float = 0.0
+    split_concave: bool = False
     tta: str = "none"
     tile: int = 2048
     channel: int | None = None
@@ -133,6 +135,7 @@ class Settings:
         extras += ["holes filled"] if self.fill_holes else []
         extras += [f"nuclei under {self.min_relative_size:g} x the median area dropped"] if self.min_relative_size else []
         extras += [f"nuclei under mean probability {self.min_probability:g} dropped"] if self.min_probability else []
+        extras += ["concave nuclei cut in two or more"] if self.split_concave else []
         extras += [f"TTA {self.tta}"] if self.tta != "none" else []
         extras += [f"scale auto (images whose median nucleus is below {AUTO_BAND[0]:g} px enlarged to it, above {AUTO_BAND[1]:g} px shrunk to it)"] if self.scale == "auto" else []
         extras += ["scale certainty (each image at 1 or 0.5, whichever the network is surer of)"] if self.scale == "certainty" else []
