@@ -43,7 +43,7 @@ pretrained: install
 # on a 2-core CPU (2026-12-01, fp32, with the weights' average most run all 100 epochs), plus 3-5 min
 # of prediction per fold.
 crossval: install
-	$(PY) scripts/crossval.py --data-dir $(DSB) --out runs/cv_instance --predict "--tta d4 --min-size 20 --fill-holes --scale auto" -- --gpus 0 --mode instance --epochs 100 --patience 10 $(ARGS)
+	$(PY) scripts/crossval.py --data-dir $(DSB) --out runs/cv_instance --predict "--tta d4 --min-size 20 --fill-holes --scale auto --split-concave" -- --gpus 0 --mode instance --epochs 100 --patience 10 $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
