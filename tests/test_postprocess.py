@@ -367,6 +367,22 @@ def test_split_concave_through_the_post_processing():
     assert "concave nuclei cut" in s.describe() and "concave" not in s.replace(split_concave=False).describe()
 
 
+def test_segment_splits_concave_nuclei_when_asked():
+    """The README's ``unet_pl.segment(net, image, split_concave=True)``, with a stand-in network that
+    reads the foreground off the image and draws no boundary."""
+    import unet_pl
+
+    class Reader(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :1] * 20 - 10, torch.full_like(x[:, :1], -10.0)], 1)
+
+    lab, _ = touching_field()
+    image = np.where(lab > 0, 255, 0).astype(np.uint8)
+    settings = Settings(resolution="native", out_channels=2, threshold=0.5)
+    assert unet_pl.segment(Reader(), image, settings).max() == 7
+    assert unet_pl.segment(Reader(), image, settings, split_concave=True).max() == 8
+
+
 def test_remove_doubtful_by_relative_size_and_mean_probability():
     lab = np.zeros((40, 40), np.int32)
     lab[0:10, 0:10] = 3  # 100 px
