@@ -141,8 +141,11 @@ def test_img_size_not_multiple_of_16_is_a_usage_error(tmp_path, cache_dir):
 
 
 def signal_once_checkpointed(cmd: list[str], out: Path, sig: int, cwd: Path) -> tuple[int, str]:
-    """Start a training run, send ``sig`` once its first ``last.ckpt`` exists; its exit status and output."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start a training run, send ``sig`` once its first ``last.ckpt`` exists; its exit status and output.
+    The run gets Ctrl-C's default action whatever this process inherited: a test suite started as a
+    background job of a script ignores SIGINT, and so would every program it starts."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while not (out / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
