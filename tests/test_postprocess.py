@@ -365,6 +365,11 @@ def test_split_concave_through_the_post_processing():
     s = Settings(resolution="native", out_channels=2, threshold=0.5, split_concave=True)
     assert labels_from_probabilities(prob, s).max() == 8
     assert "concave nuclei cut" in s.describe() and "concave" not in s.replace(split_concave=False).describe()
+    for wrong in ("no", "yes", 0.9, 1):  # "no" would otherwise switch the cut on
+        with pytest.raises(ValueError, match="split_concave is True or False"):
+            s.replace(split_concave=wrong)
+    with pytest.raises(ValueError, match="fill_holes is True or False"):
+        s.replace(fill_holes="no")
 
 
 def test_segment_splits_concave_nuclei_when_asked():

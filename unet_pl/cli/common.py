@@ -10,11 +10,19 @@ EXIT_USAGE = 2
 _prog = "unet_pl"
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, except where the default is None: there the flag is
+    off unless given, or takes the checkpoint's value, which its help (or its group's) says in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse`` with our error shape: ``PROG: error: MESSAGE (see --help)``, no usage block."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
         global _prog
         _prog = self.prog

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
                    help="K: histology has three stain groups, so with 3 every fold holds some out (unet_pl.data.groups)")
     p.add_argument("--predict", default="", metavar="FLAGS",
-                   help='predict.py flags for every fold, one string: --predict "--tta d4 --min-size 20 --fill-holes" '
+                   help='predict.py flags for every fold, one string: '
+                        '--predict "--tta d4 --min-size 20 --fill-holes --scale auto --split-concave" '
                         '(a single flag: --predict=--fill-holes)')
     return p
 

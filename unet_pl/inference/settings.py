@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
 from ..data.readers import INTENSITIES
 from .postprocess import SPLITS
@@ -78,6 +80,9 @@ class Settings:
         for name in ("threshold", "seed_threshold", "min_probability"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1]")
+        for name in ("fill_holes", "split_concave"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} is True or False, got {getattr(self, name)!r}")
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
         if not 0.0 <= self.min_relative_size < 1.0:
