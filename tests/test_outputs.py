@@ -481,3 +481,39 @@ def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(t
     third.commit()
     assert not (tmp_path / "out" / "overlays" / "a.png").exists() and (tmp_path / "out" / "overlays" / "b.png").exists()
     assert (tmp_path / "out" / "overlays" / "notes.txt").exists() and third.earlier == 3
+
+
+def test_overlays_are_drawn_on_the_file_as_it_looks_not_as_the_network_reads_it(tmp_path):
+    """A model that reads grey (H&E inverted so that nuclei are bright): the overlay of a colour file
+    keeps its colours, and a 16-bit file is shown stretched between its percentiles, outlines aside."""
+    from PIL import Image
+
+    from unet_pl.data.readers import to_rgb8
+    from unet_pl.inference import Settings
+    from unet_pl.inference.folder import predict_folder
+
+    class Reader(torch.nn.Module):  # foreground where the network's input is bright, no boundary
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.cat([x[:, :1] * 20 - 10, torch.full_like(x[:, :1], -10.0)], 1)
+
+    yy, xx = np.mgrid[:64, :96]
+    nuclei = ((yy - 20) ** 2 + (xx - 25) ** 2 < 100) | ((yy - 40) ** 2 + (xx - 70) ** 2 < 120)
+    stain = np.where(nuclei[..., None], [120, 60, 150], [230, 200, 220]).astype(np.uint8)  # purple on pink
+    camera = np.where(nuclei, 3000, 200).astype(np.uint16) + (xx * 7).astype(np.uint16)  # 12-bit data in 16 bits
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "stain.tif", stain, photometric="rgb")
+    tifffile.imwrite(folder / "camera.tif", camera)
+    settings = Settings(resolution="native", out_channels=2, threshold=0.5, intensity="grey")
+    stats = predict_folder(Reader(), folder, tmp_path / "out" / "s.csv", settings=settings, out_dir=tmp_path / "out",
+                           overlays=True, progress=False)
+    assert stats["nuclei"] == 4  # two in each: the network saw them bright
+    for name, shown in (("stain", stain), ("camera", to_rgb8(camera, "percentile"))):
+        overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / f"{name}.png"))
+        outline = (overlay == [255, 255, 0]).all(-1) & ~(shown == [255, 255, 0]).all(-1)
+        assert 0 < outline.sum() < outline.size / 4
+        np.testing.assert_array_equal(overlay[~outline], shown[~outline])

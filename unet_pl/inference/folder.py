@@ -21,7 +21,7 @@ from torch import nn
 from ..data.images import list_images
 from ..data.readers import read_raw, to_rgb8
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
-from .outputs import Outputs, intensity_image
+from .outputs import Outputs, intensity_image, overlay_image
 from .predict import labels_from_probabilities, predict_images
 from .scale import largest_factor
 from .settings import Settings
@@ -150,7 +150,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         probs = predict_images(net, (image for _, _, image in items), settings.decoded(), batch_size)
         for (image_id, raw, image), prob in zip(items, probs, strict=True):
             labels = labels_from_probabilities(prob, settings)
-            outputs.add(image_id, image, intensity_image(raw), labels, prob)
+            shown = overlay_image(raw, image) if outputs.draws_overlays else image  # the file as it looks, not as the network reads it
+            outputs.add(image_id, shown, intensity_image(raw), labels, prob)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
             done.append((image_id, int(labels.max(initial=0)), squashed))
         return done

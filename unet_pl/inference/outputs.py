@@ -16,7 +16,7 @@ Into ``--out-dir`` (each optional one on request):
                                lowest in a run are where the model most likely failed: look at those first)
     rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
     probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
-    overlays/<id>.png          the image with each nucleus outlined                                 --overlays
+    overlays/<id>.png          the image with each nucleus outlined, as the file looks (overlay_image) --overlays
 
 Safety: every file is written into a hidden staging folder beside its destination and moved into
 place only when the whole run has succeeded, so a failure or a kill leaves the previous results
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.readers import channel_mean
+from ..data.readers import channel_mean, to_rgb8
 from ..rle import encode_labels
 from .measure import nucleus_table
 from .postprocess import label_means
@@ -95,6 +95,21 @@ def intensity_image(raw: np.ndarray) -> np.ndarray:
     """nuclei.csv's intensities from ``read_raw``'s pixels: float32 ``(H, W)`` in the file's own units,
     the one channel as it is, the mean of RGB's three."""
     return channel_mean(raw)
+
+
+def overlay_image(raw: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """What an overlay is drawn on, from ``read_raw``'s pixels: the file as a person sees it, not as
+    the network reads it (grey, inverted for stained tissue): 8-bit grey or RGB as stored, 16-bit
+    stretched between its 1st and 99.8th percentiles; ``fallback`` (the network's uint8 RGB) for
+    anything else."""
+    raw = np.asarray(raw)
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[:, :, 0]
+    if raw.shape[:2] != fallback.shape[:2] or not (raw.ndim == 2 or raw.shape[2] == 3):
+        return fallback
+    if raw.dtype == np.uint8:
+        return np.ascontiguousarray(raw) if raw.ndim == 3 else np.repeat(raw[:, :, None], 3, axis=2)
+    return to_rgb8(raw, "percentile") if raw.dtype == np.uint16 else fallback
 
 
 def nucleus_rows(image_id: str, table: dict[str, np.ndarray], probability: np.ndarray | None = None) -> list[tuple]:
@@ -196,6 +211,11 @@ class Outputs:
             staged = self._staging[folder] / dest.name
             self._staged.append((staged, dest))
         return staged
+
+    @property
+    def draws_overlays(self) -> bool:
+        """Whether ``add`` draws an overlay (its ``image`` is only used for that)."""
+        return "overlays" in self.dirs or "overlays_png" in self.dirs
 
     def add(self, image_id: str, image: np.ndarray, intensity: np.ndarray, labels: np.ndarray,
             prob: np.ndarray | None = None) -> None:
