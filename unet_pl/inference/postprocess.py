@@ -194,7 +194,8 @@ def split_concave(labels: np.ndarray) -> np.ndarray:
     lie at least CONCAVE_PEAK_DISTANCE x r apart and CONCAVE_PEAK_DEPTH x r deep, r the radius of
     the image's median nucleus (``sqrt(median area / pi)``). One peak: left whole. The first piece
     keeps the nucleus' place in the numbering, the others are numbered after the image's last.
-    Images with fewer than 3 nuclei are left as they are (no median to speak of).
+    Images with fewer than 3 nuclei are left as they are (no median to speak of). Elongated or
+    curved nuclei are concave too, and get cut across (spindle cells in tissue: docs/accuracy.md).
     """
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
