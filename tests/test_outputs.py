@@ -517,3 +517,21 @@ def test_overlays_are_drawn_on_the_file_as_it_looks_not_as_the_network_reads_it(
         outline = (overlay == [255, 255, 0]).all(-1) & ~(shown == [255, 255, 0]).all(-1)
         assert 0 < outline.sum() < outline.size / 4
         np.testing.assert_array_equal(overlay[~outline], shown[~outline])
+
+
+def test_split_concave_flag_cuts_after_the_size_filter(images, tmp_path):
+    """predict.py --split-concave with the bundled model: the settings line says so, and each label
+    TIFF is the one without the flag passed through ``split_concave`` and the model's size filter."""
+    from unet_pl.inference.checkpoint import load_model
+    from unet_pl.inference.postprocess import renumber, split_concave
+
+    plain = predict("--data-dir", images, "--out-dir", tmp_path / "plain")
+    cut = predict("--data-dir", images, "--out-dir", tmp_path / "cut", "--split-concave")
+    assert "concave nuclei cut" in cut.stdout and "concave nuclei cut" not in plain.stdout
+    min_size = load_model().settings.min_size
+    more = 0
+    for f in sorted((tmp_path / "plain" / "labels").iterdir()):
+        before, after = tifffile.imread(f), tifffile.imread(tmp_path / "cut" / "labels" / f.name)
+        np.testing.assert_array_equal(after, renumber(split_concave(before), min_size))
+        more += int(after.max()) - int(before.max())
+    assert more > 0  # the sample's touching nuclei give it something to cut
