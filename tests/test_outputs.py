@@ -520,15 +520,19 @@ def test_overlays_are_drawn_on_the_file_as_it_looks_not_as_the_network_reads_it(
 
 
 def test_split_concave_flag_cuts_after_the_size_filter(images, tmp_path):
-    """predict.py --split-concave with the bundled model: the settings line says so, and each label
-    TIFF is the one without the flag passed through ``split_concave`` and the model's size filter."""
+    """predict.py --split-concave with the bundled model: the settings line says so and takes the
+    values the model's tuner chose for the cut, and each label TIFF is the one without the flag (at
+    those values) passed through ``split_concave`` and the size filter."""
     from unet_pl.inference.checkpoint import load_model
     from unet_pl.inference.postprocess import renumber, split_concave
 
-    plain = predict("--data-dir", images, "--out-dir", tmp_path / "plain")
+    threshold, seed_threshold, min_size = load_model().settings.tuned_for_cut
+    assert (threshold, seed_threshold) != (load_model().settings.threshold, load_model().settings.seed_threshold)
+    plain = predict("--data-dir", images, "--out-dir", tmp_path / "plain", "--threshold", str(threshold),
+                    "--seed-threshold", str(seed_threshold), "--min-size", str(min_size))
     cut = predict("--data-dir", images, "--out-dir", tmp_path / "cut", "--split-concave")
     assert "concave nuclei cut" in cut.stdout and "concave nuclei cut" not in plain.stdout
-    min_size = load_model().settings.min_size
+    assert f"with the cut, then flags): images at their own size, threshold {threshold:g}, watershed (seed threshold {seed_threshold:g})" in cut.stdout
     more = 0
     for f in sorted((tmp_path / "plain" / "labels").iterdir()):
         before, after = tifffile.imread(f), tifffile.imread(tmp_path / "cut" / "labels" / f.name)

@@ -81,7 +81,8 @@ def test_python_api_fit_of_the_boundary_head_tunes_and_says_what_it_set(tmp_path
     finally:
         shown.removeHandler(handler)
     hp = torch.load(next((tmp_path / "a").rglob("*.ckpt")), weights_only=True)["hyper_parameters"]
-    assert set(hp["postprocess"]) == {"threshold", "seed_threshold", "min_size"}
+    assert set(hp["postprocess"]) == {"threshold", "seed_threshold", "min_size", "split_concave"}
+    assert set(hp["postprocess"]["split_concave"]) == {"threshold", "seed_threshold", "min_size"}  # chosen for the cut
     said = "\n".join(lines)
     assert "img_size taken from the data module: 64" in said and "keeping freed memory" in said
     untuned = LitUNet(head="mask+boundary", tune=False)
@@ -112,7 +113,7 @@ def test_distance_head_trains_on_depth_maps_and_predicts_through_the_inference_a
     _trainer(tmp_path / "a", accelerator="cpu").fit(model, dm)
     ckpt = next((tmp_path / "a").rglob("*.ckpt"))
     hp = torch.load(ckpt, weights_only=True)["hyper_parameters"]
-    assert (hp["head"], hp["out_channels"]) == (head, 3) and set(hp["postprocess"]) == {"threshold", "seed_threshold", "min_size"}
+    assert (hp["head"], hp["out_channels"]) == (head, 3) and set(hp["postprocess"]) == {"threshold", "seed_threshold", "min_size", "split_concave"}
     net = load_model(ckpt)
     image = next((sample_dir).glob("*/images/*.png"))
     prob = probabilities(net, image)
@@ -202,6 +203,42 @@ def test_the_tuner_applies_the_tolerance_it_is_given(sample_dir, monkeypatch):
     assert (chosen["threshold"], chosen["seed_threshold"]) == (0.5, 0.15)
 
 
+def test_the_tuner_chooses_again_for_the_cut_and_prediction_takes_it_with_the_cut(sample_dir, monkeypatch):
+    """A made-up score surface where the best seed threshold is 0.1 without ``split_concave`` and
+    0.3 with it (the cut splits what the extra seeds split): the tuner stores both choices, the
+    second under "split_concave"; ``replace(split_concave=True)`` takes it unless given values of
+    its own, and ``cut=False`` leaves it out."""
+    from unet_pl import LitUNet
+    from unet_pl.inference import Settings
+    from unet_pl.inference import tune
+
+    def made_up(probs, truths, settings):
+        best = 0.3 if settings.split_concave else 0.1
+        return 0.5 - 0.01 * abs(settings.threshold - (0.6 if settings.split_concave else 0.5)) - 0.5 * abs(settings.seed_threshold - best)
+
+    monkeypatch.setattr(tune, "score", made_up)
+    samples = _decoded_samples(sample_dir, 1)
+    net = _Oracle(samples, 0.9, 0.2, boundary=0.01)
+    watershed = Settings(resolution="native", img_size=64, out_channels=2, seed_threshold=0.15)
+    chosen, best = tune.tune_postprocessing(net, samples, watershed, min_sizes=(0,))
+    assert (chosen["threshold"], chosen["seed_threshold"], chosen["min_size"]) == (0.5, 0.1, 0)
+    assert chosen["split_concave"] == {"threshold": 0.6, "seed_threshold": 0.3, "min_size": 0}
+    assert best == pytest.approx(0.5)  # the plain choice's score
+    assert "split_concave" not in tune.tune_postprocessing(net, samples, watershed, min_sizes=(0,), cut=False)[0]
+
+    model = LitUNet(head="mask+boundary", resolution="native")
+    model.set_postprocess(chosen)
+    s = model.settings
+    assert (s.threshold, s.seed_threshold, s.split_concave) == (0.5, 0.1, False)
+    cut = s.replace(split_concave=True)
+    assert (cut.threshold, cut.seed_threshold, cut.min_size, cut.cut_tuned) == (0.6, 0.3, 0, True)
+    mine = s.replace(split_concave=True, seed_threshold=0.2, min_size=20)  # flags given win
+    assert (mine.threshold, mine.seed_threshold, mine.min_size, mine.cut_tuned) == (0.6, 0.2, 20, False)
+    assert s.replace(min_size=5).seed_threshold == 0.1  # without the cut, the plain choice
+    with pytest.raises(ValueError, match="split_concave needs"):
+        model.set_postprocess({**chosen, "split_concave": {"threshold": 0.6}})
+
+
 def _surface(text):
     """``"t s:score s:score ..."`` lines (as printed when the grid was measured) -> {(t, s): score}."""
     return {(float(t), float(s)): float(v) for line in text.strip().splitlines()
@@ -248,10 +285,10 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
                         "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "post-processing chosen on the validation images" in p.stdout
+    assert "post-processing chosen on the validation images" in p.stdout and "; with --split-concave: threshold" in p.stdout
     ckpt = torch.load(out / "best.ckpt", weights_only=True)
     tuned = ckpt["hyper_parameters"]["postprocess"]
-    assert set(tuned) == {"threshold", "seed_threshold", "min_size"}
+    assert set(tuned) == {"threshold", "seed_threshold", "min_size", "split_concave"}
     assert torch.load(out / "last.ckpt", weights_only=True)["hyper_parameters"]["postprocess"] == tuned
     # the hold-out ids travel with the run: predict uses them without decoding the folder
     from unet_pl.data.holdout import holdout_ids
@@ -262,6 +299,14 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
     assert "never trained on" in q.stdout and f"threshold {tuned['threshold']:g}" in q.stdout and "4 images" in q.stdout
+    # with the cut, the values chosen for it
+    q = subprocess.run([sys.executable, "scripts/predict.py", "--ckpt", str(out / "best.ckpt"), "--data-dir", str(sample_dir),
+                        "--out", str(tmp_path / "c.csv"), "--gpus", "0", "--no-progress", "--split-concave"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert q.returncode == 0, q.stderr[-3000:]
+    cut = tuned["split_concave"]
+    assert (f"settings (tuned on the run's validation images with the cut, then flags): images at their own size, "
+            f"threshold {cut['threshold']:g}, watershed (seed threshold {cut['seed_threshold']:g})") in q.stdout
 
 
 def test_lightning_cli_config_round_trip_links_the_geometry(tmp_path):

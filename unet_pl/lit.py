@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .geometry import BOUNDARY_TARGETS, SHARED_KEYS, agreed_keys, check_resolution, check_side, head_channels, reconcile
 from .inference.predict import labels_from_probabilities, probabilities, to_input
-from .inference.settings import TUNED_KEYS, Settings
+from .inference.settings import CUT_KEY, TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
@@ -84,6 +84,8 @@ class LitUNet(pl.LightningModule):
             no channel selection, "fixed").
         postprocess: ``{"threshold", "seed_threshold", "min_size"}`` chosen on the validation split
             at the end of training (``unet_pl.callbacks.TunePostprocessing``); prediction's defaults.
+            Optionally also ``"split_concave": {the same keys}``, chosen with that cut on: what
+            prediction uses with ``--split-concave``.
         tune: choose ``postprocess`` at the end of ``fit`` (the model adds ``TunePostprocessing``).
             None: for the ``mask+boundary`` head (its watershed has thresholds worth choosing; a few
             seconds to a minute on the validation images), not for the notebook's ``mask`` head.
@@ -198,8 +200,9 @@ class LitUNet(pl.LightningModule):
             self._hparams_initial[key] = value
 
     def set_postprocess(self, chosen: dict) -> None:
-        """Store the post-processing prediction will use by default (keys ``TUNED_KEYS``)."""
-        chosen = {k: chosen[k] for k in TUNED_KEYS if k in chosen}
+        """Store the post-processing prediction will use by default (keys ``TUNED_KEYS``, and ``CUT_KEY``:
+        the same keys chosen for ``--split-concave``)."""
+        chosen = {k: chosen[k] for k in (*TUNED_KEYS, CUT_KEY) if k in chosen}
         Settings.from_hparams({**self.hparams, "postprocess": chosen})  # validates
         self.hparams["postprocess"] = chosen
 

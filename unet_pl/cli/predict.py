@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"warning: {source} was trained with --holdout {saved['holdout']}, not {args.holdout}: some of "
                       "these images may have been in its training set")
     tuned = bool(ckpt and (ckpt.get("hyper_parameters") or {}).get("postprocess"))
-    print(f"settings ({'tuned on the run' + chr(39) + 's validation images' if tuned else 'defaults'}, then flags): {settings.describe()}")
+    how = ("tuned on the run's validation images" + (" with the cut" if settings.cut_tuned else "")) if tuned else "defaults"
+    print(f"settings ({how}, then flags): {settings.describe()}")
     t0 = time.perf_counter()
     try:
         stats = predict_folder(net, args.data_dir, out_csv, settings=settings, ids=ids, batch_size=args.batch_size,

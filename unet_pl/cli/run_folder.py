@@ -65,10 +65,14 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
         lines.append(f"stopped after {trainer.current_epoch} epoch{'s' if trainer.current_epoch != 1 else ''} (--epochs {args.epochs}{', --max-time ' + args.max_time if args.max_time else ''})")
     where = f"{trainer.world_size} CPU process{'es' if trainer.world_size > 1 else ''}" if args.gpus == 0 else f"{trainer.world_size} GPU{'s' if trainer.world_size > 1 else ''}"
     lines.append(f"wall time {wall:.1f} s; training {throughput.images_per_second:.1f} images/s on {where}")
+    from ..inference.settings import CUT_KEY
+
     tuned = next((c for c in trainer.callbacks if getattr(c, "chosen", None)), None)
     if tuned is not None:
+        plain = ", ".join(f"{k} {v:g}" for k, v in tuned.chosen.items() if not isinstance(v, dict))
+        cut = tuned.chosen.get(CUT_KEY)
         lines.append(f"post-processing chosen on the validation images (score {tuned.score:.3f}), saved in the checkpoints: "
-                     + ", ".join(f"{k} {v:g}" for k, v in tuned.chosen.items()))
+                     + plain + ("; with --split-concave: " + ", ".join(f"{k} {v:g}" for k, v in cut.items()) if cut else ""))
     files = [p.name for p in (out / "best.ckpt", out / "last.ckpt", out / "hparams.yaml", out / "command.txt", *pictures) if p.exists()]
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")

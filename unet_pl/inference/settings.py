@@ -29,6 +29,9 @@ from .tta import TTAS
 LEGACY_SEED_THRESHOLDS = {"native": 0.15, "resize": 0.5}
 #: The keys of ``LitUNet(postprocess=...)``, the tuned part of the settings.
 TUNED_KEYS = ("threshold", "seed_threshold", "min_size")
+#: ``postprocess`` may also hold, under this key, the ``TUNED_KEYS`` chosen with ``split_concave`` on
+#: (``unet_pl.inference.tune``): ``Settings.replace(split_concave=True)`` takes them.
+CUT_KEY = "split_concave"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class Settings:
     size); ``fill_holes`` fill holes inside nuclei; ``min_relative_size`` drop nuclei under this
     fraction of the image's median nucleus area; ``min_probability`` drop nuclei whose mean
     foreground probability is under it (both 0: off); ``split_concave`` cut nuclei shaped like
-    touching ones (solidity under 0.92, ``postprocess.split_concave``).
+    touching ones (solidity under 0.92, ``postprocess.split_concave``); ``tuned_for_cut`` the
+    threshold, seed threshold and minimum size chosen on validation with that cut on (None: not
+    chosen), which ``replace(split_concave=True)`` takes unless it sets them itself.
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
     network, or "auto" or "certainty": a factor chosen per image (``unet_pl.inference.scale``).
@@ -66,6 +71,7 @@ class Settings:
     min_relative_size: float = 0.0
     min_probability: float = 0.0
     split_concave: bool = False
+    tuned_for_cut: tuple[float, float, int] | None = None
     tta: str = "none"
     tile: int = 2048
     channel: int | None = None
@@ -85,6 +91,11 @@ class Settings:
                 raise ValueError(f"{name} is True or False, got {getattr(self, name)!r}")
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
+        if self.tuned_for_cut is not None:
+            threshold, seed_threshold, min_size = self.tuned_for_cut
+            dataclasses.replace(self, threshold=threshold, seed_threshold=seed_threshold, min_size=min_size,
+                                tuned_for_cut=None)  # the same checks
+            object.__setattr__(self, "tuned_for_cut", (float(threshold), float(seed_threshold), int(min_size)))
         if not 0.0 <= self.min_relative_size < 1.0:
             raise ValueError(f"min_relative_size {self.min_relative_size} must lie in [0, 1): a fraction of the image's "
                              "median nucleus area")
@@ -113,10 +124,16 @@ class Settings:
         """A LitUNet's (or its checkpoint's) hyperparameters -> its settings (see the module docstring)."""
         resolution = hparams.get("resolution") or DEFAULT_RESOLUTION
         tuned = dict(hparams.get("postprocess") or {})
-        unknown = set(tuned) - set(TUNED_KEYS)
-        if unknown:
-            raise ValueError(f"postprocess has unknown keys {sorted(unknown)}; known: {', '.join(TUNED_KEYS)}")
+        cut = tuned.pop(CUT_KEY, None)
+        for keys in (tuned, cut or {}):
+            unknown = set(keys) - set(TUNED_KEYS)
+            if unknown:
+                raise ValueError(f"postprocess has unknown keys {sorted(unknown)}; known: {', '.join(TUNED_KEYS)}, {CUT_KEY}")
         tuned.setdefault("seed_threshold", LEGACY_SEED_THRESHOLDS[resolution])
+        if cut is not None:
+            if set(cut) != set(TUNED_KEYS):
+                raise ValueError(f"postprocess' {CUT_KEY} needs {', '.join(TUNED_KEYS)}, got {sorted(cut)}")
+            tuned["tuned_for_cut"] = tuple(cut[k] for k in TUNED_KEYS)
         return cls(resolution=resolution, img_size=int(hparams.get("img_size") or DEFAULT_SIZE),
                    out_channels=int(hparams.get("out_channels") or 1), channel=hparams.get("channel"),
                    intensity=hparams.get("intensity") or "fixed", **tuned)
@@ -127,8 +144,19 @@ class Settings:
         return dataclasses.replace(self, channel=None, intensity="fixed")
 
     def replace(self, **overrides: Any) -> Settings:
-        """A copy with every override that is not None applied (flags left unset keep the model's value)."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with every override that is not None applied (flags left unset keep the model's value).
+        Turning ``split_concave`` on also brings the values tuned for it (``tuned_for_cut``) for the
+        tuned keys the overrides leave unset."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("split_concave") and not self.split_concave and self.tuned_for_cut is not None:
+            given = {**dict(zip(TUNED_KEYS, self.tuned_for_cut)), **given}
+        return dataclasses.replace(self, **given)
+
+    @property
+    def cut_tuned(self) -> bool:
+        """Whether the cut is on with the threshold and seed threshold chosen for it."""
+        return (self.split_concave and self.tuned_for_cut is not None
+                and (self.threshold, self.seed_threshold) == self.tuned_for_cut[:2])
 
     def describe(self) -> str:
         """One line for the user: what prediction will do."""

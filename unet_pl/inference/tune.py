@@ -14,6 +14,11 @@ hair (0.002), and on a kind it never saw it can split every nucleus in pieces (g
 validation, docs/accuracy.md: one fold 0.233 at the tuned 0.1, 0.533 at 0.3). When validation
 cannot tell them apart, the cautious one is kept.
 
+The search runs twice on the same probabilities: with the model's post-processing, and with
+``split_concave`` on (the recipe's ``--split-concave``: a cut that splits merged nuclei wants fewer
+watershed seeds, so a higher seed threshold; grouped validation, docs/accuracy.md, fourteenth
+session). The second choice goes under ``"split_concave"`` and prediction takes it with the cut.
+
 The result goes into the model's hyperparameters (``LitUNet(postprocess=...)``) and so into its
 checkpoint; prediction uses it by default.
 """
@@ -28,7 +33,7 @@ from torch import nn
 
 from ..metrics import dsb_image_score
 from .predict import labels_from_probabilities, predict_images
-from .settings import Settings
+from .settings import CUT_KEY, Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +50,13 @@ def score(probs: list[np.ndarray], truths: list[np.ndarray], settings: Settings)
 
 def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.ndarray]], settings: Settings,
                         thresholds=THRESHOLDS, seed_thresholds=SEED_THRESHOLDS, min_sizes=MIN_SIZES,
-                        seed_tolerance=SEED_TOLERANCE) -> tuple[dict, float]:
+                        seed_tolerance=SEED_TOLERANCE, cut: bool = True) -> tuple[dict, float]:
     """``samples``: ``(image uint8 (H, W, 3), true labels int (H, W))`` at full size.
 
-    Returns ``({"threshold", "seed_threshold", "min_size"}, its mean score)``. The seed threshold
-    is searched only for watershed settings (else kept as it is).
+    Returns ``({"threshold", "seed_threshold", "min_size"}, its mean score)``; with ``cut`` (and
+    ``settings`` without ``split_concave``), the dict also holds ``"split_concave": {the same keys}``,
+    searched with ``split_concave`` on. The seed threshold is searched only for watershed settings
+    (else kept as it is).
     """
     images, truths = [], []
     for image, labels in samples:
@@ -60,6 +67,18 @@ def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.n
     # samples come decoded (read with the model's channel and intensity rule already)
     base = dataclasses.replace(settings.decoded(), tta="none", min_size=0, fill_holes=False)
     probs = list(predict_images(net, images, base))
+    chosen, best_score = _search(probs, truths, base, thresholds, seed_thresholds, min_sizes, seed_tolerance)
+    log.info("post-processing chosen on %d validation images: %s (score %.4f)", len(images), chosen, best_score)
+    if cut and not base.split_concave:
+        chosen[CUT_KEY], cut_score = _search(probs, truths, dataclasses.replace(base, split_concave=True), thresholds,
+                                             seed_thresholds, min_sizes, seed_tolerance)
+        log.info("with --split-concave: %s (score %.4f)", chosen[CUT_KEY], cut_score)
+    return chosen, best_score
+
+
+def _search(probs: list[np.ndarray], truths: list[np.ndarray], base: Settings, thresholds, seed_thresholds, min_sizes,
+            seed_tolerance: float) -> tuple[dict, float]:
+    """The grid search of ``tune_postprocessing`` from ``base`` (its other settings kept): the pair, then the minimum size."""
     # the model's own values first: on a tie they stay (the seed threshold goes up: choose_pair)
     seeds = _first(base.seed_threshold, seed_thresholds) if base.watershed else (base.seed_threshold,)
     surface = {(t, s): score(probs, truths, dataclasses.replace(base, threshold=t, seed_threshold=s))
@@ -71,9 +90,7 @@ def tune_postprocessing(net: nn.Module, samples: Iterable[tuple[np.ndarray, np.n
         value = score(probs, truths, candidate)
         if value > best_score + 1e-9:
             best, best_score = candidate, value
-    chosen = {"threshold": best.threshold, "seed_threshold": best.seed_threshold, "min_size": int(best.min_size)}
-    log.info("post-processing chosen on %d validation images: %s (score %.4f)", len(images), chosen, best_score)
-    return chosen, best_score
+    return {"threshold": best.threshold, "seed_threshold": best.seed_threshold, "min_size": int(best.min_size)}, best_score
 
 
 def choose_pair(surface: dict[tuple[float, float], float], seed_tolerance: float = SEED_TOLERANCE) -> tuple[float, float]:
