@@ -233,10 +233,21 @@ def test_the_tuner_chooses_again_for_the_cut_and_prediction_takes_it_with_the_cu
     cut = s.replace(split_concave=True)
     assert (cut.threshold, cut.seed_threshold, cut.min_size, cut.cut_tuned) == (0.6, 0.3, 0, True)
     mine = s.replace(split_concave=True, seed_threshold=0.2, min_size=20)  # flags given win
-    assert (mine.threshold, mine.seed_threshold, mine.min_size, mine.cut_tuned) == (0.6, 0.2, 20, False)
+    assert (mine.threshold, mine.seed_threshold, mine.min_size) == (0.6, 0.2, 20)
     assert s.replace(min_size=5).seed_threshold == 0.1  # without the cut, the plain choice
+    own = s.replace(threshold=0.7).replace(split_concave=True)  # a value of one's own, set before the cut, stays
+    assert (own.threshold, own.seed_threshold, own.min_size) == (0.7, 0.3, 0)
+    chained = s.replace(min_size=20).replace(split_concave=True)  # in two calls as in one
+    assert chained == s.replace(split_concave=True, min_size=20)
+    back = cut.replace(split_concave=False)  # off again: the choice without the cut
+    assert (back.threshold, back.seed_threshold, back.min_size) == (0.5, 0.1, 0) and back == s
+    assert mine.replace(split_concave=False).seed_threshold == 0.2  # one's own stays
     with pytest.raises(ValueError, match="split_concave needs"):
         model.set_postprocess({**chosen, "split_concave": {"threshold": 0.6}})
+    with pytest.raises(ValueError, match="split_concave holds threshold"):
+        model.set_postprocess({**chosen, "split_concave": True})
+    with pytest.raises(ValueError, match="tuned_for_cut: threshold 2"):
+        model.set_postprocess({**chosen, "split_concave": {"threshold": 2, "seed_threshold": 0.3, "min_size": 0}})
 
 
 def _surface(text):
@@ -307,6 +318,18 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
     cut = tuned["split_concave"]
     assert (f"settings (tuned on the run's validation images with the cut, then flags): images at their own size, "
             f"threshold {cut['threshold']:g}, watershed (seed threshold {cut['seed_threshold']:g})") in q.stdout
+    # a checkpoint from before the cut's choice (the key removed) gets it back from tune.py, the same as training chose
+    old = tmp_path / "old.ckpt"
+    torch.save({**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "postprocess": {
+        k: v for k, v in tuned.items() if k != "split_concave"}}}, old)
+    r = subprocess.run([sys.executable, "-m", "unet_pl.cli.tune", "--ckpt", str(old)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(old, weights_only=True)["hyper_parameters"]["postprocess"] == tuned
+    assert "with --split-concave: threshold" in r.stdout and "before: " in r.stdout
+    r = subprocess.run([sys.executable, "-m", "unet_pl.cli.tune", "--ckpt", "unet_pl/pretrained/dsb2018_instance.ckpt"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "no record of its run's data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_lightning_cli_config_round_trip_links_the_geometry(tmp_path):

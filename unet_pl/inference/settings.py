@@ -49,9 +49,12 @@ class Settings:
     size); ``fill_holes`` fill holes inside nuclei; ``min_relative_size`` drop nuclei under this
     fraction of the image's median nucleus area; ``min_probability`` drop nuclei whose mean
     foreground probability is under it (both 0: off); ``split_concave`` cut nuclei shaped like
-    touching ones (solidity under 0.92, ``postprocess.split_concave``); ``tuned_for_cut`` the
-    threshold, seed threshold and minimum size chosen on validation with that cut on (None: not
-    chosen), which ``replace(split_concave=True)`` takes unless it sets them itself.
+    touching ones (solidity under 0.92, ``postprocess.split_concave``).
+    Tuned values (from the checkpoint; None: not chosen): ``tuned`` the threshold, seed threshold
+    and minimum size chosen on validation without the cut, ``tuned_for_cut`` the same chosen with
+    it. ``replace`` switching ``split_concave`` moves each of the three that still holds the model's
+    value for the old state to its value for the new one; a value of one's own stays. The
+    constructor takes every value as given.
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
     network, or "auto" or "certainty": a factor chosen per image (``unet_pl.inference.scale``).
@@ -71,12 +74,13 @@ class Settings:
     min_relative_size: float = 0.0
     min_probability: float = 0.0
     split_concave: bool = False
-    tuned_for_cut: tuple[float, float, int] | None = None
     tta: str = "none"
     tile: int = 2048
     channel: int | None = None
     intensity: str = "fixed"
     scale: float | str = 1.0
+    tuned: tuple[float, float, int] | None = None
+    tuned_for_cut: tuple[float, float, int] | None = None
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
@@ -91,11 +95,17 @@ class Settings:
                 raise ValueError(f"{name} is True or False, got {getattr(self, name)!r}")
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
-        if self.tuned_for_cut is not None:
-            threshold, seed_threshold, min_size = self.tuned_for_cut
-            dataclasses.replace(self, threshold=threshold, seed_threshold=seed_threshold, min_size=min_size,
-                                tuned_for_cut=None)  # the same checks
-            object.__setattr__(self, "tuned_for_cut", (float(threshold), float(seed_threshold), int(min_size)))
+        for name in ("tuned", "tuned_for_cut"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != len(TUNED_KEYS) or int(values[2]) != values[2]:
+                raise ValueError(f"{name} is (threshold, seed_threshold, min_size), got {values!r}")
+            try:
+                dataclasses.replace(self, **dict(zip(TUNED_KEYS, values)), tuned=None, tuned_for_cut=None)  # the same checks
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            object.__setattr__(self, name, (float(values[0]), float(values[1]), int(values[2])))
         if not 0.0 <= self.min_relative_size < 1.0:
             raise ValueError(f"min_relative_size {self.min_relative_size} must lie in [0, 1): a fraction of the image's "
                              "median nucleus area")
@@ -125,6 +135,8 @@ class Settings:
         resolution = hparams.get("resolution") or DEFAULT_RESOLUTION
         tuned = dict(hparams.get("postprocess") or {})
         cut = tuned.pop(CUT_KEY, None)
+        if cut is not None and not isinstance(cut, Mapping):
+            raise ValueError(f"postprocess' {CUT_KEY} holds {', '.join(TUNED_KEYS)} chosen with the cut, got {cut!r}")
         for keys in (tuned, cut or {}):
             unknown = set(keys) - set(TUNED_KEYS)
             if unknown:
@@ -134,6 +146,7 @@ class Settings:
             if set(cut) != set(TUNED_KEYS):
                 raise ValueError(f"postprocess' {CUT_KEY} needs {', '.join(TUNED_KEYS)}, got {sorted(cut)}")
             tuned["tuned_for_cut"] = tuple(cut[k] for k in TUNED_KEYS)
+            tuned["tuned"] = tuple(tuned.get(k, default) for k, default in zip(TUNED_KEYS, (0.5, None, 0)))
         return cls(resolution=resolution, img_size=int(hparams.get("img_size") or DEFAULT_SIZE),
                    out_channels=int(hparams.get("out_channels") or 1), channel=hparams.get("channel"),
                    intensity=hparams.get("intensity") or "fixed", **tuned)
@@ -145,18 +158,23 @@ class Settings:
 
     def replace(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied (flags left unset keep the model's value).
-        Turning ``split_concave`` on also brings the values tuned for it (``tuned_for_cut``) for the
-        tuned keys the overrides leave unset."""
+
+        Switching ``split_concave`` on (off) with a model that has ``tuned_for_cut``: the threshold,
+        seed threshold and minimum size that this call leaves unset and that hold the model's value
+        without (with) the cut take its value with (without) it; values of one's own stay."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        if given.get("split_concave") and not self.split_concave and self.tuned_for_cut is not None:
-            given = {**dict(zip(TUNED_KEYS, self.tuned_for_cut)), **given}
+        cut = bool(given.get("split_concave", self.split_concave))
+        if cut != self.split_concave and self.tuned is not None and self.tuned_for_cut is not None:
+            before, after = (self.tuned, self.tuned_for_cut) if cut else (self.tuned_for_cut, self.tuned)
+            for key, old, new in zip(TUNED_KEYS, before, after):
+                if key not in given and getattr(self, key) == old:
+                    given[key] = new
         return dataclasses.replace(self, **given)
 
     @property
     def cut_tuned(self) -> bool:
-        """Whether the cut is on with the threshold and seed threshold chosen for it."""
-        return (self.split_concave and self.tuned_for_cut is not None
-                and (self.threshold, self.seed_threshold) == self.tuned_for_cut[:2])
+        """Whether the cut is on with a model whose tuner chose values for it (flags may replace some)."""
+        return self.split_concave and self.tuned_for_cut is not None
 
     def describe(self) -> str:
         """One line for the user: what prediction will do."""
