@@ -322,10 +322,19 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
     old = tmp_path / "old.ckpt"
     torch.save({**ckpt, "hyper_parameters": {**ckpt["hyper_parameters"], "postprocess": {
         k: v for k, v in tuned.items() if k != "split_concave"}}}, old)
+    stripped = old.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "unet_pl.cli.tune", "--ckpt", str(old), "--data-dir", str(sample_dir),
+                        "--out", str(tmp_path / "copy.ckpt")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert old.read_bytes() == stripped  # --out: the checkpoint given is left as it was
+    assert torch.load(tmp_path / "copy.ckpt", weights_only=True)["hyper_parameters"]["postprocess"] == tuned
     r = subprocess.run([sys.executable, "-m", "unet_pl.cli.tune", "--ckpt", str(old)], capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(old, weights_only=True)["hyper_parameters"]["postprocess"] == tuned
+    gone = subprocess.run([sys.executable, "-m", "unet_pl.cli.tune", "--ckpt", str(old), "--data-dir", str(tmp_path / "gone")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert gone.returncode == 2 and "give --data-dir" in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
     assert "with --split-concave: threshold" in r.stdout and "before: " in r.stdout
     r = subprocess.run([sys.executable, "-m", "unet_pl.cli.tune", "--ckpt", "unet_pl/pretrained/dsb2018_instance.ckpt"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
