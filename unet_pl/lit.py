@@ -30,7 +30,7 @@ from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
 
-LR_SCHEDULES = ("constant", "plateau")
+LR_SCHEDULES = ("constant", "plateau", "cosine")
 
 
 class LitUNet(pl.LightningModule):
@@ -46,6 +46,8 @@ class LitUNet(pl.LightningModule):
             times 0.3 at the end of the third epoch in a row without a val/loss lower by 1e-4 relative,
             down to ``lr / 100``: torch's ``ReduceLROnPlateau`` with patience 2, which cuts after
             patience + 1 such epochs). Early stopping needs a patience above 3 to let a cut act.
+            "cosine": each epoch ``e`` of the trainer's ``max_epochs`` ``E`` at ``lr * (1 + cos(pi * e / E)) / 2``,
+            from ``lr`` to almost 0 at the last epoch (needs a trainer with ``max_epochs``).
         betas, eps, momentum: optimizer settings (Keras' Adam defaults; SGD momentum).
         in_channels, out_channels, base_filters: the UNet's shape (the seed: 3, 1, 8).
         img_size: the side of the squares the network trains on (resize: every image squashed to
@@ -271,6 +273,12 @@ class LitUNet(pl.LightningModule):
                                     momentum=h.momentum, fused=False if fp16 else None)
         if h.get("lr_schedule", "constant") == "constant":  # checkpoints from before it: constant
             return optimizer
+        if h.lr_schedule == "cosine":
+            epochs = self.trainer.max_epochs if self._trainer is not None else None
+            if not epochs or epochs < 1:
+                raise ValueError("lr_schedule 'cosine' decays over the trainer's max_epochs; give the Trainer max_epochs")
+            cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 + math.cos(math.pi * min(e, epochs) / epochs)) / 2)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2,
                                                              min_lr=h.lr / 100)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}

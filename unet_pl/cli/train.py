@@ -145,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Keras l2(w) coefficient on every conv kernel; applied as weight_decay = 2*w (0: the notebook)")
     fit.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                      help="adam: coupled (exactly Keras' L2); adamw: decoupled decay; sgd: momentum 0.9")
-    fit.add_argument("--lr-schedule", choices=("constant", "plateau"), default="constant",
+    fit.add_argument("--lr-schedule", choices=("constant", "plateau", "cosine"), default="constant",
                      help="constant: --lr throughout (the notebook); plateau: the learning rate x0.3 after 3 epochs in a "
-                          "row without a lower val/loss, down to --lr / 100 (give --patience above 3)")
+                          "row without a lower val/loss, down to --lr / 100 (give --patience above 3); cosine: from --lr "
+                          "to almost 0 over --epochs")
     fit.add_argument("--patience", type=int, default=5, help="early stopping after this many epochs without a lower val/loss; 0: off")
     fit.add_argument("--seed", type=int, default=42, help="seeds torch, numpy, python and DataLoader workers")
     fit.add_argument("--max-time", default=None, help="stop after this much training time, DD:HH:MM:SS (e.g. 00:02:00:00)")
