@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {res['img_s']:.1f} | {mem} | {ratio} |", flush=True)
         return res
 
-    from .train import native_bf16
+    from ..precision import native_bf16
 
     # Emulated bf16 (CPUs without AVX512-BF16 or AMX) runs several times slower than float32: rows
     # of it measure the emulation, so they are left out unless asked for with --precisions.

@@ -24,6 +24,7 @@ from ..data.readers import INTENSITIES
 from ..data.transforms import PRESETS, zoom_range
 from ..geometry import BOUNDARY_TARGETS, HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
+from ..precision import native_bf16
 from .common import Parser, fail, holdout_arg
 from .run_folder import draw, summarise, write_run_files
 
@@ -220,18 +221,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gpus == 0 and args.precision == "16-mixed":
         fail("--precision 16-mixed needs a CUDA GPU; on the CPU use --precision bf16-mixed or 32")
     return args
-
-
-def native_bf16(gpu: bool) -> bool:
-    """Whether bfloat16 autocast runs on hardware support (faster than float32) on this machine."""
-    import torch
-
-    if gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    # mkldnn's own "bf16 supported" only asks for AVX512-BW, where bf16 is emulated and slower:
-    # ask for the instructions that compute it (AVX512-BF16, or AMX tiles).
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:

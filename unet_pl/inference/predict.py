@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data.readers import read_raw, to_rgb8
 from ..geometry import resize_back, resize_image
+from ..precision import resolve as resolve_precision
 from .postprocess import probabilities_to_labels
 from .scale import CERTAINTY_FACTORS, auto_factor, certainty, resize, scaled_size
 from .settings import Settings
@@ -86,10 +87,13 @@ def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str | Non
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """``sigmoid(net(view))`` averaged over the TTA views: float32 ``(N, C, H, W)``. ``x`` as ``to_input`` makes it."""
-    # A rotated or flipped view is a strided copy; the network runs fastest on channels-last input.
-    return tta_predict(lambda v: net(v.contiguous(memory_format=torch.channels_last)).float().sigmoid_(), x, tta)
+def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none", precision: str = "auto") -> torch.Tensor:
+    """``sigmoid(net(view))`` averaged over the TTA views: float32 ``(N, C, H, W)``. ``x`` as ``to_input`` makes it.
+    ``precision``: the network's arithmetic (``Settings.precision``: "auto", "32" or "bf16")."""
+    bf16 = resolve_precision(precision, x.device) == "bf16"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        # A rotated or flipped view is a strided copy; the network runs fastest on channels-last input.
+        return tta_predict(lambda v: net(v.contiguous(memory_format=torch.channels_last)).float().sigmoid_(), x, tta)
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -141,7 +145,7 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
             """Probabilities of ``x`` resized by ``factor``, back at its size."""
             size = tuple(x.shape[-2:])
             small = x if factor == 1.0 else resize(x, scaled_size(size, factor))
-            prob = predict_whole(lambda v: network_probabilities(net, v, tta), small, tile=settings.tile,
+            prob = predict_whole(lambda v: network_probabilities(net, v, tta, settings.precision), small, tile=settings.tile,
                                  prepare=lambda t: to_input(t, device))
             return resize(prob, size)
 
@@ -174,7 +178,7 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
     sizes: list[tuple[int, int]] = []
 
     def flush() -> Iterator[np.ndarray]:
-        prob = network_probabilities(net, to_input(np.stack(batch), device), settings.tta).cpu().numpy()
+        prob = network_probabilities(net, to_input(np.stack(batch), device), settings.tta, settings.precision).cpu().numpy()
         for p, size in zip(prob, sizes, strict=True):
             yield resize_back(p, size)
         batch.clear()

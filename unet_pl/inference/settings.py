@@ -17,6 +17,7 @@ import numpy as np
 
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
 from ..data.readers import INTENSITIES
+from ..precision import check_precision
 from .postprocess import SPLITS
 from .scale import AUTO_BAND, check_scale
 from .tiling import check_tile
@@ -57,7 +58,10 @@ class Settings:
     constructor takes every value as given.
     Run time: ``tta`` "none" | "flips" | "d4"; ``tile`` native images with a side above this go
     through in overlapping tiles; ``scale`` (native) each image resized by this factor before the
-    network, or "auto" or "certainty": a factor chosen per image (``unet_pl.inference.scale``).
+    network, or "auto" or "certainty": a factor chosen per image (``unet_pl.inference.scale``);
+    ``precision`` the network's arithmetic: "32" float32, "bf16" bfloat16 autocast, "auto" (default)
+    bfloat16 where the device computes it natively, else float32 (``unet_pl.precision``; on the
+    grouped validation the two score the same, docs/accuracy.md).
     Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
     (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile", "grey" or "hematoxylin", applied to
     uint8/uint16 arrays and files the same way as in training.
@@ -81,6 +85,7 @@ class Settings:
     scale: float | str = 1.0
     tuned: tuple[float, float, int] | None = None
     tuned_for_cut: tuple[float, float, int] | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
@@ -120,6 +125,7 @@ class Settings:
             raise ValueError(f"unknown intensity rule {self.intensity!r}; choose one of {', '.join(INTENSITIES)}")
         if self.channel is not None and self.channel < 1:
             raise ValueError(f"channel counts from 1 (as Fiji does), got {self.channel}")
+        check_precision(self.precision)
         object.__setattr__(self, "scale", check_scale(self.scale))
         if self.scale != 1.0 and self.resolution != "native":
             raise ValueError("scale resizes images for a native-resolution model; a resize-mode model squashes every "

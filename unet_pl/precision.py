@@ -1,0 +1,56 @@
+"""Which arithmetic the network runs in: float32, or bfloat16 where the hardware computes it.
+
+Training (``train.py --precision auto``) and prediction (``Settings.precision``, ``predict.py
+--precision``) both take "auto" to mean bfloat16 autocast where the chip computes bfloat16 in its
+own instructions (AVX512-BF16 or AMX on a CPU; a CUDA GPU of the Ampere generation or later), and
+float32 elsewhere: emulated bfloat16 is many times slower than float32 (docs/performance.md).
+Nothing here imports Lightning.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where used: train.py --help stays quick
+    import torch
+
+#: ``Settings.precision`` / ``predict.py --precision``: "auto", float32 ("32") or bfloat16 autocast ("bf16").
+PREDICT_PRECISIONS = ("auto", "32", "bf16")
+
+
+def native_bf16(gpu: bool) -> bool:
+    """Whether bfloat16 autocast runs on hardware support (faster than float32) on this machine."""
+    import torch
+
+    if gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    # mkldnn's own "bf16 supported" only asks for AVX512-BW, where bf16 is emulated and slower:
+    # ask for the instructions that compute it (AVX512-BF16, or AMX tiles).
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PREDICT_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PREDICT_PRECISIONS)}")
+    return precision
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """"auto" -> "bf16" where ``device``'s hardware computes bfloat16 (a CPU or a CUDA GPU), else "32"; others as given."""
+    import torch
+
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type
+    return "bf16" if kind in ("cpu", "cuda") and native_bf16(gpu=kind == "cuda") else "32"
+
+
+def describe(precision: str, device: torch.device | str) -> str:
+    """The user's words for what ``precision`` does on ``device``."""
+    import torch
+
+    name = {"32": "float32", "bf16": "bfloat16"}[resolve(precision, device)]
+    if precision != "auto":
+        return f"network in {name}"
+    return f"network in {name} ({'native on' if name == 'bfloat16' else 'no native bfloat16 on'} this {torch.device(device).type.upper()})"
