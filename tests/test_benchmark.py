@@ -28,6 +28,11 @@ def test_predict_section_prints_every_row_with_its_ratio():
     assert all(r > 0 for r in ratios.values())
     passes = re.search(r"end to end \(`predict_folder`\): [0-9. /]+ \(passes ([0-9.]+), ([0-9.]+) s\)", out)
     assert passes, out  # two passes, each with the network timed around it
+    from unet_pl.precision import resolve
+
+    bf16 = resolve("auto", "cpu") == "bf16"  # the default --predict-precision auto: the reference runs as prediction does
+    assert f"--precision auto (here {'bfloat16' if bf16 else 'float32'})" in out
+    assert ("| network alone in float32 |" in out) == bf16  # what bfloat16 gains, where it runs
 
 
 def test_a_bad_tile_is_one_line_and_exit_2():

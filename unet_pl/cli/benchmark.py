@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predict-side", type=int, default=2048, help="predict section: side of its test images (default 2048)")
     p.add_argument("--predict-images", type=int, default=4, help="predict section: how many test images (default 4)")
     p.add_argument("--tile", type=int, default=2048, help="predict section: predict.py's --tile (default 2048)")
+    p.add_argument("--predict-precision", choices=("auto", "32", "bf16"), default="auto",
+                   help="predict section: predict.py's --precision, for prediction and the network alone (default auto)")
     p.add_argument("--huge-side", type=int, default=None,
                    help="predict section: also one image of this side end to end, e.g. 16384 (minutes; peak memory)")
     args = p.parse_args(argv)
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     if "predict" in kinds:
         from .benchmark_predict import report
 
-        report(_spawn, device, args.predict_side, args.predict_images, args.tile, args.huge_side)
+        report(_spawn, device, args.predict_side, args.predict_images, args.tile, args.huge_side,
+               precision=args.predict_precision)
 
 
 if __name__ == "__main__":

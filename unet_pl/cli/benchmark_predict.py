@@ -7,7 +7,9 @@ Test images are made from the bundled sample: mosaics of its fluorescence images
 
     read            tifffile decoding (``read_raw``)
     normalise       the model's intensity rule (``to_rgb8``: the bundled model's is recorded in it)
-    network         the U-Net alone, float32 channels-last, one forward pass per image: the reference
+    network         the U-Net alone, channels-last, one forward pass per image, in the arithmetic
+                    prediction uses (``--predict-precision``, default auto): the reference
+    network float32 the same in float32, where that arithmetic is bfloat16 (what it gains)
     probabilities   network + sigmoid + tiling (``predict_images``; tiles above ``--tile``)
                     (these two: the better of two passes per image)
     TTA d4          the same with the eight dihedral views
@@ -37,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ..precision import resolve as resolve_precision
 
 
 def _peak_rss_mb() -> float:
@@ -117,13 +121,15 @@ def run_stages(cfg: dict) -> dict:
 
     keep_freed_memory()
     net = load_model(device=cfg["device"]).eval()
-    settings = net.settings.replace(tile=cfg["tile"])
+    settings = net.settings.replace(tile=cfg["tile"], precision=cfg.get("precision", "auto"))
+    bf16 = resolve_precision(settings.precision, cfg["device"]) == "bf16"
     paths = [p for _, p in list_images(cfg["folder"])]
-    secs = dict.fromkeys(("read", "normalise", "network", "probabilities", "tta", "postprocess", "outputs"), 0.0)
+    secs = dict.fromkeys(("read", "normalise", "network", "network32", "probabilities", "tta", "postprocess", "outputs"), 0.0)
     # warm-up on the first image: oneDNN builds its kernels for each new shape once
     with torch.inference_mode():
         warm = to_rgb8(read_raw(paths[0]), settings.intensity)
-        net(pad_to_multiple(to_input(warm, cfg["device"]))[0])
+        for precision in ("32", settings.precision) if bf16 else ("32",):
+            _network_pass(net, pad_to_multiple(to_input(warm, cfg["device"]))[0], cfg["device"], precision)
         next(predict_images(net, [warm], settings.decoded()))
     pixels = 0
     with tempfile.TemporaryDirectory() as out:
@@ -134,7 +140,10 @@ def run_stages(cfg: dict) -> dict:
             t, image = _clock(to_rgb8, raw, settings.intensity)
             secs["normalise"] += t
             pixels += image.shape[0] * image.shape[1]
-            secs["network"] += _network_pass(net, pad_to_multiple(to_input(image, cfg["device"]))[0], cfg["device"])
+            x = pad_to_multiple(to_input(image, cfg["device"]))[0]
+            secs["network"] += _network_pass(net, x, cfg["device"], settings.precision)
+            secs["network32"] += _network_pass(net, x, cfg["device"], "32") if bf16 else 0.0
+            del x
             (t1, prob), (t2, _) = (_clock(lambda: next(predict_images(net, [image], settings.decoded()))) for _ in range(2))
             secs["probabilities"] += min(t1, t2)
             if cfg["tta"]:
@@ -147,18 +156,21 @@ def run_stages(cfg: dict) -> dict:
             secs["outputs"] += t
         t, _ = _clock(outputs.commit)
         secs["outputs"] += t
-    return {"seconds": secs, "mpx": pixels / 1e6, "threads": torch.get_num_threads()}
+    return {"seconds": secs, "mpx": pixels / 1e6, "threads": torch.get_num_threads(),
+            "precision": "bf16" if bf16 else "32"}
 
 
-def _network_pass(net, x, device: str) -> float:
-    """Seconds of the U-Net alone on the input ``x``: the better of two passes (the first may also pay
-    for fresh memory: on a VM whose host took back freed pages, about 10 s per GiB first touched was measured)."""
+def _network_pass(net, x, device: str, precision: str = "auto") -> float:
+    """Seconds of the U-Net alone on the input ``x`` in ``precision`` (as prediction resolves it): the better
+    of two passes (the first may also pay for fresh memory: on a VM whose host took back freed pages,
+    about 10 s per GiB first touched was measured)."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    bf16 = resolve_precision(precision, device) == "bf16"
     best = float("inf")
     for _ in range(2):
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             sync()
             t, _ = _clock(net, x)
             sync()
@@ -176,7 +188,7 @@ def _network_seconds(net, paths: list[Path], settings, device: str) -> tuple[flo
     for path in paths:
         image = to_rgb8(read_raw(path), settings.intensity)
         pixels += image.shape[0] * image.shape[1]
-        seconds += _network_pass(net, pad_to_multiple(to_input(image, device))[0], device)
+        seconds += _network_pass(net, pad_to_multiple(to_input(image, device))[0], device, settings.precision)
     return seconds, pixels / 1e6
 
 
@@ -193,7 +205,7 @@ def run_end_to_end(cfg: dict) -> dict:
     logging.disable(logging.WARNING)
     rss0 = _peak_rss_mb()
     net = load_model(device=cfg["device"]).eval()
-    settings = net.settings.replace(tile=cfg["tile"], tta=cfg.get("tta_mode", "none"))
+    settings = net.settings.replace(tile=cfg["tile"], tta=cfg.get("tta_mode", "none"), precision=cfg.get("precision", "auto"))
     entries = list_images(cfg["folder"])
     pixels = sum(np.prod(image_size(p)) for _, p in entries)
     first = [p for _, p in entries[:cfg.get("reference", 0)]]
@@ -203,7 +215,7 @@ def run_end_to_end(cfg: dict) -> dict:
             predict_folder(net, cfg["folder"], Path(out) / "warm.csv", ids=[i for i, _ in entries[:2]], settings=settings,
                            progress=False, at_once=cfg.get("at_once"))
         # passes of predict_folder with the network alone timed before, between and after them
-        references = [_network_seconds(net, first, net.settings, cfg["device"])] if first else []
+        references = [_network_seconds(net, first, settings, cfg["device"])] if first else []
         passes, peak = [], 0.0
         for _ in range(cfg.get("repeats", 1)):
             _reset_peak()  # the peak of predict_folder, not of the passes around it
@@ -213,7 +225,7 @@ def run_end_to_end(cfg: dict) -> dict:
             passes.append(time.perf_counter() - start)
             peak = max(peak, _peak_rss_mb())
             if first:
-                references.append(_network_seconds(net, first, net.settings, cfg["device"]))
+                references.append(_network_seconds(net, first, settings, cfg["device"]))
     best = int(np.argmin(passes))  # the better pass, as the network's reference takes the better of two passes
     return {"seconds": passes[best], "passes": passes, "mpx": float(pixels) / 1e6, "peak_mb": peak, "model_mb": rss0,
             "nuclei": stats["nuclei"], "images": len(entries),
@@ -242,12 +254,13 @@ def startup(repeats: int = 3) -> tuple[float, float]:
     return best([sys.executable, "-c", "import torch"]), best(predict)
 
 
-def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | None, tta: bool = True) -> None:
+def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | None, tta: bool = True,
+           precision: str = "auto") -> None:
     """Print the predict table; ``spawn(cfg)`` runs a measurement in a fresh process (benchmark's ``_spawn``)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         make_images(folder, side, n)
-        base = {"device": device, "folder": str(folder), "tile": tile}
+        base = {"device": device, "folder": str(folder), "tile": tile, "precision": precision}
         stages = spawn({**base, "kind": "predict_stages", "tta": tta})
         folder3 = Path(tmp) / "folder"  # three times as many, for the end-to-end rows
         make_images(folder3, side, 3 * n)
@@ -263,18 +276,20 @@ def report(spawn, device: str, side: int, n: int, tile: int, huge_side: int | No
     torch_s, predict_s = startup()
     he = len(range(3, n, 4))
     print(f"\n### predict: {n} images of {side} x {side} ({n * side * side / 1e6:.1f} Mpx; {n - he} fluorescence as 12-bit "
-          f"data in 16-bit TIFF, {he} H&E as RGB TIFF), bundled model, tile {tile}, {device}\n")
+          f"data in 16-bit TIFF, {he} H&E as RGB TIFF), bundled model, tile {tile}, {device}, --precision {precision}"
+          f"{' (here ' + {'bf16': 'bfloat16', '32': 'float32'}[stages['precision']] + ')' if stages else ''}\n")
     print("| stage | seconds | Mpx/s | vs network alone |\n|---|---:|---:|---:|")
     if stages:
         s, mpx = stages["seconds"], stages["mpx"]
         net = s["network"]
         names = [("read", "read (tifffile)"), ("normalise", "normalise (the model's intensity rule)"), ("network", "**network alone** (reference)"),
+                 *([("network32", "network alone in float32")] if s["network32"] else []),
                  ("probabilities", "probabilities (network, sigmoid, tiles)"), ("tta", "probabilities with TTA d4 (8 views)"),
                  ("postprocess", "post-processing (watershed, size filter)"), ("outputs", "outputs (label TIFF, CSVs)")]
         for key, label in names:
             if key == "tta" and not tta:
                 continue
-            ratio = f"{net / s[key]:.2f}x" if key in ("probabilities", "network") else (f"{8 * net / s[key]:.2f}x of 8 views" if key == "tta" else "")
+            ratio = f"{net / s[key]:.2f}x" if key in ("probabilities", "network", "network32") else (f"{8 * net / s[key]:.2f}x of 8 views" if key == "tta" else "")
             print(f"| {label} | {s[key]:.2f} | {mpx / s[key]:.2f} | {ratio} |")
     references = []
     for label, res, views in (("end to end (`predict_folder`)", e2e, 1), ("end to end, one image at a time (`at_once=1`)", e2e_one, 1),
