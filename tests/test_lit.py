@@ -175,7 +175,7 @@ def test_plateau_schedule_cuts_the_learning_rate_when_val_loss_stops_falling(tmp
 
 
 def test_cosine_schedule_follows_the_half_cosine_over_max_epochs(tmp_path):
-    """lr at the start of epoch e of E: lr * (1 + cos(pi e / E)) / 2, by hand for E = 4:
+    """lr at the start of epoch e of E = schedule_epochs: lr * (1 + cos(pi e / E)) / 2, by hand for E = 4:
     1, (1 + 1/sqrt 2) / 2, 1/2, (1 - 1/sqrt 2) / 2."""
     from lightning.pytorch.callbacks import Callback
 
@@ -186,15 +186,15 @@ def test_cosine_schedule_follows_the_half_cosine_over_max_epochs(tmp_path):
         def on_train_epoch_start(self, trainer, pl_module):
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    lit = LitUNet(lr=1e-3, lr_schedule="cosine", base_filters=4, img_size=32, channels_last=False, tune=False)
+    lit = LitUNet(lr=1e-3, lr_schedule="cosine", schedule_epochs=4, base_filters=4, img_size=32, channels_last=False, tune=False)
     record = Record()
-    t = trainer(tmp_path, max_epochs=4, logger=False, callbacks=[record])
+    t = trainer(tmp_path, max_epochs=5, logger=False, callbacks=[record])
     t.fit(lit, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(seed=1))
     half = 0.5 ** 0.5
-    assert record.lrs == pytest.approx([1e-3, 1e-3 * (1 + half) / 2, 0.5e-3, 1e-3 * (1 - half) / 2])
-    endless = LitUNet(lr_schedule="cosine", base_filters=4, img_size=32, channels_last=False, tune=False)
-    with pytest.raises(ValueError, match="max_epochs"):
-        trainer(tmp_path, max_epochs=-1, max_steps=2, logger=False).fit(endless, train_dataloaders=tiny_loader())
+    assert record.lrs == pytest.approx([1e-3, 1e-3 * (1 + half) / 2, 0.5e-3, 1e-3 * (1 - half) / 2, 0.0])  # then 0
+    for bad in (None, 0, 2.5):
+        with pytest.raises(ValueError, match="cosine' needs schedule_epochs"):
+            LitUNet(lr_schedule="cosine", schedule_epochs=bad)
 
 
 def test_ema_keeps_the_moving_average_of_the_weights_by_hand(tmp_path):

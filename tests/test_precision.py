@@ -50,6 +50,13 @@ def test_bfloat16_runs_in_bfloat16_and_finds_the_same_nuclei(monkeypatch):
         assert dsb_image_score(l32, l16).score > 0.9, i
     _native(monkeypatch, False)  # auto without native bfloat16 is float32 itself
     assert np.array_equal(probabilities(net, image, precision="auto"), p32)
+    assert describe("bf16", "cpu") == "network in bfloat16 (emulated on this CPU: slower than float32)"
+    _native(monkeypatch, True)  # and with it, bfloat16: the same numbers as precision='bf16' above
+    assert np.array_equal(probabilities(net, image, precision="auto"), p16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's own autocast (trainer.predict, bf16-mixed)
+        _native(monkeypatch, False)
+        assert np.array_equal(probabilities(net, image, precision="auto"), p16)  # auto leaves it on
+        assert np.array_equal(probabilities(net, image, precision="32"), p32)  # 32 is float32 all the same
 
 
 @pytest.mark.parametrize("precision, words", [("32", "network in float32"), ("bf16", "network in bfloat16")])
@@ -60,4 +67,4 @@ def test_predict_cli_says_which_arithmetic_it_ran(tmp_path, precision, words):
                        capture_output=True, text=True, cwd=ROOT, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     line = next(x for x in p.stdout.splitlines() if x.startswith("settings"))
-    assert line.endswith(words), line
+    assert line.split(", ")[-1].startswith(words), line  # bf16 on a CPU without it adds "(emulated ...)"

@@ -215,6 +215,22 @@ def test_resume_from_a_checkpoint_path_continues_in_its_folder(tmp_path, cache_d
     assert (tmp_path / "last.ckpt").is_file() and (tmp_path / "command.txt").is_file()
 
 
+def test_a_cosine_run_resumes_only_with_its_own_schedule_and_epochs(tmp_path, cache_dir):
+    """The decay spans the run's --epochs: resuming with other epochs or another schedule would jump the
+    learning rate, so it is one line naming the run's flags, exit 2, before any training."""
+    out = tmp_path / "cos"
+    short = ["--gpus", "0", "--patience", "0", *TINY]
+    first = run(train_cmd(*short, "--epochs", "2", "--lr-schedule", "cosine", "--out", str(out), cache=cache_dir), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]["schedule_epochs"] == 2
+    for flags in (["--epochs", "4", "--lr-schedule", "cosine"], ["--epochs", "2"]):
+        bad = run(train_cmd(*short, *flags, "--resume", str(out / "last.ckpt"), cache=cache_dir), cwd=tmp_path)
+        assert bad.returncode == 2, bad.stderr[-2000:]
+        line = bad.stderr.strip().splitlines()[-1]
+        assert "its run trained with --lr-schedule cosine --epochs 2" in line and "same --lr-schedule and --epochs" in line, line
+    assert sorted(read_epoch_metrics(out)) == [0, 1]  # nothing trained by the refused resumes
+
+
 def test_max_time_stops_a_long_run_and_says_so(tmp_path, cache_dir):
     out = tmp_path / "timed"
     start = time.monotonic()

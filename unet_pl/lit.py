@@ -46,8 +46,9 @@ class LitUNet(pl.LightningModule):
             times 0.3 at the end of the third epoch in a row without a val/loss lower by 1e-4 relative,
             down to ``lr / 100``: torch's ``ReduceLROnPlateau`` with patience 2, which cuts after
             patience + 1 such epochs). Early stopping needs a patience above 3 to let a cut act.
-            "cosine": each epoch ``e`` of the trainer's ``max_epochs`` ``E`` at ``lr * (1 + cos(pi * e / E)) / 2``,
-            from ``lr`` to almost 0 at the last epoch (needs a trainer with ``max_epochs``).
+            "cosine": each epoch ``e`` of ``schedule_epochs`` ``E`` at ``lr * (1 + cos(pi * e / E)) / 2``,
+            from ``lr`` to almost 0 at the last epoch (then 0).
+        schedule_epochs: the epochs the cosine schedule spans (required with it; train.py passes ``--epochs``).
         betas, eps, momentum: optimizer settings (Keras' Adam defaults; SGD momentum).
         in_channels, out_channels, base_filters: the UNet's shape (the seed: 3, 1, 8).
         img_size: the side of the squares the network trains on (resize: every image squashed to
@@ -120,12 +121,16 @@ class LitUNet(pl.LightningModule):
         channel: int | None = None,
         intensity: str | None = None,
         tune: bool | None = None,
+        schedule_epochs: int | None = None,
     ) -> None:
         super().__init__()
         if optimizer.lower() not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if lr_schedule == "cosine" and not (isinstance(schedule_epochs, int) and schedule_epochs >= 1):
+            raise ValueError(f"lr_schedule 'cosine' needs schedule_epochs, the epochs its decay spans (an int >= 1, e.g. the "
+                             f"Trainer's max_epochs), got {schedule_epochs!r}")
         if resolution is not None:
             check_resolution(resolution)
         if img_size is not None:
@@ -274,9 +279,7 @@ class LitUNet(pl.LightningModule):
         if h.get("lr_schedule", "constant") == "constant":  # checkpoints from before it: constant
             return optimizer
         if h.lr_schedule == "cosine":
-            epochs = self.trainer.max_epochs if self._trainer is not None else None
-            if not epochs or epochs < 1:
-                raise ValueError("lr_schedule 'cosine' decays over the trainer's max_epochs; give the Trainer max_epochs")
+            epochs = h.schedule_epochs
             cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 + math.cos(math.pi * min(e, epochs) / epochs)) / 2)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2,

@@ -3,7 +3,7 @@
 Training (``train.py --precision auto``) and prediction (``Settings.precision``, ``predict.py
 --precision``) both take "auto" to mean bfloat16 autocast where the chip computes bfloat16 in its
 own instructions (AVX512-BF16 or AMX on a CPU; a CUDA GPU of the Ampere generation or later), and
-float32 elsewhere: emulated bfloat16 is many times slower than float32 (docs/performance.md).
+float32 elsewhere: emulated bfloat16 is slower than float32, up to 12x (docs/performance.md).
 Nothing here imports Lightning.
 """
 from __future__ import annotations
@@ -50,7 +50,11 @@ def describe(precision: str, device: torch.device | str) -> str:
     """The user's words for what ``precision`` does on ``device``."""
     import torch
 
-    name = {"32": "float32", "bf16": "bfloat16"}[resolve(precision, device)]
-    if precision != "auto":
-        return f"network in {name}"
-    return f"network in {name} ({'native on' if name == 'bfloat16' else 'no native bfloat16 on'} this {torch.device(device).type.upper()})"
+    kind = torch.device(device).type
+    where = {"cpu": "CPU", "cuda": "GPU"}.get(kind, "device")
+    native = kind in ("cpu", "cuda") and native_bf16(gpu=kind == "cuda")
+    if resolve(precision, device) == "32":
+        return "network in float32" + (f" (no native bfloat16 on this {where})" if precision == "auto" else "")
+    if not native:
+        return f"network in bfloat16 (emulated on this {where}: slower than float32)"
+    return "network in bfloat16" + (f" (native on this {where})" if precision == "auto" else "")

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PREDICT_PRECISIONS, default="auto",
                    help="the network's arithmetic: auto: bfloat16 where the CPU or GPU computes it natively (AVX512-BF16, "
                         "AMX, Ampere or later; 1.6x the network's speed on a Zen 5 CPU, the same scores), else float32; "
-                        "32: float32 everywhere (the same probabilities on every machine, to rounding)")
+                        "32: float32 everywhere (the same probabilities on every machine, to rounding); bf16: bfloat16 "
+                        "even where it is only emulated (slower than float32 there)")
     p.add_argument("--holdout", choices=HOLDOUTS, type=holdout_arg, default="none",
                    help="stratified: predict only the fixed hold-out of a stage1_train --data-dir (the ids the "
                         "checkpoint's run held out; computed from the images for older checkpoints); group:k/K: only "

@@ -282,7 +282,8 @@ def make_datamodule(args: argparse.Namespace):
 def make_model(args: argparse.Namespace):
     from ..lit import LitUNet
 
-    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, lr_schedule=args.lr_schedule, img_size=side(args), head=args.head,
+    model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
+                    schedule_epochs=args.epochs if args.lr_schedule == "cosine" else None, img_size=side(args), head=args.head,
                     contact_weight=args.contact_weight, boundary_target=args.boundary_target, dice_weight=args.dice_weight, ema=args.ema,
                     tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
@@ -304,7 +305,8 @@ def check_resume(ckpt: Path, model, say) -> None:
     if "optimizer_states" not in full or "loops" not in full:  # unet-export's output, the bundled pretrained model
         fail(f"--resume {ckpt}: it holds weights only (no optimizer or loop state), so there is no run to continue; "
              "train anew without --resume, or resume from a run's last.ckpt (predict.py --ckpt uses this file as it is)")
-    saved = {"ema": 0.0, **full.get("hyper_parameters", {})}  # checkpoints from before --ema: off
+    # checkpoints from before --ema: off; from before --lr-schedule: constant
+    saved = {"ema": 0.0, "lr_schedule": "constant", "schedule_epochs": None, **full.get("hyper_parameters", {})}
     differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k not in ("postprocess", "tune")}
     shape = {"in_channels", "out_channels", "base_filters"} & set(differ)
     if shape:
@@ -312,6 +314,12 @@ def check_resume(ckpt: Path, model, say) -> None:
         if "out_channels" in shape and saved.get("head"):
             hint = f"; it was trained with --head {saved['head']}" + (" (--mode instance)" if saved["head"] == "mask+boundary" else "")
         fail(f"--resume {ckpt}: the checkpoint's model has a different {', '.join(sorted(shape))}{hint}")
+    if "cosine" in (saved.get("lr_schedule"), model.hparams.get("lr_schedule")) and (
+            "lr_schedule" in differ or "schedule_epochs" in differ):
+        was = f"--lr-schedule {saved.get('lr_schedule', 'constant')}" + (
+            f" --epochs {saved['schedule_epochs']}" if saved.get("lr_schedule") == "cosine" else "")
+        fail(f"--resume {ckpt}: its run trained with {was}; a cosine decay spans the run's epochs, so resume with the "
+             "same --lr-schedule and --epochs (or train anew)")
     for k, (was, now) in differ.items():
         say(f"note: {k} is {now} now but {was} in {ckpt.name}; the checkpoint's optimizer state (its learning rate too) is restored")
 

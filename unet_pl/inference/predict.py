@@ -17,6 +17,7 @@ logits, e.g. ``UNet`` or ``LitUNet``) and its ``Settings``; nothing here imports
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,14 @@ def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str | Non
 
 def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none", precision: str = "auto") -> torch.Tensor:
     """``sigmoid(net(view))`` averaged over the TTA views: float32 ``(N, C, H, W)``. ``x`` as ``to_input`` makes it.
-    ``precision``: the network's arithmetic (``Settings.precision``: "auto", "32" or "bf16")."""
-    bf16 = resolve_precision(precision, x.device) == "bf16"
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    ``precision``: the network's arithmetic (``Settings.precision``: "auto", "32" or "bf16"); "auto" inside a
+    caller's own autocast (Lightning's ``trainer.predict`` with ``bf16-mixed``) leaves it as it is."""
+    kind = x.device.type
+    if precision == "auto" and torch.is_autocast_enabled(kind):
+        arithmetic = contextlib.nullcontext()
+    else:
+        arithmetic = torch.autocast(kind, dtype=torch.bfloat16, enabled=resolve_precision(precision, x.device) == "bf16")
+    with arithmetic:
         # A rotated or flipped view is a strided copy; the network runs fastest on channels-last input.
         return tta_predict(lambda v: net(v.contiguous(memory_format=torch.channels_last)).float().sigmoid_(), x, tta)
 
