@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from ..precision import PREDICT_PRECISIONS
+
 
 def _rss_mb() -> float:
     """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--predict-side", type=int, default=2048, help="predict section: side of its test images (default 2048)")
     p.add_argument("--predict-images", type=int, default=4, help="predict section: how many test images (default 4)")
     p.add_argument("--tile", type=int, default=2048, help="predict section: predict.py's --tile (default 2048)")
-    p.add_argument("--predict-precision", choices=("auto", "32", "bf16"), default="auto",
+    p.add_argument("--predict-precision", choices=PREDICT_PRECISIONS, default="auto",
                    help="predict section: predict.py's --precision, for prediction and the network alone (default auto)")
     p.add_argument("--huge-side", type=int, default=None,
                    help="predict section: also one image of this side end to end, e.g. 16384 (minutes; peak memory)")
