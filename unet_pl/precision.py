@@ -35,26 +35,35 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def resolve(precision: str, device: torch.device | str) -> str:
-    """"auto" -> "bf16" where ``device``'s hardware computes bfloat16 (a CPU or a CUDA GPU), else "32"; others as given."""
+def _native_on(device: torch.device | str) -> bool:
     import torch
 
+    kind = torch.device(device).type
+    return kind in ("cpu", "cuda") and native_bf16(gpu=kind == "cuda")
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """"auto" -> "bf16" where ``device``'s hardware computes bfloat16 (a CPU or a CUDA GPU), else "32"; others as given."""
     check_precision(precision)
     if precision != "auto":
         return precision
-    kind = torch.device(device).type
-    return "bf16" if kind in ("cpu", "cuda") and native_bf16(gpu=kind == "cuda") else "32"
+    return "bf16" if _native_on(device) else "32"
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The context the network runs in for ``precision`` on ``device``: bfloat16 autocast or none (float32)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=resolve(precision, device) == "bf16")
 
 
 def describe(precision: str, device: torch.device | str) -> str:
     """The user's words for what ``precision`` does on ``device``."""
     import torch
 
-    kind = torch.device(device).type
-    where = {"cpu": "CPU", "cuda": "GPU"}.get(kind, "device")
-    native = kind in ("cpu", "cuda") and native_bf16(gpu=kind == "cuda")
+    where = {"cpu": "CPU", "cuda": "GPU"}.get(torch.device(device).type, "device")
     if resolve(precision, device) == "32":
         return "network in float32" + (f" (no native bfloat16 on this {where})" if precision == "auto" else "")
-    if not native:
+    if not _native_on(device):
         return f"network in bfloat16 (emulated on this {where}: slower than float32)"
     return "network in bfloat16" + (f" (native on this {where})" if precision == "auto" else "")

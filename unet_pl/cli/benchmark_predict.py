@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..precision import autocast as precision_autocast
 from ..precision import resolve as resolve_precision
 
 
@@ -167,10 +168,9 @@ def _network_pass(net, x, device: str, precision: str = "auto") -> float:
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    bf16 = resolve_precision(precision, device) == "bf16"
     best = float("inf")
     for _ in range(2):
-        with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), precision_autocast(precision, device):
             sync()
             t, _ = _clock(net, x)
             sync()

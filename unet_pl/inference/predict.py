@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data.readers import read_raw, to_rgb8
 from ..geometry import resize_back, resize_image
-from ..precision import resolve as resolve_precision
+from ..precision import autocast as precision_autocast
 from .postprocess import probabilities_to_labels
 from .scale import CERTAINTY_FACTORS, auto_factor, certainty, resize, scaled_size
 from .settings import Settings
@@ -92,12 +92,8 @@ def network_probabilities(net: nn.Module, x: torch.Tensor, tta: str = "none", pr
     """``sigmoid(net(view))`` averaged over the TTA views: float32 ``(N, C, H, W)``. ``x`` as ``to_input`` makes it.
     ``precision``: the network's arithmetic (``Settings.precision``: "auto", "32" or "bf16"); "auto" inside a
     caller's own autocast (Lightning's ``trainer.predict`` with ``bf16-mixed``) leaves it as it is."""
-    kind = x.device.type
-    if precision == "auto" and torch.is_autocast_enabled(kind):
-        arithmetic = contextlib.nullcontext()
-    else:
-        arithmetic = torch.autocast(kind, dtype=torch.bfloat16, enabled=resolve_precision(precision, x.device) == "bf16")
-    with arithmetic:
+    keep = precision == "auto" and torch.is_autocast_enabled(x.device.type)
+    with contextlib.nullcontext() if keep else precision_autocast(precision, x.device):
         # A rotated or flipped view is a strided copy; the network runs fastest on channels-last input.
         return tta_predict(lambda v: net(v.contiguous(memory_format=torch.channels_last)).float().sigmoid_(), x, tta)
 
