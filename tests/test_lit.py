@@ -198,10 +198,12 @@ def test_cosine_schedule_follows_the_half_cosine_over_max_epochs(tmp_path):
 
 
 def test_ema_keeps_the_moving_average_of_the_weights_by_hand(tmp_path):
-    """``ema=d``: after fit the model holds e_k = d e_(k-1) + (1 - d) w_k over the weights w_k after each
-    optimizer step (e_1 = w_1), computed here from the recorded weights; a checkpoint holds the average
-    as its weights (what prediction loads) and the current weights to resume from."""
-    from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+    """``ema=d``: after fit the model holds e_k = d_k e_(k-1) + (1 - d_k) w_k over the weights w_k after
+    each optimizer step (e_1 = w_1), with TensorFlow's warm-up d_k = min(d, k / (9 + k)) (its
+    ``ExponentialMovingAverage(num_updates)`` rule, k - 1 steps averaged before), computed here from
+    the recorded weights; a checkpoint holds the average as its weights (what prediction loads) and
+    the current weights to resume from."""
+    from lightning.pytorch.callbacks import Callback, WeightAveraging
 
     from unet_pl.inference.checkpoint import load_model
 
@@ -213,16 +215,17 @@ def test_ema_keeps_the_moving_average_of_the_weights_by_hand(tmp_path):
             self.steps.append({k: v.detach().clone() for k, v in pl_module.unet.state_dict().items()})
 
     torch.manual_seed(0)
-    decay = 0.8
+    decay = 0.3  # below the warm-up's d_k from the 2nd average on: both branches of the min are used
     lit = LitUNet(lr=1e-2, ema=decay, base_filters=4, img_size=32, channels_last=False, tune=False)
     record = Record()
     t = trainer(tmp_path, max_epochs=3, logger=False, callbacks=[record])
     t.fit(lit, train_dataloaders=tiny_loader(), val_dataloaders=tiny_loader(seed=1))
-    assert sum(isinstance(c, EMAWeightAveraging) for c in t.callbacks) == 1
+    assert sum(isinstance(c, WeightAveraging) for c in t.callbacks) == 1
     assert len(record.steps) == 6  # 2 batches x 3 epochs
     by_hand = dict(record.steps[0])
-    for w in record.steps[1:]:
-        by_hand = {k: decay * by_hand[k] + (1 - decay) * w[k] for k in w}
+    for k_step, w in enumerate(record.steps[1:], start=2):
+        d = min(decay, (1 + (k_step - 1)) / (10 + (k_step - 1)))
+        by_hand = {k: d * by_hand[k] + (1 - d) * w[k] for k in w}
     last = record.steps[-1]
     got = lit.unet.state_dict()
     for k in by_hand:
@@ -237,6 +240,21 @@ def test_ema_keeps_the_moving_average_of_the_weights_by_hand(tmp_path):
         assert torch.allclose(v, by_hand[k], atol=1e-6), k
     current = torch.load(path, weights_only=True)["current_model_state"]
     assert all(torch.equal(current["unet." + k], last[k]) for k in last)
+
+
+def test_ema_of_a_short_run_is_mostly_its_last_weights_not_its_start():
+    """Warm-up: 60 steps of weights moving from w_0 to w_60 in a straight line, averaged with decay
+    0.995, end within the last quarter of the way (a plain EMA keeps 0.995 ** 59 = 74% of w_1 and ends
+    at 9); after 5,000 steps the decay is the one asked for."""
+    from unet_pl.callbacks import WarmedEMA
+
+    avg_fn = WarmedEMA(0.995)
+    e = torch.zeros(1)
+    for n in range(1, 61):  # e after the first step is w_1 = 1 (AveragedModel copies it)
+        e = torch.ones(1) if n == 1 else avg_fn(e, torch.full((1,), float(n)), torch.tensor(n - 1))
+    assert e.item() > 45, e
+    one = avg_fn(torch.zeros(1), torch.ones(1), torch.tensor(5000))
+    assert one.item() == pytest.approx(1 - 0.995)
 
 
 def test_ema_off_adds_no_averaging_and_bad_decays_are_refused(tmp_path):

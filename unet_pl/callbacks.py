@@ -236,6 +236,29 @@ class AdaptiveThreads(Callback):
         self.parts = 1
 
 
+class WarmedEMA:
+    """The averaging step of an exponential moving average of the weights whose decay warms up:
+    ``d_n = min(decay, (1 + n) / (10 + n))`` after ``n`` averaged steps, the rule of TensorFlow's
+    ``tf.train.ExponentialMovingAverage(decay, num_updates)``. Without it a run of a few hundred steps
+    keeps mostly its random initial weights in the average (0.995 ** 120 = 0.55 of them after 120
+    steps); with it the average follows the last ~10 % of a short run and is the plain EMA once
+    ``n`` passes ``(10 decay - 1) / (1 - decay)`` (1,791 steps at 0.995). Used as
+    ``WeightAveraging(avg_fn=WarmedEMA(decay))`` (``torch.optim.swa_utils.AveragedModel``'s ``avg_fn``)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = float(decay)
+
+    @torch.no_grad()
+    def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        return d * averaged + (1.0 - d) * current
+
+
+#: Below this mean validation score the tuner says the model has not learned to find nuclei.
+UNTRAINED_SCORE = 0.05
+
+
 class TunePostprocessing(Callback):
     """At the end of training, choose the threshold, watershed seed threshold and minimum nucleus
     size on the data module's validation images at full size (``NucleiDataModule.validation_images``)
@@ -284,4 +307,8 @@ class TunePostprocessing(Callback):
         except (ValueError, OSError, RuntimeError) as e:
             log.warning("could not choose the post-processing (%s: %s); the checkpoints keep the defaults", type(e).__name__, e)
             return None
+        if score < UNTRAINED_SCORE:
+            log.warning("the best post-processing scores only %.3f on the validation images: the model finds "
+                        "almost no nuclei there. Train longer (--epochs), on more images, or check that the "
+                        "masks mark the nuclei of these images", score)
         return chosen, score

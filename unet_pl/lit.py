@@ -79,7 +79,9 @@ class LitUNet(pl.LightningModule):
             taken per image (``(2 sum(p y) + 1) / (sum(p) + sum(y) + 1)``, p the sigmoid) and averaged over
             the batch, as many DSB 2018 entries trained their masks; 0: BCE alone (the default, Keras').
         ema: keep an exponential moving average of the weights, updated after every optimizer step with
-            this decay (Lightning's ``EMAWeightAveraging``; 0.995 averages over about the last 200 steps).
+            this decay (Lightning's ``WeightAveraging``; 0.995 averages over about the last 200 steps). The
+            decay warms up as TensorFlow's does, ``min(decay, (1 + n) / (10 + n))`` after n steps, so short
+            runs do not keep their random initial weights (``unet_pl.callbacks.WarmedEMA``).
             Validation, early stopping, ``best.ckpt``, tuning and the model after ``fit`` use the average;
             ``last.ckpt`` also keeps the current weights to resume from. 0: off (the default, Keras').
         channel, intensity: how the files are read (``unet_pl.data.readers``): the nuclear channel of
@@ -219,18 +221,19 @@ class LitUNet(pl.LightningModule):
         ``AdaptiveThreads``: on CPU runs the thread count follows the machine's load (fewer threads
         while another program holds a core; ``unet_pl.perf.ThreadChooser``). Both say so through
         Lightning's logger when they take effect; ``trainer.callbacks`` lists them.
-        ``EMAWeightAveraging`` with ``ema`` (before tuning, which reads the averaged ``best.ckpt``);
+        ``WeightAveraging`` with ``ema``: an exponential moving average whose decay warms up
+        (``unet_pl.callbacks.WarmedEMA``; before tuning, which reads the averaged ``best.ckpt``);
         ``TunePostprocessing`` with ``tune`` (see the class docstring)."""
-        from .callbacks import AdaptiveThreads, KeepFreedMemory, TunePostprocessing
+        from .callbacks import AdaptiveThreads, KeepFreedMemory, TunePostprocessing, WarmedEMA
 
         tune = self.hparams.get("tune")
         tune = head_channels(self.hparams.head) > 1 if tune is None else tune
         ema = float(self.hparams.get("ema", 0.0))  # checkpoints from before it: off
         averaging = []
         if ema:
-            from lightning.pytorch.callbacks import EMAWeightAveraging
+            from lightning.pytorch.callbacks import WeightAveraging
 
-            averaging = [EMAWeightAveraging(decay=ema)]
+            averaging = [WeightAveraging(avg_fn=WarmedEMA(ema))]  # updated after every optimizer step
         return [KeepFreedMemory(), AdaptiveThreads(), *averaging] + ([TunePostprocessing()] if tune else [])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
