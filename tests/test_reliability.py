@@ -101,7 +101,7 @@ def test_resuming_an_instance_checkpoint_in_notebook_mode_names_the_flag(tmp_pat
     from unet_pl.cli.train import main as train
 
     ckpt = save_ckpt(tmp_path / "last.ckpt", head="mask+boundary", resolution="native", img_size=64)
-    err = one_line_exit_2(train, ["--gpus", "0", "--resume", str(ckpt), "--cache-dir", str(tmp_path / "c")], capsys)
+    err = one_line_exit_2(train, ["--gpus", "0", "--mode", "notebook", "--resume", str(ckpt), "--cache-dir", str(tmp_path / "c")], capsys)
     assert "--mode instance" in err
 
 

@@ -223,12 +223,56 @@ def test_a_cosine_run_resumes_only_with_its_own_schedule_and_epochs(tmp_path, ca
     first = run(train_cmd(*short, "--epochs", "2", "--lr-schedule", "cosine", "--out", str(out), cache=cache_dir), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]["schedule_epochs"] == 2
-    for flags in (["--epochs", "4", "--lr-schedule", "cosine"], ["--epochs", "2"]):
+    for flags in (["--epochs", "4", "--lr-schedule", "cosine"], ["--epochs", "4", "--lr-schedule", "constant"]):
         bad = run(train_cmd(*short, *flags, "--resume", str(out / "last.ckpt"), cache=cache_dir), cwd=tmp_path)
         assert bad.returncode == 2, bad.stderr[-2000:]
         line = bad.stderr.strip().splitlines()[-1]
         assert "its run trained with --lr-schedule cosine --epochs 2" in line and "same --lr-schedule and --epochs" in line, line
+    # its own --epochs 2 (taken from the run) are all trained: nothing to resume
+    done = run(train_cmd(*short, "--resume", str(out / "last.ckpt"), cache=cache_dir), cwd=tmp_path)
+    assert done.returncode == 2 and "nothing is left to train" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert sorted(read_epoch_metrics(out)) == [0, 1]  # nothing trained by the refused resumes
+
+
+def test_resume_last_alone_carries_on_with_the_runs_own_flags(tmp_path, cache_dir):
+    """``--resume last --out RUN`` with no other flag: the run's data folder, mode and flags come back
+    from its hparams.yaml (an instance run on 8 images of the sample, not the whole bundled sample in
+    notebook mode); a flag given now wins and is named; too few --epochs is one line that changes
+    nothing in the folder."""
+    import shutil
+
+    import yaml
+
+    sample = ROOT / "unet_pl" / "sample" / "stage1_train"
+    data = tmp_path / "eight" / "stage1_train"
+    data.mkdir(parents=True)
+    for d in sorted(sample.iterdir())[:8]:
+        shutil.copytree(d, data / d.name)
+    out = tmp_path / "inst"
+    first = run(train_cmd("--gpus", "0", "--mode", "instance", "--tune", "off", "--crop-size", "32", "--batch-size", "4",
+                          "--num-workers", "0", "--val-split", "0.25", "--epochs", "2", "--patience", "0",
+                          "--data-dir", str(data.parent), "--out", str(out), cache=cache_dir), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = yaml.safe_load((out / "hparams.yaml").read_text())
+    logs = sorted(p.name for p in (out / "logs").iterdir())
+
+    few = run([sys.executable, "-m", "unet_pl.cli.train", "--gpus", "0", "--resume", "last", "--out", str(out), "--epochs", "1",
+               "--cache-dir", str(cache_dir)], cwd=tmp_path)
+    assert few.returncode == 2 and "--epochs above 2" in few.stderr.strip().splitlines()[-1], few.stderr[-2000:]
+    assert yaml.safe_load((out / "hparams.yaml").read_text()) == saved
+    assert sorted(p.name for p in (out / "logs").iterdir()) == logs
+
+    more = run([sys.executable, "-m", "unet_pl.cli.train", "--gpus", "0", "--resume", "last", "--out", str(out), "--epochs", "3",
+                "--cache-dir", str(cache_dir)], cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"resuming with the flags of the run in {out / 'hparams.yaml'}; given now instead: --epochs 3 (the run: 2)" in more.stdout
+    last = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["datamodule_hyper_parameters"]["data_dir"] == str(data.parent)
+    assert last["hyper_parameters"]["head"] == "mask+boundary" and last["hyper_parameters"]["ema"] == 0.995
+    now = yaml.safe_load((out / "hparams.yaml").read_text())["cli"]
+    assert {k: now[k] for k in ("mode", "data_dir", "crop_size", "val_split", "patience")} == {
+        k: saved["cli"][k] for k in ("mode", "data_dir", "crop_size", "val_split", "patience")}
+    assert sorted(read_epoch_metrics(out)) == [0, 1, 2]
 
 
 def test_max_time_stops_a_long_run_and_says_so(tmp_path, cache_dir):

@@ -17,7 +17,7 @@ def write_run_files(out: Path, args: argparse.Namespace, argv: list[str], model)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "command.txt", "a") as f:
         f.write(shlex.join([*_program(), *argv]) + "\n")
-    cli = {k: v for k, v in vars(args).items() if k != "gpus_defaulted"}
+    cli = {k: v for k, v in vars(args).items() if k not in ("gpus_defaulted", "restored")}
     info = {"cli": cli, "model": dict(model.hparams), "versions": {"torch": str(torch.__version__), "lightning": str(lightning.__version__)}}
     with open(out / "hparams.yaml", "w") as f:
         yaml.safe_dump(_plain(info), f, sort_keys=False)

@@ -36,6 +36,10 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 RUN_DIR_ENV = "UNET_PL_RUN_DIR"  # hands the default run folder to the DDP processes Lightning starts
 #: What makes a folder a run: train.py refuses to write a new run over any of these.
 RUN_FILES = ("best.ckpt", "last.ckpt", "hparams.yaml")
+#: Flags of the machine or of this invocation, not of the run: a resumed run takes them from the
+#: command line (or their defaults), every other flag from the run it continues.
+MACHINE_FLAGS = frozenset({"gpus", "num_nodes", "cpu_processes", "num_workers", "precision", "compile", "cache_dir",
+                           "max_time", "out", "resume", "fast_dev_run"})
 #: --mode presets: what --resolution, --head, --tune, --intensity, --ema and --augment default to (each flag given explicitly wins).
 MODES = {
     # the 2018 notebook (with flips and rotations, which it did not have: --augment none)
@@ -165,7 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check argv; every mistake exits with status 2 and one line on stderr."""
     import torch
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.restored = restore_run_flags(args, given_flags(argv)) if args.resume else None
     for key, value in MODES[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -223,8 +229,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from (None for a fresh run)."""
+def given_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags ``argv`` names (not those left at their defaults)."""
+    parser, unset = build_parser(), object()
+    # argparse leaves attributes the namespace already has alone unless their flag is given
+    marked = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args([]))})
+    return {dest for dest, value in vars(parser.parse_args(argv, namespace=marked)).items() if value is not unset}
+
+
+def resume_checkpoint(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """The run folder (None: not chosen yet) and the checkpoint ``--resume`` names (None: a fresh run)."""
     out = Path(args.out) if args.out else None
     if out is None and os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK"):
         out = Path(os.environ[RUN_DIR_ENV])  # a DDP process started by Lightning: rank zero chose it
@@ -241,6 +255,82 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
         out = out or ckpt.parent
     if ckpt is not None and not ckpt.is_file():
         fail(f"--resume: no checkpoint at {ckpt}")
+    return out, ckpt
+
+
+def read_resume_checkpoint(ckpt: Path) -> dict:
+    """The checkpoint ``--resume`` names, read with weights_only (it cannot run code); refused in one
+    line when it cannot be read or holds weights only."""
+    from ..inference.checkpoint import read_checkpoint
+
+    try:
+        full = read_checkpoint(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--resume: {e}")
+    if "optimizer_states" not in full or "loops" not in full:  # unet-export's output, the bundled pretrained model
+        fail(f"--resume {ckpt}: it holds weights only (no optimizer or loop state), so there is no run to continue; "
+             "train anew without --resume, or resume from a run's last.ckpt (predict.py --ckpt uses this file as it is)")
+    return full
+
+
+def saved_run_flags(ckpt: Path, full: dict) -> tuple[dict, str]:
+    """The flags the checkpoint's run was started with, and where they were read: the run folder's
+    hparams.yaml (every flag), else the checkpoint ``full``'s own hyperparameters (the data module's
+    and the model's, under their flag names)."""
+    import yaml
+
+    saved = ckpt.parent / "hparams.yaml"
+    if saved.is_file():
+        try:
+            cli = (yaml.safe_load(saved.read_text()) or {}).get("cli")
+        except (OSError, yaml.YAMLError, AttributeError):
+            cli = None
+        if isinstance(cli, dict):
+            return cli, str(saved)
+    model, data = full.get("hyper_parameters") or {}, full.get("datamodule_hyper_parameters") or {}
+    flags = {k: data[k] for k in ("data_dir", "val_split", "batch_size", "seed", "labels_csv", "empty_masks", "head",
+                                  "holdout", "resolution", "channel", "intensity", "balance", "augment") if k in data}
+    flags |= {k: model[k] for k in ("lr", "l2", "optimizer", "lr_schedule", "contact_weight", "boundary_target",
+                                    "dice_weight", "ema", "head", "resolution") if k in model}
+    if "tune" in model and model["tune"] is not None:
+        flags["tune"] = "on" if model["tune"] else "off"
+    if model.get("lr_schedule") == "cosine" and model.get("schedule_epochs"):
+        flags["epochs"] = model["schedule_epochs"]
+    side = data.get("img_size", model.get("img_size"))
+    if side is not None:
+        flags["crop_size" if flags.get("resolution") == "native" else "img_size"] = side
+    return flags, f"{ckpt} (no hparams.yaml beside it)"
+
+
+def restore_run_flags(args: argparse.Namespace, given: set[str]) -> tuple[str, list[str]]:
+    """Set every flag of the run ``--resume`` continues that this command does not give (machine flags
+    aside: ``MACHINE_FLAGS``), so that ``--resume last --out RUN`` alone trains on as the run did. A
+    ``--mode`` given now counts as giving the flags it presets. Returns where the flags were read and
+    the flags given now that differ from the run's."""
+    _, ckpt = resolve_run_dir(args)  # its checks (a writable folder, not another run's) come first
+    saved, source = saved_run_flags(ckpt, read_resume_checkpoint(ckpt))
+    if "mode" in given:
+        given = given | set(MODES[args.mode])
+    known = vars(args)
+    changed = []
+    for key, value in saved.items():
+        if key not in known or key in MACHINE_FLAGS:
+            continue
+        if key in given:
+            if value != known[key]:
+                changed.append(f"--{key.replace('_', '-')} {known[key]} (the run: {value})")
+            continue
+        setattr(args, key, value)
+    data_dir = getattr(args, "data_dir", None)
+    if "data_dir" not in given and data_dir is not None and not Path(data_dir).is_dir():
+        fail(f"--resume: the run trained on --data-dir {data_dir} (from {source}), which is not a folder from here; "
+             "pass --data-dir with the same images")
+    return source, changed
+
+
+def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (None for a fresh run)."""
+    out, ckpt = resume_checkpoint(args)
     if out is None:
         out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     # Only the first process checks: the others of a DDP run (Lightning's or torchrun's) start while
@@ -293,18 +383,18 @@ def make_model(args: argparse.Namespace):
     return model
 
 
-def check_resume(ckpt: Path, model, say) -> None:
-    """Refuse a checkpoint of another shape (saying which flags would fit it); note the flags that
-    differ from the checkpoint's. The file is read with weights_only: it cannot run code."""
-    from ..inference.checkpoint import read_checkpoint
-
-    try:
-        full = read_checkpoint(ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"--resume: {e}")
-    if "optimizer_states" not in full or "loops" not in full:  # unet-export's output, the bundled pretrained model
-        fail(f"--resume {ckpt}: it holds weights only (no optimizer or loop state), so there is no run to continue; "
-             "train anew without --resume, or resume from a run's last.ckpt (predict.py --ckpt uses this file as it is)")
+def check_resume(ckpt: Path, model, say, epochs: int | None = None) -> None:
+    """Refuse a checkpoint of another shape (saying which flags would fit it) or one already past
+    ``epochs``; note the flags that differ from the checkpoint's. The file is read with weights_only:
+    it cannot run code."""
+    full = read_resume_checkpoint(ckpt)
+    try:  # epochs whose training steps are done (the last one's validation may still be to come)
+        done = int(full["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        done = None
+    if epochs is not None and done is not None and epochs <= done:
+        fail(f"--resume {ckpt}: the run has trained {done} epoch{'s' if done != 1 else ''} and --epochs is {epochs}, so "
+             f"nothing is left to train; pass --epochs above {done} to train on")
     # checkpoints from before --ema: off; from before --lr-schedule: constant
     saved = {"ema": 0.0, "lr_schedule": "constant", "schedule_epochs": None, **full.get("hyper_parameters", {})}
     differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k not in ("postprocess", "tune")}
@@ -395,7 +485,10 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     except (ValueError, FileNotFoundError) as e:  # the model and data module check their arguments: user input
         fail(str(e))
     if ckpt is not None:
-        check_resume(ckpt, model, say)
+        if args.restored is not None:
+            source, changed = args.restored
+            say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))
+        check_resume(ckpt, model, say, epochs=args.epochs)
     trainer, checkpoint, interrupt, throughput = make_trainer(args, out, list(callbacks))
     if trainer.world_size > 1:
         os.environ[RUN_DIR_ENV] = str(out)
