@@ -197,6 +197,38 @@ def test_single_files_and_vendor_formats(tmp_path):
         read_image(nd2)
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zstd", "jpeg", "deflate"])
+def test_compressed_tiffs_read_as_the_uncompressed_image(tmp_path, compression):
+    """TIFFs as microscope software and Fiji save them compressed: the pixels of the PNG they came
+    from (JPEG: within its loss)."""
+    rgb = read_raw(SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png")
+    path = tmp_path / f"{compression}.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", compression=compression)
+    got = read_raw(path)
+    assert got.shape == rgb.shape
+    if compression == "jpeg":
+        assert np.abs(got.astype(int) - rgb.astype(int)).mean() < 3
+    else:
+        assert np.array_equal(got, rgb)
+
+
+def test_a_tiff_whose_codec_is_missing_says_which_package_reads_it(tmp_path):
+    """Without imagecodecs (hidden here in a subprocess), an LZW TIFF is one line naming the file and
+    the package, not 'corrupt'."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, _fluo()[0], compression="lzw")
+    code = ("import sys; sys.modules['imagecodecs'] = None\n"
+            "from unet_pl.data.readers import read_raw\n"
+            f"read_raw({str(path)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "lzw.tif" in last and "pip install imagecodecs" in last and "corrupt" not in last, last
+
+
 def test_predict_a_single_file_with_the_checkpoints_reading_settings(tmp_path):
     import subprocess
     import sys
@@ -467,7 +499,8 @@ def test_predict_cli_channel_2_on_a_hyperstack_with_a_checkpoint_saved_without_c
 
 def test_channels_are_never_taken_for_rgb_and_unnamed_planes_name_both_ways_out(tmp_path):
     """An 8-bit ImageJ stack of 3 channels (DAPI/GFP/RFP) is three stains, as in 16 bits, not R, G
-    and B: it needs --channel, which picks the plane. A plain 2-page TIFF without metadata could
+    and B: it needs --channel, which picks the plane; so are three samples of a pixel whose photometric
+    says grey (grey + alpha: the grey). A plain 2-page TIFF without metadata could
     hold channels or z-planes: the error says both, and --channel picks a page."""
     planes = np.random.default_rng(0).integers(0, 256, (3, 24, 32), dtype=np.uint8)
     stack = tmp_path / "dapi_gfp_rfp.tif"
@@ -478,6 +511,14 @@ def test_channels_are_never_taken_for_rgb_and_unnamed_planes_name_both_ways_out(
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.moveaxis(planes, 0, 2))  # samples of one pixel: colour
     assert np.array_equal(read_raw(rgb), np.moveaxis(planes, 0, 2))
+    grey_samples = tmp_path / "minisblack.tif"  # three samples of a grey pixel: channels, not colour
+    tifffile.imwrite(grey_samples, np.moveaxis(planes, 0, 2), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(ValueError, match=r"has 3 channels; pass --channel N"):
+        read_raw(grey_samples)
+    assert np.array_equal(read_raw(grey_samples, 2)[..., 0], planes[1])
+    grey_alpha = tmp_path / "grey_alpha.tif"
+    tifffile.imwrite(grey_alpha, np.moveaxis(planes[:2], 0, 2), photometric="minisblack", extrasamples=["unassalpha"])
+    assert np.array_equal(read_raw(grey_alpha)[..., 0], planes[0])
     pages = tmp_path / "two_pages.tif"
     tifffile.imwrite(pages, planes[:2], metadata=None)
     with pytest.raises(ValueError) as e:

@@ -282,13 +282,26 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes, arr = series.axes, series.asarray()
+            page = series.keyframe
+            grey_samples = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+            alpha = [x in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA) for x in page.extrasamples]
     except MemoryError:
         raise ValueError(f"{path}: too large to read into memory; cut it into tiles and save them as TIFF") from None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError, RuntimeError,
-            zlib.error, struct.error) as e:
+            zlib.error, struct.error, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if "imagecodecs" in first or isinstance(e, ImportError):  # tifffile decodes LZW, JPEG, zstd... through it
+            raise ValueError(f"{path}: its compression needs the imagecodecs package, which is missing here "
+                             f"({first}): pip install imagecodecs (unet_pl depends on it: pip install -e . installs it), "
+                             "or save the image again from Fiji as uncompressed TIFF") from None
         raise ValueError(f"{path}: cannot read this TIFF ({type(e).__name__}: {first}); the file is corrupt or "
                          "truncated, or a layout tifffile does not know: save it again from Fiji as TIFF") from None
+    if grey_samples and "S" in axes:
+        # Samples of a grey pixel are not R, G and B: grey + alpha is the grey, anything else is channels
+        if len(alpha) == 1 and alpha[0] and arr.shape[axes.index("S")] == 2:
+            arr, axes = np.take(arr, 0, axis=axes.index("S")), axes.replace("S", "")
+        else:
+            axes = axes.replace("S", "C")
     # Drop axes of length 1; what is left must be Y, X and at most one channel axis (C or S), or,
     # in a file without ImageJ/OME metadata, a few planes of unknown meaning (Q/I: channels or z?).
     keep = [i for i, n in enumerate(arr.shape) if n > 1 or axes[i] in "YX"]
