@@ -183,6 +183,9 @@ def test_list_images_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no images"):
         list_images(tmp_path)
     (tmp_path / "idB").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no images \(its folders idB/ have no images/ folder inside\)"):
+        list_images(tmp_path)
+    (tmp_path / "idB" / "images").mkdir()
     with pytest.raises(FileNotFoundError, match=r"idB/images/idB\.png not found"):
         list_images(tmp_path)
 

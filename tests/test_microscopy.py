@@ -420,7 +420,7 @@ def test_a_prediction_folder_says_which_files_it_skips(tmp_path, caplog):
     assert len(skipped) == 1 and "b.gif, c.webp" in skipped[0] and "DS_Store" not in skipped[0]
 
 
-def test_predict_takes_the_folder_holding_stage1_train_as_train_does(tmp_path):
+def test_predict_takes_the_folder_holding_stage1_train_as_train_does(tmp_path, caplog):
     holding = SAMPLE_DIR.parent  # unet_pl/sample: stage1_train, its labels CSV and a README
     assert list_images(holding) == list_images(SAMPLE_DIR) and len(list_images(holding)) == 30
     both = tmp_path / "download"
@@ -428,9 +428,15 @@ def test_predict_takes_the_folder_holding_stage1_train_as_train_does(tmp_path):
         (both / name).mkdir(parents=True)
     with pytest.raises(ValueError, match=r"holds stage1_train and stage1_test; pass the one you mean"):
         list_images(both)
+    # a folder of images with a subfolder that is not <id>/images/ (an empty results/): skipped, said
     stray = tmp_path / "scope"
     (stray / "results").mkdir(parents=True)
     shutil.copy(SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png", stray / "a.png")
+    with caplog.at_level(logging.WARNING):
+        assert list_images(stray) == [("a", stray / "a.png")]
+    assert any("skipped 1 folder" in r.getMessage() and "results/" in r.getMessage() for r in caplog.records)
+    # one with images/ but not its <id> image is a broken competition folder: said as such
+    (stray / "x" / "images").mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as e:
         list_images(stray)
     assert "competition's layout" in str(e.value) and "remove" not in str(e.value)

@@ -202,13 +202,14 @@ def test_a_failing_or_killed_predict_leaves_the_previous_results(images, tmp_pat
     out = tmp_path / "out"
     predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
     before = _snapshot(out)
-    # a second run over more images, the last of them broken: it fails after predicting the others
+    # a second run over more images, the first of them broken: it stops there (a broken one after
+    # others is skipped: test_predict_cli's test_an_unreadable_image_is_skipped_the_rest_written_exit_2)
     more = tmp_path / "more"
     shutil.copytree(images, more)
-    (more / "zzz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (more / "000_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     other = _ckpt(tmp_path / "other.ckpt", bias=5.0)  # it would change every result
     p = predict("--ckpt", other, "--data-dir", more, "--out-dir", out, check=False)
-    assert p.returncode == 2 and "zzz_broken.png" in p.stderr
+    assert p.returncode == 2 and "000_broken.png" in p.stderr
     assert _snapshot(out) == before and not list(out.rglob(".unet_pl-partial-*"))
     # killed with SIGKILL while it works: nothing replaced, and the next run clears the leftovers
     many = tmp_path / "many"
@@ -226,6 +227,25 @@ def test_a_failing_or_killed_predict_leaves_the_previous_results(images, tmp_pat
     assert _snapshot(out) == before
     predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
     assert not list(out.rglob(".unet_pl-partial-*"))
+
+
+def test_a_run_that_fails_removes_the_output_folders_it_made(tmp_path):
+    """Outputs.abort: the staged files go, and so do the folders made for them (not those that were
+    there before, nor one a user put a file in meanwhile)."""
+    from unet_pl.inference.outputs import Outputs
+
+    before = tmp_path / "kept"
+    before.mkdir()
+    outputs = Outputs(before / "new" / "s.csv", before / "new" / "res", rois=True)
+    outputs.add("a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8), np.pad(np.ones((4, 4), np.int32), 2), None)
+    assert (before / "new" / "res" / "labels").is_dir()
+    outputs.abort()
+    assert sorted(os.listdir(tmp_path)) == ["kept"] and os.listdir(before) == []
+    outputs = Outputs(tmp_path / "s.csv", tmp_path / "res")
+    outputs.add("a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8), np.pad(np.ones((4, 4), np.int32), 2), None)
+    (tmp_path / "res" / "notes.txt").write_text("mine")
+    outputs.abort()
+    assert sorted(os.listdir(tmp_path / "res")) == ["notes.txt"]
 
 
 def test_warnings_for_no_nuclei_and_heavy_squashing(images, tmp_path):

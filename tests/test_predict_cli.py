@@ -239,3 +239,34 @@ def test_predict_uses_the_checkpoints_tuned_settings_and_flags_override_them(ckp
     # the saved settings are stricter: fewer foreground pixels, and no nucleus under 50 px
     assert (saved > 0).sum() < (flagged > 0).sum()
     assert saved.max() == 0 or np.bincount(saved.ravel())[1:].min() >= 50
+
+
+def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
+    """A folder of images with one truncated PNG in the middle and a results/ subfolder: the subfolder
+    is skipped with a warning, the truncated file named in one closing line, exit 2; the other images'
+    label TIFFs, tables and submission rows are all written. The first image unreadable: the run stops
+    there, nothing written."""
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    for name, image_id in (("a.png", REAL[0]), ("c.png", REAL[1])):
+        shutil.copy(_real_png(image_id), folder / name)
+    data = _real_png(REAL[2]).read_bytes()
+    (folder / "b.png").write_bytes(data[: len(data) // 3])  # truncated by a copy cut short
+    (folder / "results").mkdir()
+    out = tmp_path / "out"
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out, "--gpus", 0, "--no-progress", check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "1 image could not be read" in last and "b.png" in last and "other 2 are written" in last, last
+    assert "skipped 1 folder" in p.stderr and "results/" in p.stderr
+    assert sorted(f.name for f in (out / "labels").iterdir()) == ["a.tif", "c.tif"]
+    with open(out / "summary.csv") as f:
+        assert [r["image"] for r in csv.DictReader(f)] == ["a", "c"]
+    with open(out / "submission.csv") as f:
+        assert {r["ImageId"] for r in csv.DictReader(f)} == {"a", "c"}
+
+    (folder / "a.png").write_bytes(data[:100])  # now the first one
+    out2 = tmp_path / "out2"
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out2, "--gpus", 0, "--no-progress", check=False)
+    assert p.returncode == 2 and "a.png" in p.stderr.strip().splitlines()[-1], p.stderr
+    assert not out2.exists()

@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{SQUASH_WARNING:g}x larger than the {settings.img_size} px squares this resize-mode model squashes them "
               "into: small nuclei vanish there; a native-resolution model (train.py --mode instance, or the bundled "
               "model) sees them at their own size")
+    if stats["unreadable"]:
+        bad = stats["unreadable"]
+        fail(f"{len(bad)} image{'s' * (len(bad) != 1)} could not be read and {'have' if len(bad) != 1 else 'has'} no "
+             f"results (the results of the other {n} are written): {next(iter(bad.values()))}" + (
+                 f"; also {', '.join(list(bad)[1:4])}{', ...' if len(bad) > 4 else ''}" if len(bad) > 1 else ""))
 
 
 def _flag_names(message: str) -> str:

@@ -272,7 +272,8 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     (``<id>/images/<id>.png``, id = folder name), of plain image files (id = file name without
     suffix), or a mix, or a label-image training folder (its ``images/``), or the folder holding one
     ``stage1_train``, ``stage1_test`` or ``stage2_test_final``. A microscope vendor's format among
-    them is an error that says how to export it; other files are skipped with a warning naming them.
+    them is an error that says how to export it; other files, and subfolders without an ``images/``
+    folder, are skipped with a warning naming them.
     """
     folder = Path(folder).expanduser()
     if folder.is_file():
@@ -286,7 +287,13 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     images, skipped = _listing(folder)
     found: dict[str, Path] = {}
     entries = [(p.stem, p) for p in images]
-    entries += [(p.name, _image_of(p)) for p in sorted(folder.iterdir()) if p.is_dir() and not is_ignored(p)]
+    subfolders = [p for p in sorted(folder.iterdir()) if p.is_dir() and not is_ignored(p)]
+    # <id>/images/ folders are the competition's layout; any other folder (results/, an empty one) is not an image
+    entries += [(p.name, _image_of(p)) for p in subfolders if (p / "images").is_dir()]
+    others = [p.name + "/" for p in subfolders if not (p / "images").is_dir()]
+    if others:
+        log.warning("%s: skipped %d folder%s without an images/ folder inside (the competition's <id>/images/<id>.png "
+                    "layout): %s", folder, len(others), "s" * (len(others) != 1), _names(others))
     for id_, path in sorted(entries):
         if id_ in found:
             raise ValueError(f"two images with the id {id_!r} in {folder}: {found[id_]} and {path}; rename one")
@@ -296,7 +303,9 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
                     "s" * (len(skipped) != 1), "are" if len(skipped) != 1 else "is", ", ".join(IMAGE_SUFFIXES),
                     _names([p.name for p in skipped]))
     if not found:
-        raise FileNotFoundError(f"{folder} holds no images; expected <id>/images/<id>.png folders or image files ({', '.join(IMAGE_SUFFIXES)})")
+        inside = f" (its folders {_names(others)} have no images/ folder inside)" if others else ""
+        raise FileNotFoundError(f"{folder} holds no images{inside}; expected <id>/images/<id>.png folders or image "
+                                f"files ({', '.join(IMAGE_SUFFIXES)})")
     return sorted(found.items())
 
 

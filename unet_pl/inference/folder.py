@@ -77,17 +77,26 @@ def read_pair(path: Path, channel: int | None, intensity: str) -> tuple[np.ndarr
     return raw, to_rgb8(raw, intensity, path)
 
 
+def read_pair_or_error(path: Path, channel: int | None, intensity: str) -> tuple[np.ndarray, np.ndarray] | ValueError:
+    """``read_pair``, or the ValueError that names the file and why it cannot be read."""
+    try:
+        return read_pair(path, channel, intensity)
+    except ValueError as e:
+        return e
+
+
 def read_ahead(paths: Sequence[Path], workers: int = 2, ahead: int = 16, channel: int | None = None,
-               intensity: str = "fixed") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``read_pair`` of each path in order, decoded by ``workers`` threads at most ``ahead`` images in advance."""
+               intensity: str = "fixed") -> Iterator[tuple[np.ndarray, np.ndarray] | ValueError]:
+    """``read_pair_or_error`` of each path in order, decoded by ``workers`` threads at most ``ahead``
+    images in advance."""
     if workers < 1:
-        yield from (read_pair(p, channel, intensity) for p in paths)
+        yield from (read_pair_or_error(p, channel, intensity) for p in paths)
         return
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         try:
             for p in paths:
-                pending.append(pool.submit(read_pair, p, channel, intensity))
+                pending.append(pool.submit(read_pair_or_error, p, channel, intensity))
                 if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:
@@ -118,7 +127,10 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     either way, probabilities the same to rounding (one thread sums in another order than two).
     An image tiled for its size (a side above ``settings.tile`` once scaled), or the only image,
     runs alone on all threads.
+    An image that cannot be read after others were is skipped with a warning (the run goes on and
+    writes the others' results); when the first one cannot be read, its ValueError ends the run.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
+    "unreadable": {id: why, of the images skipped},
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one,
     "sureness": {id: summary.csv's probability_mean, None without nuclei} (with out_dir only, else empty),
     "least_sure": ``least_sure(sureness)``}``.
@@ -158,11 +170,21 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
 
     def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
         items: list = []
+        read_any = False
         # decoded a little ahead of the network, not far: each one waiting is memory (20 MB at 2048 x 2048)
         pairs = read_ahead([p for _, p in entries], num_workers, ahead=chunk + 2, channel=settings.channel,
                            intensity=settings.intensity)
         try:
-            for (image_id, _), (raw, image) in zip(entries, pairs):
+            for (image_id, _), pair in zip(entries, pairs):
+                if isinstance(pair, ValueError):
+                    if not read_any:  # the first image: most likely a setting (--channel) that fits none of them
+                        raise pair
+                    log.warning("%s; skipped: it gets no results in this run", pair)
+                    stats["unreadable"][image_id] = str(pair)
+                    bar.update(1)
+                    continue
+                read_any = True
+                raw, image = pair
                 items.append((image_id, raw, image))
                 if len(items) == chunk:
                     yield items
@@ -172,7 +194,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         finally:
             pairs.close()
 
-    stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders()}
+    stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders(), "unreadable": {}}
     bar = tqdm(total=len(entries), unit="img", desc="predict", disable=not progress)
 
     def collect(done: list[tuple[str, int, bool]]) -> None:

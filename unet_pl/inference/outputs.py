@@ -194,6 +194,7 @@ class Outputs:
         self._tables: dict[str, tuple[str, str, str]] = {}
         self._staged: list[tuple[Path, Path]] = []  # (staged file, destination)
         self._staging: dict[Path, Path] = {}
+        self._made: list[Path] = []  # folders this run made, removed again (when empty) by ``abort``
         self._lock = threading.Lock()  # images may be added from several threads at once
         #: after ``commit``: files in the per-image folders left by earlier runs for images not in this one
         self.earlier = 0
@@ -204,6 +205,7 @@ class Outputs:
         folder = dest.parent
         with self._lock:
             if folder not in self._staging:
+                self._made += [p for p in (folder, *folder.parents) if not p.exists()]
                 folder.mkdir(parents=True, exist_ok=True)
                 _remove_dead_staging(folder)
                 self._staging[folder] = folder / f"{STAGING_PREFIX}{os.getpid()}"
@@ -282,15 +284,23 @@ class Outputs:
         for f in old:
             if f.stem in self._tables:
                 f.unlink(missing_ok=True)
+        self._made.clear()  # the output folders stay, empty or not
         self.abort()
         self.earlier = sum(f.stem not in self._tables for f in old)
         return [dest for _, dest in self._staged]
 
     def abort(self) -> None:
-        """Drop whatever was staged: the destinations keep their previous contents."""
+        """Drop whatever was staged: the destinations keep their previous contents (and folders made
+        for them are removed again, unless something else was put there meanwhile)."""
         for folder in self._staging.values():
             shutil.rmtree(folder, ignore_errors=True)
         self._staging.clear()
+        for folder in sorted(set(self._made), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or gone
+                pass
+        self._made.clear()
 
 
 def _remove_dead_staging(folder: Path) -> None:
