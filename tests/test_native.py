@@ -2,6 +2,7 @@
 train -> predict -> evaluate chain on the bundled sample in subprocesses."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,16 @@ def test_instance_mode_train_predict_evaluate_on_the_holdout(sample_dir, tmp_pat
         assert png.shape == Image.open(sample_dir / i / "images" / f"{i}.png").size[::-1]
     p = _run("scripts/evaluate.py", "--pred", str(sub), "--truth", str(sample_dir), "--holdout", "stratified")
     assert "over 4 images" in p.stdout and "not in the truth" not in p.stdout
+    # a subset of the folder as the truth: its own hold-out is other images, said so; --ckpt scores the run's
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for d in sorted(sample_dir.iterdir())[:20] + [sample_dir / i for i in held]:
+        if d.is_dir() and not (subset / d.name).exists():
+            shutil.copytree(d, subset / d.name)
+    assert set(holdout_ids(subset)) != set(held)
+    p = _run("scripts/evaluate.py", "--pred", str(sub), "--truth", str(subset), "--holdout", "stratified")
+    assert f"computed from the images of {subset}" in p.stdout
+    assert "in the truth but not in this hold-out" in p.stdout and "--ckpt" in p.stdout
+    p = _run("scripts/evaluate.py", "--pred", str(sub), "--truth", str(subset), "--holdout", "stratified",
+             "--ckpt", str(out / "best.ckpt"))
+    assert "the 4 images that" in p.stdout and "over 4 images" in p.stdout and "hold-out (ignored)" not in p.stdout

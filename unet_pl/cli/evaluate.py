@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.holdout import HOLDOUTS
-from ..evaluation import evaluate, holdout_truth_ids
+from ..evaluation import evaluate, holdout_truth_ids, load_truth
 from ..metrics import THRESHOLDS
 from .common import Parser, fail, holdout_arg
 
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stratified: score only the fixed hold-out of the truth's images (unet_pl.data.holdout); "
                         "group:k/K: only fold k of K of the grouped cross-validation (unet_pl.data.groups); "
                         "predictions for other images are reported as extra")
+    p.add_argument("--ckpt", default=None,
+                   help="with --holdout: score the hold-out this checkpoint's run saved (the images predict.py "
+                        "--holdout predicts with it), not the one computed from the truth's images")
     return p
 
 
@@ -45,9 +48,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--pred {args.pred} is a folder; pass the CSV that predict.py wrote, e.g. {Path(args.pred) / 'submission.csv'}")
     if not Path(args.pred).is_file():
         fail(f"{args.pred}: no such file; pass the CSV that predict.py wrote")
+    if args.ckpt and args.holdout == "none":
+        fail("--ckpt names the checkpoint whose saved hold-out to score: give --holdout too (e.g. --holdout stratified)")
     t0 = time.perf_counter()
     try:
-        ids = None if args.holdout == "none" else holdout_truth_ids(args.truth, args.holdout)
+        ids = None if args.holdout == "none" else _holdout(args)
         rows, missing, extra = evaluate(args.pred, args.truth, ids)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
@@ -68,9 +73,33 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         print(f"{len(missing)} truth images have no prediction rows (scored as empty): {_ids(missing)}")
     if extra:
-        print(f"{len(extra)} predicted images are not in the truth (ignored): {_ids(extra)}")
+        known = set(load_truth(args.truth)) if ids is not None else set()  # every image of the truth
+        outside = [i for i in extra if i in known]
+        if outside:
+            print(f"{len(outside)} predicted images are in the truth but not in this hold-out (ignored): {_ids(outside)}"
+                  + ("" if args.ckpt else "; if the predictions are a checkpoint's saved hold-out, pass --ckpt CKPT"))
+        others = [i for i in extra if i not in set(outside)]
+        if others:
+            print(f"{len(others)} predicted images are not in the truth (ignored): {_ids(others)}")
     if args.out:
         print(f"per-image scores: {args.out}")
+
+
+def _holdout(args) -> list[str]:
+    """The hold-out ids to score: the checkpoint's saved ones (--ckpt), else computed from the truth; says which."""
+    if args.ckpt:
+        from ..inference.checkpoint import read_checkpoint
+
+        saved = read_checkpoint(args.ckpt).get("NucleiDataModule") or {}
+        if saved.get("holdout") != args.holdout or not saved.get("holdout_ids"):
+            raise ValueError(f"--ckpt {args.ckpt}: its run saved no --holdout {args.holdout} (it trained with --holdout "
+                             f"{saved.get('holdout', 'none')}); leave --ckpt out to compute the hold-out from the truth")
+        print(f"hold-out: the {len(saved['holdout_ids'])} images that {args.ckpt}'s run never trained on")
+        return list(saved["holdout_ids"])
+    ids = holdout_truth_ids(args.truth, args.holdout)
+    print(f"hold-out: {len(ids)} images, computed from the images of {args.truth} (the full stage1_train gives the "
+          "hold-out train.py and crossval.py use; a subset of it gives other images)")
+    return ids
 
 
 def _ids(ids: list[str], n: int = 5) -> str:
