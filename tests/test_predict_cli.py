@@ -270,3 +270,13 @@ def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
     p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out2, "--gpus", 0, "--no-progress", check=False)
     assert p.returncode == 2 and "a.png" in p.stderr.strip().splitlines()[-1], p.stderr
     assert not out2.exists()
+
+
+def test_a_console_script_names_itself_in_its_errors(tmp_path):
+    """unet-evaluate (pip's console script), not evaluate.py, in the one error line."""
+    script = Path(sys.executable).parent / "unet-evaluate"
+    if not script.is_file():
+        pytest.skip("the package is not installed with its console scripts (pip install -e .)")
+    p = subprocess.run([str(script), "--pred", str(tmp_path / "none.csv"), "--truth", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("unet-evaluate: error:"), p.stderr

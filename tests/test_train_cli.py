@@ -120,6 +120,8 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "0", "--contact-weight", "2"], "--contact-weight 2.0 needs the boundary head"),
     (["--gpus", "0", "--boundary-target", "ring+contact"], "--boundary-target ring+contact needs the boundary head"),
     (["--gpus", "0", "--ema", "1"], "--ema must be a decay in [0, 1) such as 0.995"),
+    (["--gpus", "0", "--lr", "-1"], "--lr must be > 0, e.g. 1e-3, got -1.0"),
+    (["--gpus", "0", "--patience", "-2"], "--patience must be >= 0 (0: no early stopping), got -2"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     from unet_pl.cli.train import resolve_run_dir
@@ -340,7 +342,7 @@ def test_fast_dev_run_trains_one_batch_and_writes_nothing(tmp_path, cache_dir):
     out = tmp_path / "smoke"
     proc = run(train_cmd("--gpus", "0", "--fast-dev-run", *TINY, "--out", str(out), cache=cache_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fast dev run" in proc.stdout
+    assert "fast dev run" in proc.stdout and "run folder" not in proc.stdout  # it makes none: names none
     assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 #: Exit status for bad usage or bad input (as argparse's own).
 EXIT_USAGE = 2
@@ -23,6 +24,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
+        started_as = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+        if started_as.startswith("unet-"):  # a console script (unet-predict): errors and --help name it
+            kwargs["prog"] = started_as
         super().__init__(*args, **kwargs)
         global _prog
         _prog = self.prog

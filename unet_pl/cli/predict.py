@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int, default=None, metavar="N",
                    help="the nuclear channel of multi-channel files, from 1 (default: the checkpoint's)")
     p.add_argument("--intensity", choices=INTENSITIES, default=None,
-                   help="fixed, percentile or grey (default: the checkpoint's, i.e. as it was trained)")
+                   help=f"{', '.join(INTENSITIES)} (train.py --help says what each does; default: the checkpoint's, "
+                        "i.e. as it was trained)")
     p.add_argument("--tta", choices=TTAS, default="none",
                    help="test-time augmentation: average 4 flips or all 8 flips and 90-degree rotations (none: the notebook)")
     p.add_argument("--precision", choices=PREDICT_PRECISIONS, default="auto",

@@ -73,6 +73,8 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
         cut = tuned.chosen.get(CUT_KEY)
         lines.append(f"post-processing chosen on the validation images (score {tuned.score:.3f}), saved in the checkpoints: "
                      + plain + ("; with --split-concave: " + ", ".join(f"{k} {v:g}" for k, v in cut.items()) if cut else ""))
+    if args.fast_dev_run:
+        return "\n".join(lines)  # nothing written, no run folder to name
     files = [p.name for p in (out / "best.ckpt", out / "last.ckpt", out / "hparams.yaml", out / "command.txt", *pictures) if p.exists()]
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "Default: from --mode (default for notebook, texture for instance)")
     data.add_argument("--channel", type=int, default=None, metavar="N",
                       help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
-                           "Fiji does. Default: grey or RGB as stored (files with 2 or more than 3 channels need it)")
+                           "Fiji does. Default: grey or RGB as stored; files with channels (2 or more, three stains are not RGB) need it")
     data.add_argument("--intensity", choices=INTENSITIES, default=None,
                       help="fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
                            "percentile: each image stretched between its 1st and 99.8th percentiles; grey: channels averaged, "
@@ -195,8 +195,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "(or --mode instance); resized squares have no nucleus size to keep")
     if args.compile != "off" and args.resolution == "native":
         fail("--compile needs fixed image sizes: use it with --resolution resize (native validation images vary in size)")
-    if args.num_workers is not None and args.num_workers < 0 or args.patience < 0 or args.lr <= 0 or args.l2 < 0:
-        fail("--num-workers, --patience and --l2 must be >= 0 and --lr > 0")
+    for flag, value, ok, want in (("--num-workers", args.num_workers, args.num_workers is None or args.num_workers >= 0, ">= 0"),
+                                  ("--patience", args.patience, args.patience >= 0, ">= 0 (0: no early stopping)"),
+                                  ("--l2", args.l2, math.isfinite(args.l2) and args.l2 >= 0, ">= 0 (0: none)"),
+                                  ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "> 0, e.g. 1e-3")):
+        if not ok:
+            fail(f"{flag} must be {want}, got {value}")
     if not 0.0 < args.val_split < 1.0:
         fail(f"--val-split must lie strictly between 0 and 1, got {args.val_split}")
     if args.max_time is not None and not re.fullmatch(r"\d{1,2}:\d{2}:\d{2}:\d{2}", args.max_time):
