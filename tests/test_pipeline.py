@@ -35,8 +35,7 @@ def test_readme_python_api_with_any_img_size_and_the_default_logger(tmp_path):
     assert trainer.logger is not None
     trainer.fit(model, dm)
     assert model.hparams.img_size == 64 and model.hparams_initial["img_size"] == 64
-    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
-    loaded = LitUNet.load_from_checkpoint(ckpt)
+    loaded = LitUNet.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert loaded.settings.img_size == 64 and loaded.settings.resolution == "resize"
 
 
@@ -85,6 +84,7 @@ def test_python_api_fit_of_the_boundary_head_tunes_and_says_what_it_set(tmp_path
     assert set(hp["postprocess"]["split_concave"]) == {"threshold", "seed_threshold", "min_size"}  # chosen for the cut
     said = "\n".join(lines)
     assert "img_size taken from the data module: 64" in said and "keeping freed memory" in said
+    assert "post-processing chosen on the validation images" in said and "saved in the checkpoint" in said
     untuned = LitUNet(head="mask+boundary", tune=False)
     _trainer(tmp_path / "b", accelerator="cpu").fit(untuned, dm)
     assert torch.load(next((tmp_path / "b").rglob("*.ckpt")), weights_only=True)["hyper_parameters"]["postprocess"] is None

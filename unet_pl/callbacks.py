@@ -284,6 +284,9 @@ class TunePostprocessing(Callback):
         if result is not None:
             self.chosen, self.score = result
             pl_module.set_postprocess(self.chosen)
+            plain = ", ".join(f"{k} {v:g}" for k, v in self.chosen.items() if not isinstance(v, dict))
+            rank_zero_info(f"unet_pl: post-processing chosen on the validation images (score {self.score:.3f}), "
+                           f"saved in the checkpoint and the model: {plain}")
         trainer.strategy.barrier("tune_postprocessing")
 
     def _tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dm) -> tuple[dict, float] | None:
