@@ -229,6 +229,30 @@ def test_a_tiff_whose_codec_is_missing_says_which_package_reads_it(tmp_path):
     assert "lzw.tif" in last and "pip install imagecodecs" in last and "corrupt" not in last, last
 
 
+def test_an_ome_tiffs_id_drops_ome_in_prediction_and_in_label_image_training_folders(tmp_path):
+    """``cells.ome.tif`` is the image ``cells`` (its results: labels/cells.tif), and in a label-image
+    folder ``images/cells.ome.tif`` pairs with ``masks/cells.tif`` or ``masks/cells.ome.tif``."""
+    grey, mask_files = _fluo()
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    tifffile.imwrite(folder / "cells.ome.tif", grey, ome=True)
+    tifffile.imwrite(folder / "plain.tif", grey)
+    assert [i for i, _ in list_images(folder)] == ["cells", "plain"]
+    assert list_images(folder / "cells.ome.tif") == [("cells", folder / "cells.ome.tif")]
+    labels = np.zeros(grey.shape, np.uint16)
+    for k, f in enumerate(mask_files[:5], start=1):
+        labels[np.asarray(Image.open(f)) > 0] = k
+    data = tmp_path / "train"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    tifffile.imwrite(data / "images" / "a.ome.tif", grey, ome=True)
+    tifffile.imwrite(data / "masks" / "a.tif", labels)
+    tifffile.imwrite(data / "images" / "b.ome.tif", grey, ome=True)
+    tifffile.imwrite(data / "masks" / "b.ome.tif", labels)
+    items = scan_train_dir(data)
+    assert [(it.id, [m.name for m in it.masks]) for it in items] == [("a", ["a.tif"]), ("b", ["b.ome.tif"])]
+
+
 def test_predict_a_single_file_with_the_checkpoints_reading_settings(tmp_path):
     import subprocess
     import sys

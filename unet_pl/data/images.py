@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import IMAGE_SUFFIXES, VENDOR_SUFFIXES as _VENDOR, check_suffix, image_size, read_image, read_label_image  # noqa: F401 (image_size, read_image: re-exported)
+from .readers import IMAGE_SUFFIXES, TIFF_SUFFIXES, VENDOR_SUFFIXES as _VENDOR, check_suffix, image_size, read_image, read_label_image  # noqa: F401 (image_size, read_image: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,18 @@ def _images_in(folder: Path) -> list[Path]:
     return images
 
 
+def image_id(path: Path) -> str:
+    """A file's image id: its name without the suffix, and without the ``.ome`` of an OME-TIFF
+    (``cells.ome.tif`` -> ``cells``, so its results are ``labels/cells.tif``)."""
+    stem = path.stem
+    if path.suffix.lower() in TIFF_SUFFIXES and stem.lower().endswith(".ome") and len(stem) > 4:
+        stem = stem[:-4]
+    return stem
+
+
 def _image_of(d: Path) -> Path:
     """The image of a competition-layout folder: ``<id>/images/<id>.<any image suffix>``."""
-    found = [p for p in _listing(d / "images")[0] if p.stem == d.name]
+    found = [p for p in _listing(d / "images")[0] if image_id(p) == d.name]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -239,22 +248,22 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
     annotations: dict[str, Path] = {}
     labels, others = _listing(label_dir) if label_dir is not None else ([], [])
     for p in labels:
-        if p.stem in annotations:
-            raise ValueError(f"two label images named {p.stem}.* in {label_dir}: {annotations[p.stem].name} and {p.name}; keep one")
-        annotations[p.stem] = p
+        if image_id(p) in annotations:
+            raise ValueError(f"two label images named {image_id(p)}.* in {label_dir}: {annotations[image_id(p)].name} and {p.name}; keep one")
+        annotations[image_id(p)] = p
     items, seen = [], {}
     for image in images:
-        if image.stem in seen:
-            raise ValueError(f"two images named {image.stem}.* in {image.parent}: {seen[image.stem].name} and {image.name}; keep one")
-        seen[image.stem] = image
-        mask = annotations.get(image.stem)
+        if image_id(image) in seen:
+            raise ValueError(f"two images named {image_id(image)}.* in {image.parent}: {seen[image_id(image)].name} and {image.name}; keep one")
+        seen[image_id(image)] = image
+        mask = annotations.get(image_id(image))
         if with_masks and mask is None:
-            unreadable = next((p for p in others if p.stem == image.stem), None)
+            unreadable = next((p for p in others if image_id(p) == image_id(image)), None)
             if unreadable is not None:
                 check_suffix(unreadable)  # the image's annotation in a format we do not read: raises
-        items.append(TrainItem(image.stem, image, (mask,) if with_masks and mask is not None else ()))
+        items.append(TrainItem(image_id(image), image, (mask,) if with_masks and mask is not None else ()))
     # Annotations of no image: a renamed or deleted image, usually. Training goes on without them, said.
-    orphans = [p.name for p in labels if p.stem not in seen] + [p.name for p in others if p.stem not in seen]
+    orphans = [p.name for p in labels if image_id(p) not in seen] + [p.name for p in others if image_id(p) not in seen]
     if with_masks and orphans:
         log.warning("%s: %d file%s without an image of the same name in %s, not used: %s", label_dir, len(orphans),
                     "s" * (len(orphans) != 1), train_dir / "images", _names(orphans))
@@ -278,7 +287,7 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     folder = Path(folder).expanduser()
     if folder.is_file():
         check_suffix(folder)
-        return [(folder.stem, folder)]
+        return [(image_id(folder), folder)]
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; pass an image, a folder of images or the competition's stage1_test folder")
     folder = step_into(folder, COMPETITION_FOLDERS)  # the training side's rule (resolve_train_dir)
@@ -286,7 +295,7 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
         folder = folder / "images"
     images, skipped = _listing(folder)
     found: dict[str, Path] = {}
-    entries = [(p.stem, p) for p in images]
+    entries = [(image_id(p), p) for p in images]
     subfolders = [p for p in sorted(folder.iterdir()) if p.is_dir() and not is_ignored(p)]
     # <id>/images/ folders are the competition's layout; any other folder (results/, an empty one) is not an image
     entries += [(p.name, _image_of(p)) for p in subfolders if (p / "images").is_dir()]
