@@ -37,6 +37,9 @@ def _count(image: np.ndarray) -> int:
 
 
 def test_12_bit_data_in_16_bit_files_warns_and_percentile_reads_it_like_the_8_bit_image(tmp_path, caplog):
+    from unet_pl.data.readers import reset_dark_warnings
+
+    reset_dark_warnings()
     grey, _ = _fluo()
     twelve = grey.astype(np.uint16) * 16  # 0..4080: 12-bit camera data
     tif, png = tmp_path / "cam.tif", tmp_path / "cam16.png"
@@ -52,6 +55,26 @@ def test_12_bit_data_in_16_bit_files_warns_and_percentile_reads_it_like_the_8_bi
         assert stretched.shape == (*grey.shape, 3) and np.abs(stretched[..., 0].astype(int) - reference).max() <= 1
     n8, n12 = _count(grey), _count(read_image(tif, intensity="percentile")[..., 0])
     assert n8 > 20 and abs(n12 - n8) <= 0.1 * n8
+
+
+def test_a_folder_of_12_bit_files_names_the_first_three_then_one_line_for_the_rest(tmp_path, caplog):
+    from unet_pl.data.readers import DARK_NAMED, reset_dark_warnings
+
+    grey, _ = _fluo()
+    for k in range(8):
+        tifffile.imwrite(tmp_path / f"cam{k}.tif", grey.astype(np.uint16) * 16)
+    reset_dark_warnings()
+    with caplog.at_level(logging.WARNING):
+        for k in range(8):
+            read_image(tmp_path / f"cam{k}.tif")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert DARK_NAMED == 3 and len(said) == 4, said
+    assert all(f"cam{k}.tif" in said[k] for k in range(3)) and "not named one by one" in said[3]
+    reset_dark_warnings()  # a new run names its own
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_image(tmp_path / "cam7.tif")
+    assert "cam7.tif" in caplog.text
 
 
 def test_imagej_hyperstack_and_ome_tiff_pick_the_nuclear_channel(tmp_path):

@@ -117,6 +117,9 @@ def build_cache(items: Sequence[TrainItem], resolution: str, size: int, path: Pa
     With ``rles`` (from the labels CSV) masks come from the runs, else from each item's mask files.
     The first bad file stops the build with its error; nothing is written then.
     """
+    from .readers import reset_dark_warnings
+
+    reset_dark_warnings()  # this build names its own first dark files
     n = len(items)
     ids = np.array([it.id for it in items])
     modalities = np.empty(n, dtype="<U12")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -167,11 +168,33 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
     else:
         top = np.iinfo(raw.dtype).max
         if warn and raw.size and int(raw.max()) < (top + 1) // 16:
-            log.warning("%s uses values up to %d of its %d-bit range: under the fixed rule it reads nearly black; "
-                        "pass --intensity percentile (intensity='percentile') to stretch each image",
-                        name, int(raw.max()), 8 * raw.dtype.itemsize)
+            _warn_dark(name, int(raw.max()), 8 * raw.dtype.itemsize)
         out = (raw >> 8).astype(np.uint8) if raw.dtype == np.uint16 else raw.astype(np.uint8)
     return np.ascontiguousarray(np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out)
+
+
+#: Files named one by one in the fixed rule's dark-data warning before the rest are only counted.
+DARK_NAMED = 3
+_dark = {"said": 0}
+_dark_lock = threading.Lock()
+
+
+def reset_dark_warnings() -> None:
+    """Start naming dark files again (each prediction or cache build names its own first few)."""
+    with _dark_lock:
+        _dark["said"] = 0
+
+
+def _warn_dark(name, top: int, bits: int) -> None:
+    with _dark_lock:
+        _dark["said"] += 1
+        said = _dark["said"]
+    if said <= DARK_NAMED:
+        log.warning("%s uses values up to %d of its %d-bit range: under the fixed rule it reads nearly black; "
+                    "pass --intensity percentile (intensity='percentile') to stretch each image", name, top, bits)
+    if said == DARK_NAMED:
+        log.warning("further files that read nearly black under the fixed rule are not named one by one "
+                    "(12-bit camera data in 16-bit files, most likely): --intensity percentile reads them all")
 
 
 def _grey_levels(raw: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.images import list_images
-from ..data.readers import read_raw, to_rgb8
+from ..data.readers import read_raw, reset_dark_warnings, to_rgb8
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image, overlay_image
 from .predict import labels_from_probabilities, predict_images
@@ -141,6 +141,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
 
     settings = settings_of(net, settings)
     entries = select_images(data_dir, ids)
+    reset_dark_warnings()  # this run names its own first dark files
     outputs = Outputs(out_csv, out_dir, rois=rois, probabilities=probabilities, overlays=overlays,
                       masks_dir=masks_dir, overlays_dir=overlays_dir)
     cpu = next(net.parameters()).device.type == "cpu"
