@@ -153,6 +153,33 @@ def test_least_sure_is_the_lowest_quarter_at_most_three_images_without_nuclei_fi
     assert [i for i, _ in least_sure(sureness)] == (["empty"] + by_value)[:min(3, (n + 1) // 4)]
 
 
+def test_the_inputs_pixel_size_goes_into_the_label_tiff_and_summary_csv(tmp_path):
+    """A Fiji-calibrated TIFF (ImageJ unit um), an OME-TIFF (PhysicalSizeX 0.5 um) and a PNG: the label
+    TIFFs carry 0.325 and 0.5 um per pixel as Fiji reads them (ImageJ's unit and XResolution), the
+    PNG's none; summary.csv says the same."""
+    from PIL import Image
+
+    png = sorted(SAMPLE_DIR.iterdir())[0] / "images"
+    grey = np.asarray(Image.open(next(png.iterdir())).convert("L"))
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    tifffile.imwrite(folder / "fiji.tif", grey, imagej=True, resolution=(1 / 0.325, 1 / 0.325), metadata={"unit": "um"})
+    tifffile.imwrite(folder / "scope.ome.tif", grey, ome=True, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    Image.fromarray(grey).save(folder / "shot.png")
+    out = tmp_path / "out"
+    predict("--ckpt", _ckpt(tmp_path / "m.ckpt"), "--data-dir", folder, "--out-dir", out)
+    for name, want in (("fiji", 0.325), ("scope", 0.5), ("shot", None)):
+        with tifffile.TiffFile(out / "labels" / f"{name}.tif") as tif:
+            unit = (tif.imagej_metadata or {}).get("unit")
+            num, den = tif.pages.first.tags["XResolution"].value if "XResolution" in tif.pages.first.tags else (1, 1)
+        if want is None:
+            assert unit is None, name
+        else:
+            assert unit == "um" and den / num == pytest.approx(want, rel=1e-6), (name, unit, num, den)
+    sizes = {r["image"]: r["pixel_size_um"] for r in _rows(out / "summary.csv")}
+    assert sizes == {"fiji": "0.325", "scope": "0.5", "shot": ""}
+
+
 def test_more_than_65535_nuclei_are_written_as_uint32(tmp_path):
     from unet_pl.inference.outputs import Outputs
 

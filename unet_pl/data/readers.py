@@ -267,6 +267,46 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return h, w
 
 
+#: Length units of microscopy metadata, in micrometres.
+_MICRONS = {"um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+            "micrometre": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def pixel_size(path: str | Path) -> float | None:
+    """The pixel's width in micrometres from a TIFF's metadata: OME's ``PhysicalSizeX``, ImageJ's
+    ``unit`` with the XResolution tag, or XResolution in pixels per centimetre; None without any
+    (PNG, JPEG, a TIFF in inches: that is a screen's or scanner's dpi, not a microscope's)."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
+                pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
+                size, unit = pixels.get("PhysicalSizeX"), str(pixels.get("PhysicalSizeXUnit", "µm"))
+                if size and unit.lower() in _MICRONS:
+                    return float(size) * _MICRONS[unit.lower()]
+            page = tif.pages.first
+            tag, unit_tag = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+            if tag is None:
+                return None
+            num, den = tag.value
+            per_unit = num / den if den else 0.0  # pixels per unit
+            if per_unit <= 0:
+                return None
+            unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
+            if unit in _MICRONS:
+                return _MICRONS[unit] / per_unit
+            if unit_tag is not None and int(unit_tag.value) == 3:  # RESUNIT.CENTIMETER
+                return 1e4 / per_unit
+    except (tifffile.TiffFileError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return None
+    return None
+
+
 def _too_many_pixels(path: Path) -> ValueError:
     """Pillow's decompression-bomb refusal, said as what it is for a real image: too large, not corrupt."""
     return ValueError(

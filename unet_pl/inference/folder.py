@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.images import list_images
-from ..data.readers import read_raw, reset_dark_warnings, to_rgb8
+from ..data.readers import pixel_size, read_raw, reset_dark_warnings, to_rgb8
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image, overlay_image
 from .predict import labels_from_probabilities, predict_images
@@ -141,6 +141,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
 
     settings = settings_of(net, settings)
     entries = select_images(data_dir, ids)
+    paths = dict(entries)
     reset_dark_warnings()  # this run names its own first dark files
     outputs = Outputs(out_csv, out_dir, rois=rois, probabilities=probabilities, overlays=overlays,
                       masks_dir=masks_dir, overlays_dir=overlays_dir)
@@ -164,7 +165,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         for (image_id, raw, image), prob in zip(items, probs, strict=True):
             labels = labels_from_probabilities(prob, settings)
             shown = overlay_image(raw, image) if outputs.draws_overlays else image  # the file as it looks, not as the network reads it
-            outputs.add(image_id, shown, intensity_image(raw), labels, prob)
+            outputs.add(image_id, shown, intensity_image(raw), labels, prob,
+                        pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
             done.append((image_id, int(labels.max(initial=0)), squashed))
         return done

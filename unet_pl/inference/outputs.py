@@ -5,15 +5,17 @@ Into ``--out-dir`` (each optional one on request):
 
     submission.csv             the competition's ImageId,EncodedPixels rows (Kaggle)
     labels/<id>.tif            the label image: uint16 (uint32 above 65,535 nuclei), 0 background,
-                               nucleus k = k; napari, Fiji and QuPath open it as labels
-    nuclei.csv                 one row per nucleus: image, label, area, centroid, bounding box,
+                               nucleus k = k; napari, Fiji and QuPath open it as labels; calibrated
+                               in micrometres when the input records its pixel size
+    nuclei.csv                 one row per nucleus (lengths and areas in pixels): image, label, area, centroid, bounding box,
                                intensity mean/min/max (in the file's own units, the nuclear channel),
                                perimeter, eccentricity, solidity, axis lengths, orientation, diameter,
                                the mean foreground probability (lower for small nuclei, whose edge
                                pixels weigh more; validated per image, not per nucleus)
     summary.csv                one row per image: nuclei, mean and median area, area fraction, the
                                mean foreground probability over its nuclei (the images where it is
-                               lowest in a run are where the model most likely failed: look at those first)
+                               lowest in a run are where the model most likely failed: look at those first),
+                               the pixel size in micrometres (empty when the file records none)
     rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
     probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
     overlays/<id>.png          the image with each nucleus outlined, as the file looks (overlay_image) --overlays
@@ -49,7 +51,8 @@ NUCLEUS_COLUMNS = ("image", "label", "area", "centroid_y", "centroid_x", "bbox_m
                    "probability_mean")
 #: ``out_dir``'s folders of one file per image, and the suffix of the files we write there.
 PER_IMAGE = {"labels": ".tif", "rois": ".zip", "probabilities": ".tif", "overlays": ".png"}
-SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction", "probability_mean")
+SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction", "probability_mean",
+                   "pixel_size_um")
 
 
 def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> None:
@@ -127,15 +130,28 @@ def nucleus_rows(image_id: str, table: dict[str, np.ndarray], probability: np.nd
     return list(zip([image_id] * len(values[0]), *values))
 
 
-def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probability: np.ndarray | None = None) -> dict:
+def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probability: np.ndarray | None = None,
+                pixel_size: float | None = None) -> dict:
     """``summary.csv``'s row of an image of ``shape`` whose nuclei have ``areas`` (pixels, one per nucleus)
     and mean foreground probabilities ``probability`` (one per nucleus; None: the column left empty).
-    The image's ``probability_mean`` is the mean over all its nuclei's pixels (empty without nuclei)."""
+    The image's ``probability_mean`` is the mean over all its nuclei's pixels (empty without nuclei);
+    ``pixel_size_um``: the file's pixel width in micrometres (``readers.pixel_size``; empty: not recorded)."""
     areas = np.asarray(areas)
     sure = "" if probability is None or not len(areas) else _plain(float(np.dot(areas, probability) / areas.sum()))
     return {"image": image_id, "height": shape[0], "width": shape[1], "nuclei": len(areas),
             "mean_area": _plain(areas.mean()) if len(areas) else 0, "median_area": _plain(np.median(areas)) if len(areas) else 0,
-            "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1])), "probability_mean": sure}
+            "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1])), "probability_mean": sure,
+            "pixel_size_um": "" if pixel_size is None else float(f"{pixel_size:.6g}")}
+
+
+def calibration(pixel_size: float | None, dtype) -> dict:
+    """tifffile.imwrite's arguments that record ``pixel_size`` (micrometres): ImageJ's ``unit`` (what
+    Fiji and QuPath read) for the types ImageJ takes, else the resolution tags in pixels per centimetre."""
+    if pixel_size is None or not pixel_size > 0:
+        return {}
+    if np.dtype(dtype) in (np.uint8, np.uint16):
+        return {"imagej": True, "resolution": (1 / pixel_size, 1 / pixel_size), "metadata": {"unit": "um"}}
+    return {"resolution": (1e4 / pixel_size, 1e4 / pixel_size), "resolutionunit": "CENTIMETER"}
 
 
 def _plain(v):
@@ -220,10 +236,12 @@ class Outputs:
         return "overlays" in self.dirs or "overlays_png" in self.dirs
 
     def add(self, image_id: str, image: np.ndarray, intensity: np.ndarray, labels: np.ndarray,
-            prob: np.ndarray | None = None) -> None:
+            prob: np.ndarray | None = None, pixel_size: float | None = None) -> None:
         """One image's results: ``image`` uint8 RGB (overlays), ``intensity`` float (H, W) in the file's
-        units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps).
-        Safe to call from several threads at once, one image each."""
+        units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps),
+        ``pixel_size`` the input's pixel width in micrometres (None: not recorded), written into the
+        label TIFF (Fiji, QuPath: calibrated) and summary.csv. Safe to call from several threads at
+        once, one image each."""
         import tifffile
 
         rows, nuclei, summary = _csv_text(submission_rows(image_id, labels)), "", ""
@@ -231,13 +249,14 @@ class Outputs:
             table = nucleus_table(labels, intensity)  # measured once: nuclei.csv's rows and summary.csv's areas
             sure = None if prob is None else label_means(labels, prob[0])[table["label"]]
             nuclei = _csv_text(nucleus_rows(image_id, table, sure))
-            row = summary_row(image_id, labels.shape, table["area"], sure)
+            row = summary_row(image_id, labels.shape, table["area"], sure, pixel_size)
             summary = _csv_text([tuple(row.values())])
             if prob is not None:
                 with self._lock:
                     self.sureness[image_id] = row["probability_mean"] if len(table["area"]) else None
             tifffile.imwrite(self._stage(self.dirs["labels"] / f"{image_id}.tif"), labels.astype(label_dtype(labels)),
-                             compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
+                             compression="zlib", compressionargs={"level": 1},  # 4x faster than 6, files ~2x larger
+                             **calibration(pixel_size, label_dtype(labels)))
         if "rois" in self.dirs:
             import roifile
 
