@@ -1,12 +1,17 @@
 # Two commands do all the set-up:  `make train`  and  `make test`.
 # Both create .venv on first use. TORCH is what pip installs for PyTorch (default torch==2.13.0;
 # e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU-only
-# build on a machine without a GPU). Changing TORCH reinstalls.
+# build on a machine without a GPU). Giving another TORCH reinstalls; a later plain `make` keeps it.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH)' | md5sum | cut -c1-8)
+# A plain `make` (TORCH not given) keeps whatever TORCH the venv was installed with; giving TORCH
+# (command line or environment) installs that one when it differs.
+ifeq ($(origin TORCH),file)
+EXISTING := $(firstword $(wildcard $(VENV)/.installed-*))
+endif
+STAMP  := $(or $(EXISTING),$(VENV)/.installed-$(shell echo '$(TORCH)' | md5sum | cut -c1-8))
 ARGS   ?=
 
 .PHONY: install train test bench clean segment pretrained crossval
