@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", required=True, help="folder of images to predict, or one image file")
     p.add_argument("--out-dir", default=None,
                    help="folder for this run's results: labels/<id>.tif, nuclei.csv, summary.csv, submission.csv (and "
-                        "rois/, probabilities/, overlays/ when asked)")
+                        "rois/, probabilities/, overlays/ when asked). Without it only the submission CSV is written "
+                        "(--out, default submission.csv here)")
     p.add_argument("--out", default=None, help="the submission CSV (ImageId,EncodedPixels). Default: OUT_DIR/submission.csv, "
                                                  "or submission.csv without --out-dir")
     p.add_argument("--rois", action="store_true", help="with --out-dir: an ImageJ ROI zip per image (rois/<id>.zip)")
