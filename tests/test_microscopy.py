@@ -70,6 +70,12 @@ def test_a_folder_of_12_bit_files_names_the_first_three_then_one_line_for_the_re
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert DARK_NAMED == 3 and len(said) == 4, said
     assert all(f"cam{k}.tif" in said[k] for k in range(3)) and "not named one by one" in said[3]
+    reset_dark_warnings()  # exactly three: all named, no line about others
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for k in range(3):
+            read_image(tmp_path / f"cam{k}.tif")
+    assert len(caplog.records) == 3 and "not named" not in caplog.text
     reset_dark_warnings()  # a new run names its own
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -177,7 +183,7 @@ def test_evaluate_reads_a_label_image_truth_folder(tmp_path):
         for it in scan_train_dir(SAMPLE_DIR):
             labels = decode_masks(np.asarray(Image.open(it.image)).shape[:2], list(it.masks))
             w.writerows([it.id, r] for r in encode_labels(labels))
-    rows, missing, extra = evaluate(pred, flat)
+    rows, missing, extra, _ = evaluate(pred, flat)
     assert len(rows) == 30 and not missing and not extra
     assert all(r["score"] == pytest.approx(1.0) for r in rows) and sum(r["n_true"] for r in rows) > 500
 

@@ -180,6 +180,22 @@ def test_the_inputs_pixel_size_goes_into_the_label_tiff_and_summary_csv(tmp_path
     assert sizes == {"fiji": "0.325", "scope": "0.5", "shot": ""}
 
 
+def test_metadata_that_makes_no_sense_gives_no_calibration_and_stops_nothing():
+    from unet_pl.data.readers import pixel_size
+
+    import tempfile
+
+    grey = np.zeros((16, 16), np.uint8)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        tifffile.imwrite(d / "inf.ome.tif", grey, ome=True, metadata={"PhysicalSizeX": float("inf")})
+        tifffile.imwrite(d / "tiny.ome.tif", grey, ome=True, metadata={"PhysicalSizeX": 1e-12})
+        tifffile.imwrite(d / "broken.tif", grey, description='<?xml version="1.0"?><OME xmlns="http://www.openmicroscopy.'
+                                                             'org/Schemas/OME/2016-06"><Image><Pixels PhysicalSizeX="0.5"')
+        tifffile.imwrite(d / "dpi.tif", grey, resolution=(72, 72), resolutionunit="INCH")
+        assert [pixel_size(d / n) for n in ("inf.ome.tif", "tiny.ome.tif", "broken.tif", "dpi.tif")] == [None] * 4
+
+
 def test_more_than_65535_nuclei_are_written_as_uint32(tmp_path):
     from unet_pl.inference.outputs import Outputs
 
@@ -377,7 +393,7 @@ def test_the_bundled_model_segments_the_sample_without_a_checkpoint(tmp_path):
     assert PRETRAINED.is_file() and PRETRAINED.stat().st_size < 3 << 20  # weights and settings only
     p = predict("--data-dir", SAMPLE_DIR, "--out-dir", tmp_path / "out")
     assert "the bundled pretrained model" in p.stdout and "done: 30 images" in p.stdout
-    rows, missing, extra = evaluate(tmp_path / "out" / "submission.csv", SAMPLE_DIR)
+    rows, missing, extra, _ = evaluate(tmp_path / "out" / "submission.csv", SAMPLE_DIR)
     score = float(np.mean([r["score"] for r in rows]))
     assert not missing and not extra and score >= SAMPLE_SCORE_FLOOR, score
 

@@ -251,7 +251,7 @@ def test_resume_last_alone_carries_on_with_the_runs_own_flags(tmp_path, cache_di
     for d in sorted(sample.iterdir())[:8]:
         shutil.copytree(d, data / d.name)
     out = tmp_path / "inst"
-    first = run(train_cmd("--gpus", "0", "--mode", "instance", "--tune", "off", "--crop-size", "32", "--batch-size", "4",
+    first = run(train_cmd("--gpus", "0", "--mode", "instance", "--ema", "0.9", "--tune", "off", "--crop-size", "32", "--batch-size", "4",
                           "--num-workers", "0", "--val-split", "0.25", "--epochs", "2", "--patience", "0",
                           "--data-dir", str(data.parent), "--out", str(out), cache=cache_dir), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -264,17 +264,26 @@ def test_resume_last_alone_carries_on_with_the_runs_own_flags(tmp_path, cache_di
     assert yaml.safe_load((out / "hparams.yaml").read_text()) == saved
     assert sorted(p.name for p in (out / "logs").iterdir()) == logs
 
+    # the run's own --mode given again keeps its explicit --ema 0.9 (not the preset's 0.995)
     more = run([sys.executable, "-m", "unet_pl.cli.train", "--gpus", "0", "--resume", "last", "--out", str(out), "--epochs", "3",
-                "--cache-dir", str(cache_dir)], cwd=tmp_path)
+                "--mode", "instance", "--cache-dir", str(cache_dir)], cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-3000:]
-    assert f"resuming with the flags of the run in {out / 'hparams.yaml'}; given now instead: --epochs 3 (the run: 2)" in more.stdout
+    assert f"resuming with the flags of the run in {out / 'hparams.yaml'}; given now instead: --epochs 3 (the run: 2)\n" in more.stdout
     last = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 2 and last["datamodule_hyper_parameters"]["data_dir"] == str(data.parent)
-    assert last["hyper_parameters"]["head"] == "mask+boundary" and last["hyper_parameters"]["ema"] == 0.995
+    assert last["hyper_parameters"]["head"] == "mask+boundary" and last["hyper_parameters"]["ema"] == 0.9
     now = yaml.safe_load((out / "hparams.yaml").read_text())["cli"]
     assert {k: now[k] for k in ("mode", "data_dir", "crop_size", "val_split", "patience")} == {
         k: saved["cli"][k] for k in ("mode", "data_dir", "crop_size", "val_split", "patience")}
     assert sorted(read_epoch_metrics(out)) == [0, 1, 2]
+    # a hand-edited hparams.yaml with a value train.py does not take: one line naming the file
+    edited = yaml.safe_load((out / "hparams.yaml").read_text())
+    edited["cli"]["lr"] = "fast"
+    (out / "hparams.yaml").write_text(yaml.safe_dump(edited))
+    bad = run([sys.executable, "-m", "unet_pl.cli.train", "--gpus", "0", "--resume", "last", "--out", str(out), "--epochs", "4",
+               "--cache-dir", str(cache_dir)], cwd=tmp_path)
+    line = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and "hparams.yaml" in line and "--lr" in line and "'fast'" in line, bad.stderr[-2000:]
 
 
 def test_max_time_stops_a_long_run_and_says_so(tmp_path, cache_dir):

@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -242,17 +242,32 @@ class WarmedEMA:
     ``tf.train.ExponentialMovingAverage(decay, num_updates)``. Without it a run of a few hundred steps
     keeps mostly its random initial weights in the average (0.995 ** 120 = 0.55 of them after 120
     steps); with it the average follows the last ~10 % of a short run and is the plain EMA once
-    ``n`` passes ``(10 decay - 1) / (1 - decay)`` (1,791 steps at 0.995). Used as
-    ``WeightAveraging(avg_fn=WarmedEMA(decay))`` (``torch.optim.swa_utils.AveragedModel``'s ``avg_fn``)."""
+    ``n`` passes ``(10 decay - 1) / (1 - decay)`` (1,791 steps at 0.995). ``EMAAveraging``'s
+    ``avg_fn`` (``torch.optim.swa_utils.AveragedModel``'s)."""
 
     def __init__(self, decay: float) -> None:
         self.decay = float(decay)
 
     @torch.no_grad()
     def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged) -> torch.Tensor:
-        n = float(num_averaged)
-        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        # on the weights' device: reading the count back to the CPU would stall a GPU once per tensor
+        n = torch.as_tensor(num_averaged, device=averaged.device, dtype=torch.float32)
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
         return d * averaged + (1.0 - d) * current
+
+
+class EMAAveraging(WeightAveraging):
+    """Lightning's ``WeightAveraging`` with ``WarmedEMA(decay)``, updated after every optimizer step.
+    Its state in checkpoints goes under the key of Lightning's ``EMAWeightAveraging``, which runs of
+    earlier versions used, so that they resume without a warning."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__(avg_fn=WarmedEMA(decay))
+        self.decay = float(decay)
+
+    @property
+    def state_key(self) -> str:
+        return "EMAWeightAveraging"
 
 
 #: Below this mean validation score the tuner says the model has not learned to find nuclei.

@@ -109,18 +109,22 @@ def holdout_truth_ids(truth: str | Path, holdout: str) -> list[str]:
     return holdout_ids(_image_folder_for(truth, list(rles)), holdout)
 
 
-def evaluate(pred_csv: str | Path, truth: str | Path, ids: list[str] | None = None) -> tuple[list[dict], list[str], list[str]]:
-    """Scores every truth image (only ``ids`` when given): ``(per-image rows, missing ids, extra ids)``.
-    Images without prediction rows are scored as empty predictions."""
+def evaluate(pred_csv: str | Path, truth: str | Path, ids: list[str] | None = None
+             ) -> tuple[list[dict], list[str], list[str], list[str]]:
+    """Scores every truth image (only ``ids`` when given): ``(per-image rows, missing ids, extra ids,
+    outside ids)``: truth images without prediction rows (scored as empty predictions), predicted
+    images not in the truth, and predicted images of the truth that are not among ``ids``."""
     preds, _, _ = read_rle_csv(Path(pred_csv))
     truths = load_truth(truth)
+    every = set(truths)
     if ids is not None:
         unknown = sorted(set(ids) - set(truths))
         if unknown:
             raise ValueError(f"{truth}: {len(unknown)} hold-out images are not in the truth (first: {unknown[0]})")
         truths = {i: truths[i] for i in sorted(ids)}
     missing = [i for i in truths if i not in preds]
-    extra = sorted(i for i in preds if i not in truths)
+    extra = sorted(i for i in preds if i not in every)
+    outside = sorted(i for i in preds if i in every and i not in truths)
     rows = []
     for image_id, (load, _) in truths.items():
         true = load()
@@ -133,6 +137,6 @@ def evaluate(pred_csv: str | Path, truth: str | Path, ids: list[str] | None = No
                "missing": int(image_id not in preds)}
         row.update({f"score@{t:.2f}": v for t, v in zip(THRESHOLDS, s.per_threshold)})
         rows.append(row)
-    return rows, missing, extra
+    return rows, missing, extra, outside
 
 

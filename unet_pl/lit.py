@@ -221,19 +221,17 @@ class LitUNet(pl.LightningModule):
         ``AdaptiveThreads``: on CPU runs the thread count follows the machine's load (fewer threads
         while another program holds a core; ``unet_pl.perf.ThreadChooser``). Both say so through
         Lightning's logger when they take effect; ``trainer.callbacks`` lists them.
-        ``WeightAveraging`` with ``ema``: an exponential moving average whose decay warms up
+        ``EMAAveraging`` with ``ema``: an exponential moving average whose decay warms up
         (``unet_pl.callbacks.WarmedEMA``; before tuning, which reads the averaged ``best.ckpt``);
         ``TunePostprocessing`` with ``tune`` (see the class docstring)."""
-        from .callbacks import AdaptiveThreads, KeepFreedMemory, TunePostprocessing, WarmedEMA
+        from .callbacks import AdaptiveThreads, EMAAveraging, KeepFreedMemory, TunePostprocessing
 
         tune = self.hparams.get("tune")
         tune = head_channels(self.hparams.head) > 1 if tune is None else tune
         ema = float(self.hparams.get("ema", 0.0))  # checkpoints from before it: off
         averaging = []
         if ema:
-            from lightning.pytorch.callbacks import WeightAveraging
-
-            averaging = [WeightAveraging(avg_fn=WarmedEMA(ema))]  # updated after every optimizer step
+            averaging = [EMAAveraging(ema)]  # updated after every optimizer step
         return [KeepFreedMemory(), AdaptiveThreads(), *averaging] + ([TunePostprocessing()] if tune else [])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):

@@ -112,7 +112,7 @@ def run_stages(cfg: dict) -> dict:
     """Seconds per stage over all of ``cfg["folder"]``'s images (see the module docstring)."""
     import torch
 
-    from ..data.images import list_images
+    from ..data.images import image_id, list_images
     from ..data.readers import read_raw, to_rgb8
     from ..inference.checkpoint import load_model
     from ..inference.outputs import Outputs, intensity_image
@@ -153,7 +153,7 @@ def run_stages(cfg: dict) -> dict:
             t, labels = _clock(labels_from_probabilities, prob, settings)
             secs["postprocess"] += t
             intensity = intensity_image(raw)
-            t, _ = _clock(outputs.add, path.stem, image, intensity, labels, prob)
+            t, _ = _clock(outputs.add, image_id(path), image, intensity, labels, prob)
             secs["outputs"] += t
         t, _ = _clock(outputs.commit)
         secs["outputs"] += t

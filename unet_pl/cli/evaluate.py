@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.holdout import HOLDOUTS
-from ..evaluation import evaluate, holdout_truth_ids, load_truth
+from ..evaluation import evaluate, holdout_truth_ids
 from ..metrics import THRESHOLDS
 from .common import Parser, fail, holdout_arg
 
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         ids = None if args.holdout == "none" else _holdout(args)
-        rows, missing, extra = evaluate(args.pred, args.truth, ids)
+        rows, missing, extra, outside = evaluate(args.pred, args.truth, ids)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     took = time.perf_counter() - t0
-    if rows and len(missing) == len(rows) and extra:
+    if rows and len(missing) == len(rows) and extra and not outside:
         fail(f"no image of {args.pred} ({len(extra)}, e.g. {sorted(extra)[0]}) is in the truth {args.truth} "
              f"({len(rows)} images, e.g. {sorted(missing)[0]}): wrong --pred or --truth?")
     if args.out:
@@ -72,15 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     print("per threshold: " + "  ".join(f"{t:.2f}:{v:.3f}" for t, v in zip(THRESHOLDS, per_t)))
     if missing:
         print(f"{len(missing)} truth images have no prediction rows (scored as empty): {_ids(missing)}")
+    if outside:
+        print(f"{len(outside)} predicted images are in the truth but not in this hold-out (ignored): {_ids(outside)}"
+              + ("" if args.ckpt else "; if the predictions are a checkpoint's saved hold-out, pass --ckpt CKPT"))
     if extra:
-        known = set(load_truth(args.truth)) if ids is not None else set()  # every image of the truth
-        outside = [i for i in extra if i in known]
-        if outside:
-            print(f"{len(outside)} predicted images are in the truth but not in this hold-out (ignored): {_ids(outside)}"
-                  + ("" if args.ckpt else "; if the predictions are a checkpoint's saved hold-out, pass --ckpt CKPT"))
-        others = [i for i in extra if i not in set(outside)]
-        if others:
-            print(f"{len(others)} predicted images are not in the truth (ignored): {_ids(others)}")
+        print(f"{len(extra)} predicted images are not in the truth (ignored): {_ids(extra)}")
     if args.out:
         print(f"per-image scores: {args.out}")
 
@@ -92,8 +88,10 @@ def _holdout(args) -> list[str]:
 
         saved = read_checkpoint(args.ckpt).get("NucleiDataModule") or {}
         if saved.get("holdout") != args.holdout or not saved.get("holdout_ids"):
-            raise ValueError(f"--ckpt {args.ckpt}: its run saved no --holdout {args.holdout} (it trained with --holdout "
-                             f"{saved.get('holdout', 'none')}); leave --ckpt out to compute the hold-out from the truth")
+            why = (f"it trained with --holdout {saved.get('holdout', 'none')}" if saved.get("holdout") != args.holdout
+                   else "it holds no hold-out ids")
+            raise ValueError(f"--ckpt {args.ckpt}: its run saved no --holdout {args.holdout} ({why}); leave --ckpt out "
+                             "to compute the hold-out from the truth")
         print(f"hold-out: the {len(saved['holdout_ids'])} images that {args.ckpt}'s run never trained on")
         return list(saved["holdout_ids"])
     ids = holdout_truth_ids(args.truth, args.holdout)

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None,
                    help="folder for this run's results: labels/<id>.tif, nuclei.csv, summary.csv, submission.csv (and "
                         "rois/, probabilities/, overlays/ when asked). Without it only the submission CSV is written "
-                        "(--out, default submission.csv here)")
+                        "(--out, default submission.csv here), and --masks-dir / --overlays-dir when given")
     p.add_argument("--out", default=None, help="the submission CSV (ImageId,EncodedPixels). Default: OUT_DIR/submission.csv, "
                                                  "or submission.csv without --out-dir")
     p.add_argument("--rois", action="store_true", help="with --out-dir: an ImageJ ROI zip per image (rois/<id>.zip)")

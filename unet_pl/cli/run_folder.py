@@ -14,13 +14,18 @@ def write_run_files(out: Path, args: argparse.Namespace, argv: list[str], model)
     import torch
     import yaml
 
+    from ..atomic import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "command.txt", "a") as f:
         f.write(shlex.join([*_program(), *argv]) + "\n")
-    cli = {k: v for k, v in vars(args).items() if k not in ("gpus_defaulted", "restored")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("gpus_defaulted", "restored", "resolved_run")}
+    for key in ("data_dir", "labels_csv", "cache_dir"):  # absolute: --resume from another folder finds them
+        if isinstance(cli.get(key), str):
+            cli[key] = str(Path(cli[key]).expanduser().resolve())
     info = {"cli": cli, "model": dict(model.hparams), "versions": {"torch": str(torch.__version__), "lightning": str(lightning.__version__)}}
-    with open(out / "hparams.yaml", "w") as f:
-        yaml.safe_dump(_plain(info), f, sort_keys=False)
+    # whole or not at all: processes of a multi-node resume read it while starting
+    atomic_write(out / "hparams.yaml", lambda f: f.write(yaml.safe_dump(_plain(info), sort_keys=False).encode()))
 
 
 def _program() -> list[str]:

@@ -294,6 +294,8 @@ def saved_run_flags(ckpt: Path, full: dict) -> tuple[dict, str]:
     model, data = full.get("hyper_parameters") or {}, full.get("datamodule_hyper_parameters") or {}
     flags = {k: data[k] for k in ("data_dir", "val_split", "batch_size", "seed", "labels_csv", "empty_masks", "head",
                                   "holdout", "resolution", "channel", "intensity", "balance", "augment") if k in data}
+    if not isinstance(flags.get("labels_csv"), str):  # True: the CSV beside the folder, which --labels-csv cannot say
+        flags.pop("labels_csv", None)
     flags |= {k: model[k] for k in ("lr", "l2", "optimizer", "lr_schedule", "contact_weight", "boundary_target",
                                     "dice_weight", "ema", "head", "resolution") if k in model}
     if "tune" in model and model["tune"] is not None:
@@ -309,27 +311,48 @@ def saved_run_flags(ckpt: Path, full: dict) -> tuple[dict, str]:
 def restore_run_flags(args: argparse.Namespace, given: set[str]) -> tuple[str, list[str]]:
     """Set every flag of the run ``--resume`` continues that this command does not give (machine flags
     aside: ``MACHINE_FLAGS``), so that ``--resume last --out RUN`` alone trains on as the run did. A
-    ``--mode`` given now counts as giving the flags it presets. Returns where the flags were read and
-    the flags given now that differ from the run's."""
-    _, ckpt = resolve_run_dir(args)  # its checks (a writable folder, not another run's) come first
+    ``--mode`` given now other than the run's counts as giving the flags it presets. The saved values
+    go through the parser again (its types and choices), so a hand-edited hparams.yaml is one line
+    when wrong. Returns where the flags were read and the flags given now that differ from the
+    run's. The run folder and checkpoint found are kept in ``args.resolved_run`` (found once)."""
+    out, ckpt = resolve_run_dir(args)  # its checks (a writable folder, not another run's) come first
+    args.resolved_run = (out, ckpt)
     saved, source = saved_run_flags(ckpt, read_resume_checkpoint(ckpt))
-    if "mode" in given:
-        given = given | set(MODES[args.mode])
-    known = vars(args)
-    changed = []
-    for key, value in saved.items():
-        if key not in known or key in MACHINE_FLAGS:
-            continue
-        if key in given:
-            if value != known[key]:
-                changed.append(f"--{key.replace('_', '-')} {known[key]} (the run: {value})")
-            continue
-        setattr(args, key, value)
+    taken = set(given)
+    if "mode" in given and saved.get("mode") != args.mode:  # unknown (a checkpoint alone) or another mode
+        taken |= set(MODES[args.mode])
+    keys = [k for k in saved if k in vars(args) and k not in MACHINE_FLAGS and k not in taken]
+    restored = _reparse(saved, keys, source)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run: {saved[k]})" for k in sorted(given)
+               if k in saved and k not in MACHINE_FLAGS and saved[k] != getattr(args, k)]
+    for key in keys:
+        setattr(args, key, restored[key])
     data_dir = getattr(args, "data_dir", None)
     if "data_dir" not in given and data_dir is not None and not Path(data_dir).is_dir():
         fail(f"--resume: the run trained on --data-dir {data_dir} (from {source}), which is not a folder from here; "
              "pass --data-dir with the same images")
     return source, changed
+
+
+def _reparse(saved: dict, keys: list[str], source: str) -> dict:
+    """``saved[key]`` for each key, read back through train.py's parser as if typed on the command line."""
+    parser = build_parser()
+    parser.error = lambda message: fail(f"--resume: {source} holds a value train.py does not take ({message}); "
+                                        "fix that line, or give the flag on the command line")
+    flags = {a.dest: a for a in parser._actions if a.option_strings}
+    argv = []
+    for key in keys:
+        action, value = flags[key], saved[key]
+        if value is None:
+            continue
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                parser.error(f"{action.option_strings[0]}: expected true or false, got {value!r}")
+            argv += [action.option_strings[0]] if value else []
+        else:
+            argv += [action.option_strings[0], str(value)]
+    parsed = vars(parser.parse_args(argv))
+    return {key: parsed[key] if saved[key] is not None else None for key in keys}
 
 
 def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -477,7 +500,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
     if args.gpus == 0 and args.num_workers == 0:  # on purpose: see default_workers
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
-    out, ckpt = resolve_run_dir(args)
+    out, ckpt = getattr(args, "resolved_run", None) or resolve_run_dir(args)
     if args.gpus_defaulted:
         say("no --gpus given: " + ("CUDA is visible, training on 1 GPU (--gpus 0 for the CPU)" if args.gpus else "no CUDA device visible, training on the CPU"))
     if args.gpus > 0 and not args.deterministic:

@@ -192,7 +192,7 @@ def _warn_dark(name, top: int, bits: int) -> None:
     if said <= DARK_NAMED:
         log.warning("%s uses values up to %d of its %d-bit range: under the fixed rule it reads nearly black; "
                     "pass --intensity percentile (intensity='percentile') to stretch each image", name, top, bits)
-    if said == DARK_NAMED:
+    if said == DARK_NAMED + 1:
         log.warning("further files that read nearly black under the fixed rule are not named one by one "
                     "(12-bit camera data in 16-bit files, most likely): --intensity percentile reads them all")
 
@@ -275,35 +275,45 @@ _MICRONS = {"um": 1.0, "µm": 1.0, "μm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "
 def pixel_size(path: str | Path) -> float | None:
     """The pixel's width in micrometres from a TIFF's metadata: OME's ``PhysicalSizeX``, ImageJ's
     ``unit`` with the XResolution tag, or XResolution in pixels per centimetre; None without any
-    (PNG, JPEG, a TIFF in inches: that is a screen's or scanner's dpi, not a microscope's)."""
+    (PNG, JPEG, a TIFF in inches: that is a screen's or scanner's dpi, not a microscope's), and None
+    for metadata it cannot make sense of (best effort: the pixels are read elsewhere, with their errors)."""
     path = Path(path)
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return None
+    try:
+        size = _pixel_size(path)
+    except Exception:  # noqa: BLE001 -- broken XML, odd tags: no calibration, not a failed run
+        return None
+    return size if size is not None and PIXEL_SIZES[0] <= size <= PIXEL_SIZES[1] else None
+
+
+#: Pixel widths (micrometres) taken as real: 0.1 nm to 1 cm.
+PIXEL_SIZES = (1e-4, 1e4)
+
+
+def _pixel_size(path: Path) -> float | None:
     import tifffile
 
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if tif.is_ome and tif.ome_metadata:
-                image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
-                pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
-                size, unit = pixels.get("PhysicalSizeX"), str(pixels.get("PhysicalSizeXUnit", "µm"))
-                if size and unit.lower() in _MICRONS:
-                    return float(size) * _MICRONS[unit.lower()]
-            page = tif.pages.first
-            tag, unit_tag = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-            if tag is None:
-                return None
-            num, den = tag.value
-            per_unit = num / den if den else 0.0  # pixels per unit
-            if per_unit <= 0:
-                return None
-            unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
-            if unit in _MICRONS:
-                return _MICRONS[unit] / per_unit
-            if unit_tag is not None and int(unit_tag.value) == 3:  # RESUNIT.CENTIMETER
-                return 1e4 / per_unit
-    except (tifffile.TiffFileError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
-        return None
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome and tif.ome_metadata:
+            image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
+            pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
+            size, unit = pixels.get("PhysicalSizeX"), str(pixels.get("PhysicalSizeXUnit", "µm"))
+            if size and unit.lower() in _MICRONS:
+                return float(size) * _MICRONS[unit.lower()]
+        page = tif.pages.first
+        tag, unit_tag = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+        if tag is None:
+            return None
+        num, den = tag.value
+        per_unit = num / den if den else 0.0  # pixels per unit
+        if not per_unit > 0:
+            return None
+        unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
+        if unit in _MICRONS:
+            return _MICRONS[unit] / per_unit
+        if unit_tag is not None and int(unit_tag.value) == 3:  # RESUNIT.CENTIMETER
+            return 1e4 / per_unit
     return None
 
 
@@ -354,9 +364,13 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
             zlib.error, struct.error, ImportError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         if "imagecodecs" in first or isinstance(e, ImportError):  # tifffile decodes LZW, JPEG, zstd... through it
-            raise ValueError(f"{path}: its compression needs the imagecodecs package, which is missing here "
-                             f"({first}): pip install imagecodecs (unet_pl depends on it: pip install -e . installs it), "
-                             "or save the image again from Fiji as uncompressed TIFF") from None
+            import importlib.util
+
+            how = ("which is missing here: pip install imagecodecs (unet_pl depends on it: pip install -e . installs "
+                   "it)") if importlib.util.find_spec("imagecodecs") is None else (
+                   "and the imagecodecs installed here lacks that codec: pip install --upgrade imagecodecs")
+            raise ValueError(f"{path}: its compression needs the imagecodecs package ({first}), {how}, or save the "
+                             "image again from Fiji as uncompressed TIFF") from None
         raise ValueError(f"{path}: cannot read this TIFF ({type(e).__name__}: {first}); the file is corrupt or "
                          "truncated, or a layout tifffile does not know: save it again from Fiji as TIFF") from None
     if grey_samples and "S" in axes:

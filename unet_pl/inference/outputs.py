@@ -147,7 +147,9 @@ def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probab
 def calibration(pixel_size: float | None, dtype) -> dict:
     """tifffile.imwrite's arguments that record ``pixel_size`` (micrometres): ImageJ's ``unit`` (what
     Fiji and QuPath read) for the types ImageJ takes, else the resolution tags in pixels per centimetre."""
-    if pixel_size is None or not pixel_size > 0:
+    from ..data.readers import PIXEL_SIZES
+
+    if pixel_size is None or not PIXEL_SIZES[0] <= pixel_size <= PIXEL_SIZES[1]:
         return {}
     if np.dtype(dtype) in (np.uint8, np.uint16):
         return {"imagej": True, "resolution": (1 / pixel_size, 1 / pixel_size), "metadata": {"unit": "um"}}
