@@ -239,3 +239,8 @@ def test_instance_mode_train_predict_evaluate_on_the_holdout(sample_dir, tmp_pat
     p = _run("scripts/evaluate.py", "--pred", str(sub), "--truth", str(subset), "--holdout", "stratified",
              "--ckpt", str(out / "best.ckpt"))
     assert "the 4 images that" in p.stdout and "over 4 images" in p.stdout and "hold-out (ignored)" not in p.stdout
+    # a subset holding only some of the run's hold-out: those are scored, and it says so
+    shutil.rmtree(subset / held[0])
+    p = _run("scripts/evaluate.py", "--pred", str(sub), "--truth", str(subset), "--holdout", "stratified",
+             "--ckpt", str(out / "best.ckpt"))
+    assert "the 3 of the 4 images that" in p.stdout and "over 3 images" in p.stdout, p.stdout

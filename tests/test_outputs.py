@@ -167,7 +167,11 @@ def test_the_inputs_pixel_size_goes_into_the_label_tiff_and_summary_csv(tmp_path
     tifffile.imwrite(folder / "scope.ome.tif", grey, ome=True, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
     Image.fromarray(grey).save(folder / "shot.png")
     out = tmp_path / "out"
-    predict("--ckpt", _ckpt(tmp_path / "m.ckpt"), "--data-dir", folder, "--out-dir", out)
+    predict("--ckpt", _ckpt(tmp_path / "m.ckpt"), "--data-dir", folder, "--out-dir", out, "--probabilities")
+    with tifffile.TiffFile(out / "probabilities" / "fiji.tif") as tif:  # the maps too, channels kept
+        assert tif.imagej_metadata["unit"] == "um" and tif.asarray().shape[-2:] == grey.shape
+        num, den = tif.pages.first.tags["XResolution"].value
+        assert den / num == pytest.approx(0.325, rel=1e-6) and tif.asarray().dtype == np.float32
     for name, want in (("fiji", 0.325), ("scope", 0.5), ("shot", None)):
         with tifffile.TiffFile(out / "labels" / f"{name}.tif") as tif:
             unit = (tif.imagej_metadata or {}).get("unit")

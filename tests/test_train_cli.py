@@ -286,6 +286,26 @@ def test_resume_last_alone_carries_on_with_the_runs_own_flags(tmp_path, cache_di
     assert bad.returncode == 2 and "hparams.yaml" in line and "--lr" in line and "'fast'" in line, bad.stderr[-2000:]
 
 
+def test_an_early_stopped_run_resumes_only_with_more_patience_and_then_uses_it(tmp_path, cache_dir):
+    """A run early stopping ended (--patience 1 at a learning rate that never lowers val/loss): resumed
+    with its own patience it would stop at once, so it is one line; with --patience 3 it trains on and
+    keeps 3, not the checkpoint's 1 (Lightning's EarlyStopping restores the saved patience)."""
+    out = tmp_path / "es"
+    short = ["--gpus", "0", *TINY]
+    first = run(train_cmd(*short, "--epochs", "30", "--patience", "1", "--lr", "0.5", "--out", str(out), cache=cache_dir),
+                cwd=tmp_path)
+    assert first.returncode == 0 and "early stopping after epoch" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    stopped = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    again = run(train_cmd("--gpus", "0", "--resume", "last", "--out", str(out), cache=cache_dir), cwd=tmp_path)
+    line = again.stderr.strip().splitlines()[-1]
+    assert again.returncode == 2 and "stopped early" in line and "larger --patience" in line, again.stderr[-2000:]
+    more = run(train_cmd("--gpus", "0", "--resume", "last", "--out", str(out), "--patience", "3", cache=cache_dir), cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    last = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping"))
+    assert last["epoch"] >= stopped + 3 and state["patience"] == 3, (stopped, last["epoch"], state)
+
+
 def test_max_time_stops_a_long_run_and_says_so(tmp_path, cache_dir):
     out = tmp_path / "timed"
     start = time.monotonic()

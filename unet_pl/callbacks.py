@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import Callback, EarlyStopping, WeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 class SaveOnInterrupt(Callback):
     """On Ctrl-C or SIGTERM, make sure ``last_ckpt`` exists.
 
-    After the first epoch, ``ModelCheckpoint(save_last=True)`` has already written ``last.ckpt``
-    at the end of the last complete epoch: we keep it, so ``--resume last`` repeats the cut
+    After the first epoch, train.py's ``ModelCheckpoint(filename="last")`` has already written
+    ``last.ckpt`` at the end of the last complete epoch: we keep it, so ``--resume last`` repeats the cut
     epoch from its start (deterministic, no half-seen epoch). Cut during the first epoch, we
     save the mid-epoch state instead (Lightning then finishes that epoch's remaining batches).
     """
@@ -236,6 +236,21 @@ class AdaptiveThreads(Callback):
         self.parts = 1
 
 
+class PatientEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping`` whose ``patience`` is the one it was made with, also after a
+    resume (Lightning's restores the checkpoint's, so ``--resume ... --patience 20`` would keep the
+    run's 5). Its state keeps Lightning's key, so runs of either resume with either."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "EarlyStopping", 1)
+
+
 class WarmedEMA:
     """The averaging step of an exponential moving average of the weights whose decay warms up:
     ``d_n = min(decay, (1 + n) / (10 + n))`` after ``n`` averaged steps, the rule of TensorFlow's
@@ -270,10 +285,6 @@ class EMAAveraging(WeightAveraging):
         return "EMAWeightAveraging"
 
 
-#: Below this mean validation score the tuner says the model has not learned to find nuclei.
-UNTRAINED_SCORE = 0.05
-
-
 class TunePostprocessing(Callback):
     """At the end of training, choose the threshold, watershed seed threshold and minimum nucleus
     size on the data module's validation images at full size (``NucleiDataModule.validation_images``)
@@ -298,7 +309,7 @@ class TunePostprocessing(Callback):
         result = trainer.strategy.broadcast(result, src=0)
         if result is not None:
             self.chosen, self.score = result
-            pl_module.set_postprocess(self.chosen)
+            pl_module.set_postprocess(self.chosen, self.score)
             plain = ", ".join(f"{k} {v:g}" for k, v in self.chosen.items() if not isinstance(v, dict))
             rank_zero_info(f"unet_pl: post-processing chosen on the validation images (score {self.score:.3f}), "
                            f"saved in the checkpoint and the model: {plain}")
@@ -306,27 +317,26 @@ class TunePostprocessing(Callback):
 
     def _tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dm) -> tuple[dict, float] | None:
         from .inference.checkpoint import load_model, update_hyperparameters
-        from .inference.tune import tune_postprocessing
+        from .inference.tune import UNTRAINED_SCORE, tune_postprocessing, untrained_warning
 
         if dm.val_set is None or not len(dm.val_set):
             log.warning("no validation images: the post-processing keeps its defaults")
             return None
-        cb = trainer.checkpoint_callback
+        cb = trainer.checkpoint_callback  # the first: the monitored one, whose best.ckpt the tuner reads
         best = Path(cb.best_model_path) if cb is not None and cb.best_model_path else None
-        last = Path(cb.last_model_path) if cb is not None and cb.last_model_path else None
+        # every checkpoint written (best.ckpt; last.ckpt, by save_last or by a ModelCheckpoint of its own)
+        written = {Path(p) for c in trainer.checkpoint_callbacks for p in (c.best_model_path, c.last_model_path) if p}
         try:
             device = trainer.strategy.root_device
             net = load_model(best, device=device) if best is not None and best.is_file() else pl_module.unet.eval()
             samples = ((image, labels) for _, image, labels in dm.validation_images())
             chosen, score = tune_postprocessing(net, samples, pl_module.settings)
-            for path in {best, last} - {None}:
+            for path in written:
                 if path.is_file():
-                    update_hyperparameters(path, postprocess=chosen)
+                    update_hyperparameters(path, postprocess=chosen, tune_score=round(float(score), 4))
         except (ValueError, OSError, RuntimeError) as e:
             log.warning("could not choose the post-processing (%s: %s); the checkpoints keep the defaults", type(e).__name__, e)
             return None
         if score < UNTRAINED_SCORE:
-            log.warning("the best post-processing scores only %.3f on the validation images: the model finds "
-                        "almost no nuclei there. Train longer (--epochs), on more images, or check that the "
-                        "masks mark the nuclei of these images", score)
+            log.warning(untrained_warning(score))
         return chosen, score

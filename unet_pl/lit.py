@@ -91,6 +91,8 @@ class LitUNet(pl.LightningModule):
             at the end of training (``unet_pl.callbacks.TunePostprocessing``); prediction's defaults.
             Optionally also ``"split_concave": {the same keys}``, chosen with that cut on: what
             prediction uses with ``--split-concave``.
+        tune_score: the mean validation score ``postprocess`` was chosen with (set by tuning; below
+            ``unet_pl.inference.tune.UNTRAINED_SCORE`` prediction warns that the model finds almost nothing).
         tune: choose ``postprocess`` at the end of ``fit`` (the model adds ``TunePostprocessing``).
             None: for the ``mask+boundary`` head (its watershed has thresholds worth choosing; about
             20 s on 45 validation images on a 2-core CPU, both searches), not for the notebook's ``mask`` head.
@@ -120,6 +122,7 @@ class LitUNet(pl.LightningModule):
         dice_weight: float = 0.0,
         ema: float = 0.0,
         postprocess: dict | None = None,
+        tune_score: float | None = None,
         channel: int | None = None,
         intensity: str | None = None,
         tune: bool | None = None,
@@ -208,12 +211,13 @@ class LitUNet(pl.LightningModule):
             self.hparams[key] = value
             self._hparams_initial[key] = value
 
-    def set_postprocess(self, chosen: dict) -> None:
+    def set_postprocess(self, chosen: dict, score: float | None = None) -> None:
         """Store the post-processing prediction will use by default (keys ``TUNED_KEYS``, and ``CUT_KEY``:
-        the same keys chosen for ``--split-concave``)."""
+        the same keys chosen for ``--split-concave``) and the validation score it was chosen with."""
         chosen = {k: chosen[k] for k in (*TUNED_KEYS, CUT_KEY) if k in chosen}
         Settings.from_hparams({**self.hparams, "postprocess": chosen})  # validates
         self.hparams["postprocess"] = chosen
+        self.hparams["tune_score"] = None if score is None else round(float(score), 4)
 
     def configure_callbacks(self) -> list:
         """``KeepFreedMemory``: on CPU runs glibc keeps freed memory for reuse (no page faults per

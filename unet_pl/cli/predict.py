@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..inference.checkpoint import PRETRAINED, load_model, read_checkpoint
     from ..inference.folder import SQUASH_WARNING, choose_device, predict_folder
     from ..inference.outputs import STAGING_PREFIX, check_outputs
+    from ..inference.settings import UNTRAINED_SCORE, untrained_warning
 
     if (args.rois or args.probabilities or args.overlays) and args.out_dir is None:
         fail("--rois, --probabilities and --overlays write into --out-dir: pass --out-dir FOLDER")
@@ -149,9 +150,19 @@ def main(argv: list[str] | None = None) -> None:
             if saved.get("holdout") not in (None, "none", args.holdout):
                 print(f"warning: {source} was trained with --holdout {saved['holdout']}, not {args.holdout}: some of "
                       "these images may have been in its training set")
-    tuned = bool(ckpt and (ckpt.get("hyper_parameters") or {}).get("postprocess"))
+    hp = (ckpt or {}).get("hyper_parameters") or {}
+    tuned = bool(hp.get("postprocess"))
     how = ("tuned on the run's validation images" + (" with the cut" if settings.cut_tuned else "")) if tuned else "defaults"
     print(f"settings ({how}, then flags): {settings.describe()}, {describe_precision(settings.precision, device)}")
+    if tuned and isinstance(hp.get("tune_score"), (int, float)) and hp["tune_score"] < UNTRAINED_SCORE:
+        print(f"warning: {source}: {untrained_warning(hp['tune_score'])}")
+    if ckpt is not None and not tuned and settings.out_channels > 1 and "optimizer_states" in ckpt:
+        print(f"note: {source}'s post-processing was never chosen on its validation images (the run was interrupted "
+              f"before the end, or trained with --tune off): finish the run with train.py --resume, or choose it now "
+              f"with: python -m unet_pl.cli.tune --ckpt {args.ckpt}")
+    if args.intensity and hp.get("intensity") and args.intensity != hp["intensity"]:
+        print(f"warning: {source} was trained on images read with --intensity {hp['intensity']}; with --intensity "
+              f"{args.intensity} it sees them differently and may find less (use the flag for checkpoints that recorded no rule)")
     t0 = time.perf_counter()
     try:
         stats = predict_folder(net, args.data_dir, out_csv, settings=settings, ids=ids, batch_size=args.batch_size,

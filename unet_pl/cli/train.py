@@ -410,9 +410,9 @@ def make_model(args: argparse.Namespace):
     return model
 
 
-def check_resume(ckpt: Path, model, say, epochs: int | None = None) -> None:
-    """Refuse a checkpoint of another shape (saying which flags would fit it) or one already past
-    ``epochs``; note the flags that differ from the checkpoint's. The file is read with weights_only:
+def check_resume(ckpt: Path, model, say, epochs: int | None = None, patience: int | None = None) -> None:
+    """Refuse a checkpoint of another shape (saying which flags would fit it), one already past
+    ``epochs`` or one that early stopping ended and would end again at ``patience``; note the flags that differ from the checkpoint's. The file is read with weights_only:
     it cannot run code."""
     full = read_resume_checkpoint(ckpt)
     try:  # epochs whose training steps are done (the last one's validation may still be to come)
@@ -422,9 +422,14 @@ def check_resume(ckpt: Path, model, say, epochs: int | None = None) -> None:
     if epochs is not None and done is not None and epochs <= done:
         fail(f"--resume {ckpt}: the run has trained {done} epoch{'s' if done != 1 else ''} and --epochs is {epochs}, so "
              f"nothing is left to train; pass --epochs above {done} to train on")
+    stopping = next((v for k, v in (full.get("callbacks") or {}).items() if k.startswith("EarlyStopping")), None)
+    if patience and isinstance(stopping, dict) and stopping.get("stopped_epoch") and stopping.get("wait_count", 0) >= patience:
+        fail(f"--resume {ckpt}: the run stopped early after epoch {stopping['stopped_epoch']} ({stopping['wait_count']} "
+             f"epochs without a lower val/loss) and --patience is {patience}, so it would stop again at once; pass a "
+             f"larger --patience (or 0: no early stopping) to train on")
     # checkpoints from before --ema: off; from before --lr-schedule: constant
     saved = {"ema": 0.0, "lr_schedule": "constant", "schedule_epochs": None, **full.get("hyper_parameters", {})}
-    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k not in ("postprocess", "tune")}
+    differ = {k: (saved[k], v) for k, v in model.hparams.items() if k in saved and saved[k] != v and k not in ("postprocess", "tune", "tune_score")}
     shape = {"in_channels", "out_channels", "base_filters"} & set(differ)
     if shape:
         hint = ""
@@ -443,23 +448,27 @@ def check_resume(ckpt: Path, model, say, epochs: int | None = None) -> None:
 
 def make_trainer(args: argparse.Namespace, out: Path, callbacks: list):
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from ..callbacks import RngStateInCheckpoint, SaveOnInterrupt, Throughput
+    from ..callbacks import PatientEarlyStopping, RngStateInCheckpoint, SaveOnInterrupt, Throughput
 
     gpu = args.gpus > 0
     devices = args.gpus if gpu else args.cpu_processes
     checkpoint = ModelCheckpoint(dirpath=out, filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                                 save_last=not args.fast_dev_run,  # its on_train_end would write a one-step last.ckpt
                                  auto_insert_metric_name=False, enable_version_counter=False)
+    # last.ckpt at the end of every epoch, after its validation and early stopping's check (so a resume knows
+    # the run stopped): Lightning's save_last writes it only when best.ckpt changes, so a run whose loss
+    # stopped falling would resume epochs back. Not in a fast dev run (its one step would leave a last.ckpt).
+    latest = [] if args.fast_dev_run else [ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1,
+                                                            save_on_train_epoch_end=True, enable_version_counter=False)]
     interrupt, throughput = SaveOnInterrupt(out / "last.ckpt"), Throughput()
     # Redrawing the bar reads the step loss from the device; every 10 steps keeps a GPU from waiting on it.
     bar = TQDMProgressBar(refresh_rate=10)
     # + LitUNet's own: KeepFreedMemory, AdaptiveThreads and, with --tune on (its tune=True), TunePostprocessing
-    cbs = [checkpoint, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]
+    cbs = [checkpoint, *latest, interrupt, throughput, RngStateInCheckpoint(), bar, *callbacks]
     if args.patience > 0:
-        cbs.append(EarlyStopping(monitor="val/loss", mode="min", patience=args.patience))
+        cbs.append(PatientEarlyStopping(monitor="val/loss", mode="min", patience=args.patience))
     loggers = [CSVLogger(out, name="logs")]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(out, name="tensorboard", default_hp_metric=False))
@@ -515,7 +524,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
         if args.restored is not None:
             source, changed = args.restored
             say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))
-        check_resume(ckpt, model, say, epochs=args.epochs)
+        check_resume(ckpt, model, say, epochs=args.epochs, patience=args.patience)
     trainer, checkpoint, interrupt, throughput = make_trainer(args, out, list(callbacks))
     if trainer.world_size > 1:
         os.environ[RUN_DIR_ENV] = str(out)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from ..data.module import NucleiDataModule
     from ..inference.checkpoint import load_model, read_checkpoint, save_atomically
-    from ..inference.settings import CUT_KEY, Settings
+    from ..inference.settings import CUT_KEY, UNTRAINED_SCORE, Settings, untrained_warning
     from ..inference.tune import tune_postprocessing
 
     path = Path(args.ckpt)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen, score = tune_postprocessing(net.eval(), ((im, lab) for _, im, lab in dm.validation_images()), start)
     except (FileNotFoundError, ValueError) as e:
         fail(f"{path}: {e}")
-    hp["postprocess"] = chosen
+    hp["postprocess"], hp["tune_score"] = chosen, round(float(score), 4)
     out = save_atomically(ckpt, Path(args.out) if args.out else path)
 
     def said(values: dict | None) -> str:
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
           f"with --split-concave: {said(chosen.get(CUT_KEY))}")
     print(f"before: {said(old)}; with --split-concave: {said((old or {}).get(CUT_KEY)) if old and CUT_KEY in old else 'as without'}")
     print(f"wrote {out}")
+    if score < UNTRAINED_SCORE:
+        print(f"warning: {untrained_warning(score)}")
 
 
 if __name__ == "__main__":

@@ -144,15 +144,16 @@ def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probab
             "pixel_size_um": "" if pixel_size is None else float(f"{pixel_size:.6g}")}
 
 
-def calibration(pixel_size: float | None, dtype) -> dict:
+def calibration(pixel_size: float | None, dtype, axes: str = "YX") -> dict:
     """tifffile.imwrite's arguments that record ``pixel_size`` (micrometres): ImageJ's ``unit`` (what
-    Fiji and QuPath read) for the types ImageJ takes, else the resolution tags in pixels per centimetre."""
+    Fiji and QuPath read) for the types ImageJ takes, else the resolution tags in pixels per centimetre.
+    ``axes``: the array's, for ImageJ (``"CYX"``: channels)."""
     from ..data.readers import PIXEL_SIZES
 
     if pixel_size is None or not PIXEL_SIZES[0] <= pixel_size <= PIXEL_SIZES[1]:
         return {}
-    if np.dtype(dtype) in (np.uint8, np.uint16):
-        return {"imagej": True, "resolution": (1 / pixel_size, 1 / pixel_size), "metadata": {"unit": "um"}}
+    if np.dtype(dtype) in (np.uint8, np.uint16, np.float32):
+        return {"imagej": True, "resolution": (1 / pixel_size, 1 / pixel_size), "metadata": {"unit": "um", "axes": axes}}
     return {"resolution": (1e4 / pixel_size, 1e4 / pixel_size), "resolutionunit": "CENTIMETER"}
 
 
@@ -267,7 +268,8 @@ class Outputs:
                 roifile.roiwrite(self._stage(self.dirs["rois"] / f"{image_id}.zip"), rois)
         if "probabilities" in self.dirs and prob is not None:
             tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
-                             compression="zlib", compressionargs={"level": 1})  # 4x faster than 6, files ~2x larger
+                             compression="zlib", compressionargs={"level": 1},  # 4x faster than 6, files ~2x larger
+                             **calibration(pixel_size, np.float32, "CYX"))
         for key in ("overlays", "overlays_png"):
             if key in self.dirs:
                 save_overlay(image, labels, self._stage(self.dirs[key] / f"{image_id}.png"))

@@ -35,6 +35,18 @@ TUNED_KEYS = ("threshold", "seed_threshold", "min_size")
 CUT_KEY = "split_concave"
 
 
+#: Below this mean validation score of the chosen post-processing the model finds almost no nuclei
+#: on its own validation images: training, tuning and prediction say so.
+UNTRAINED_SCORE = 0.05
+
+
+def untrained_warning(score: float) -> str:
+    """What to say about a model whose tuned post-processing scored ``score`` (< UNTRAINED_SCORE)."""
+    return (f"the best post-processing scores only {score:.3f} on the run's validation images: the model finds almost "
+            "no nuclei there, and what it finds is mostly noise. Train longer (more epochs), on more images, or check "
+            "that the masks mark the nuclei of these images")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How an image becomes nuclei with one network.

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..metrics import dsb_image_score
 from .predict import labels_from_probabilities, predict_images
-from .settings import CUT_KEY, Settings
+from .settings import CUT_KEY, UNTRAINED_SCORE, Settings, untrained_warning  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
