@@ -354,6 +354,11 @@ def test_lightning_cli_config_round_trip_links_the_geometry(tmp_path):
     config.write_text(p.stdout)
     q = subprocess.run(base + ["--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
+    assert "Tip:" not in q.stdout + q.stderr  # Lightning's advertising kept out
+    fit = Path(sys.executable).parent / "unet-fit"  # pip's console script: exit 0 after a good run, nothing printed
+    if fit.is_file():
+        f = subprocess.run([str(fit), "fit", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert f.returncode == 0 and "UNetCLI object" not in f.stdout + f.stderr, f.stderr[-2000:]
     ckpt = torch.load(next((tmp_path / "runs").rglob("*.ckpt")), weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert (hp["resolution"], hp["img_size"], hp["head"], hp["out_channels"]) == ("native", 64, "mask+boundary", 2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -29,6 +30,10 @@ from .inference.settings import CUT_KEY, TUNED_KEYS, Settings
 from .metrics import DSBScore, PixelMeanIoU, RunningMean, label_components
 from .model import UNet
 from .optim import OPTIMIZERS, build_optimizer, l2_penalty
+
+# By design (docs/design.md): the uint8 -> float conversion lives in on_after_batch_transfer, which
+# Lightning warns about whenever a model overrides it; said once here, not at every fit.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 LR_SCHEDULES = ("constant", "plateau", "cosine")
 

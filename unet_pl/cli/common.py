@@ -50,3 +50,22 @@ def fail(message: str):
     """Print ``PROG: error: MESSAGE`` on stderr and exit with status 2 (PROG: the last parser built)."""
     print(f"{_prog}: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
+
+
+class _NoTips:
+    """A logging filter that drops Lightning's "Tip: try installing ..." lines."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "Tip:" not in str(record.msg)[:8]
+
+
+def quiet_lightning() -> None:
+    """What Lightning prints that a user cannot act on: its advertising tips, the deprecation of its own
+    use of torch's pytree API (torch 2.13), and the logging-interval note on small training sets."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips)  # where rank_zero_info logs
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")

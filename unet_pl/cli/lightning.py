@@ -27,8 +27,13 @@ class UNetCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.{key}")
 
 
-def main(args: list[str] | None = None) -> UNetCLI:
-    return UNetCLI(LitUNet, NucleiDataModule, args=args, save_config_kwargs={"overwrite": False})
+def main(args: list[str] | None = None) -> None:
+    """``unet-fit`` / ``python -m unet_pl.cli.lightning``: returns nothing, so the console script exits 0
+    after a good run (a returned object would be printed and read as a failure)."""
+    from .common import quiet_lightning
+
+    quiet_lightning()
+    UNetCLI(LitUNet, NucleiDataModule, args=args, save_config_kwargs={"overwrite": False})
 
 
 if __name__ == "__main__":

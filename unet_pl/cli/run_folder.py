@@ -29,11 +29,25 @@ def write_run_files(out: Path, args: argparse.Namespace, argv: list[str], model)
 
 
 def _program() -> list[str]:
-    """How this process was started: ``python scripts/train.py`` or ``python -m unet_pl.cli.train``."""
+    """How this process was started: ``python scripts/train.py``, ``python -m unet_pl.cli.train`` or
+    ``unet-train`` (pip's console script)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
         return ["python", "-m", spec.name]
+    if sys.argv and Path(sys.argv[0]).name.startswith("unet-"):
+        return [Path(sys.argv[0]).name]
     return ["python", sys.argv[0]] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else ["train.py"]
+
+
+def sibling(tool: str) -> str:
+    """The command that runs unet_pl's ``tool`` (``predict``, ``tune``) the way this process was run:
+    ``python scripts/predict.py``, ``python -m unet_pl.cli.predict`` or ``unet-predict``."""
+    program = _program()
+    if program[0].startswith("unet-"):
+        return f"unet-{tool}"
+    if program[:2] == ["python", "-m"]:
+        return f"python -m unet_pl.cli.{tool}"
+    return f"python {Path(program[-1]).parent / f'{tool}.py'}" if program[-1].endswith(".py") else f"python scripts/{tool}.py"
 
 
 def _plain(value):
@@ -61,7 +75,12 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     if interrupt.signal:
         how = "mid-epoch state" if interrupt.saved_mid_epoch else "end of the last complete epoch"
         lines.append(f"interrupted by {interrupt.signal} in epoch {trainer.current_epoch}: last.ckpt holds the {how}; "
-                     f"continue with --resume last --out {out}")
+                     f"continue with: {shlex.join(_program())} --resume last --out {out}")
+        from ..callbacks import TunePostprocessing
+
+        if any(isinstance(c, TunePostprocessing) for c in trainer.callbacks):
+            lines.append("best.ckpt keeps the default post-processing until the run ends (it is chosen on the "
+                         f"validation images then); to choose it now: {sibling('tune')} --ckpt {out / 'best.ckpt'}")
     elif args.fast_dev_run:
         lines.append("fast dev run: one training and one validation batch; no checkpoints or logs written")
     elif early is not None and early.stopped_epoch > 0:
@@ -84,7 +103,7 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")
     if checkpoint.best_model_path:
-        lines.append(f"predict: python scripts/predict.py --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out-dir RESULTS")
+        lines.append(f"predict: {sibling('predict')} --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out-dir RESULTS")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from ..data.transforms import PRESETS, zoom_range
 from ..geometry import BOUNDARY_TARGETS, HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
 from ..precision import native_bf16
-from .common import Parser, fail, holdout_arg
+from .common import Parser, fail, holdout_arg, quiet_lightning
 from .run_folder import draw, summarise, write_run_files
 
 #: Exit statuses: the shell's 128 + signal for an interrupted run (bad usage: common.EXIT_USAGE, 2).
@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     # conversion lives in LitUNet.on_after_batch_transfer by design (docs/design.md).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
+    quiet_lightning()  # its advertising and its own deprecations: not the user's to act on
     if args.gpus == 0 and args.num_workers == 0:  # on purpose: see default_workers
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
     out, ckpt = getattr(args, "resolved_run", None) or resolve_run_dir(args)
