@@ -308,16 +308,18 @@ def saved_run_flags(ckpt: Path, full: dict) -> tuple[dict, str]:
     return flags, f"{ckpt} (no hparams.yaml beside it)"
 
 
-def restore_run_flags(args: argparse.Namespace, given: set[str]) -> tuple[str, list[str]]:
+def restore_run_flags(args: argparse.Namespace, given: set[str]) -> tuple[str, list[str], dict]:
     """Set every flag of the run ``--resume`` continues that this command does not give (machine flags
     aside: ``MACHINE_FLAGS``), so that ``--resume last --out RUN`` alone trains on as the run did. A
     ``--mode`` given now other than the run's counts as giving the flags it presets. The saved values
     go through the parser again (its types and choices), so a hand-edited hparams.yaml is one line
-    when wrong. Returns where the flags were read and the flags given now that differ from the
-    run's. The run folder and checkpoint found are kept in ``args.resolved_run`` (found once)."""
+    when wrong. Returns where the flags were read, the flags given now that differ from the run's,
+    and the checkpoint read (for ``check_resume``). The run folder and checkpoint found are kept in
+    ``args.resolved_run`` (found once)."""
     out, ckpt = resolve_run_dir(args)  # its checks (a writable folder, not another run's) come first
     args.resolved_run = (out, ckpt)
-    saved, source = saved_run_flags(ckpt, read_resume_checkpoint(ckpt))
+    full = read_resume_checkpoint(ckpt)
+    saved, source = saved_run_flags(ckpt, full)
     taken = set(given)
     if "mode" in given and saved.get("mode") != args.mode:  # unknown (a checkpoint alone) or another mode
         taken |= set(MODES[args.mode])
@@ -331,7 +333,7 @@ def restore_run_flags(args: argparse.Namespace, given: set[str]) -> tuple[str, l
     if "data_dir" not in given and data_dir is not None and not Path(data_dir).is_dir():
         fail(f"--resume: the run trained on --data-dir {data_dir} (from {source}), which is not a folder from here; "
              "pass --data-dir with the same images")
-    return source, changed
+    return source, changed, full
 
 
 def _reparse(saved: dict, keys: list[str], source: str) -> dict:
@@ -410,11 +412,13 @@ def make_model(args: argparse.Namespace):
     return model
 
 
-def check_resume(ckpt: Path, model, say, epochs: int | None = None, patience: int | None = None) -> None:
+def check_resume(ckpt: Path, model, say, epochs: int | None = None, patience: int | None = None,
+                 full: dict | None = None) -> None:
     """Refuse a checkpoint of another shape (saying which flags would fit it), one already past
-    ``epochs`` or one that early stopping ended and would end again at ``patience``; note the flags that differ from the checkpoint's. The file is read with weights_only:
-    it cannot run code."""
-    full = read_resume_checkpoint(ckpt)
+    ``epochs`` or one that early stopping ended and would end again at ``patience``; note the flags
+    that differ from the checkpoint's. ``full``: the checkpoint already read (else it is read here,
+    with weights_only: it cannot run code)."""
+    full = read_resume_checkpoint(ckpt) if full is None else full
     try:  # epochs whose training steps are done (the last one's validation may still be to come)
         done = int(full["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError, ValueError):
@@ -503,10 +507,9 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     say = rank_zero_only(print)
-    # Expected here, so noise: the run folder already holds command.txt, and the uint8 -> float
-    # conversion lives in LitUNet.on_after_batch_transfer by design (docs/design.md).
+    # Expected here, so noise: the run folder already holds command.txt (the warning about
+    # on_after_batch_transfer, where the uint8 -> float conversion lives by design, unet_pl.lit filters).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
     quiet_lightning()  # its advertising and its own deprecations: not the user's to act on
     if args.gpus == 0 and args.num_workers == 0:  # on purpose: see default_workers
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
@@ -522,10 +525,9 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     except (ValueError, FileNotFoundError) as e:  # the model and data module check their arguments: user input
         fail(str(e))
     if ckpt is not None:
-        if args.restored is not None:
-            source, changed = args.restored
-            say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))
-        check_resume(ckpt, model, say, epochs=args.epochs, patience=args.patience)
+        source, changed, full = args.restored
+        say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))
+        check_resume(ckpt, model, say, epochs=args.epochs, patience=args.patience, full=full)
     trainer, checkpoint, interrupt, throughput = make_trainer(args, out, list(callbacks))
     if trainer.world_size > 1:
         os.environ[RUN_DIR_ENV] = str(out)

@@ -248,20 +248,22 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
     annotations: dict[str, Path] = {}
     labels, others = _listing(label_dir) if label_dir is not None else ([], [])
     for p in labels:
-        if image_id(p) in annotations:
-            raise ValueError(f"two label images named {image_id(p)}.* in {label_dir}: {annotations[image_id(p)].name} and {p.name}; keep one")
-        annotations[image_id(p)] = p
+        key = image_id(p)
+        if key in annotations:
+            raise ValueError(f"two label images named {key}.* in {label_dir}: {annotations[key].name} and {p.name}; keep one")
+        annotations[key] = p
     items, seen = [], {}
     for image in images:
-        if image_id(image) in seen:
-            raise ValueError(f"two images named {image_id(image)}.* in {image.parent}: {seen[image_id(image)].name} and {image.name}; keep one")
-        seen[image_id(image)] = image
-        mask = annotations.get(image_id(image))
+        key = image_id(image)
+        if key in seen:
+            raise ValueError(f"two images named {key}.* in {image.parent}: {seen[key].name} and {image.name}; keep one")
+        seen[key] = image
+        mask = annotations.get(key)
         if with_masks and mask is None:
-            unreadable = next((p for p in others if image_id(p) == image_id(image)), None)
+            unreadable = next((p for p in others if image_id(p) == key), None)
             if unreadable is not None:
                 check_suffix(unreadable)  # the image's annotation in a format we do not read: raises
-        items.append(TrainItem(image_id(image), image, (mask,) if with_masks and mask is not None else ()))
+        items.append(TrainItem(key, image, (mask,) if with_masks and mask is not None else ()))
     # Annotations of no image: a renamed or deleted image, usually. Training goes on without them, said.
     orphans = [p.name for p in labels if image_id(p) not in seen] + [p.name for p in others if image_id(p) not in seen]
     if with_masks and orphans:
