@@ -420,3 +420,15 @@ def test_mode_presets_fill_what_was_not_given(tmp_path):
     assert (args.tune, args.intensity, args.ema, args.augment) == ("off", "fixed", 0.0, "default")
     args = parse_args(["--gpus", "0"])
     assert (args.resolution, args.head, args.tune, args.intensity, args.ema, args.augment) == ("resize", "mask", "off", "fixed", 0.0, "default")
+
+
+def test_the_commands_train_py_suggests_exist(monkeypatch):
+    """The predict and tune commands in train.py's closing lines, for each way it is started."""
+    from unet_pl.cli.run_folder import sibling
+
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / "train.py")])
+    assert sibling("predict") == f"python {ROOT / 'scripts' / 'predict.py'}"
+    assert sibling("tune") == "python -m unet_pl.cli.tune"  # there is no scripts/tune.py
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/unet-train"])
+    assert (sibling("predict"), sibling("tune")) == ("unet-predict", "unet-tune")

@@ -278,7 +278,6 @@ class EMAAveraging(WeightAveraging):
 
     def __init__(self, decay: float) -> None:
         super().__init__(avg_fn=WarmedEMA(decay))
-        self.decay = float(decay)
 
     @property
     def state_key(self) -> str:

@@ -109,17 +109,20 @@ def holdout_truth_ids(truth: str | Path, holdout: str) -> list[str]:
     return holdout_ids(_image_folder_for(truth, list(rles)), holdout)
 
 
-def evaluate(pred_csv: str | Path, truth: str | Path, ids: list[str] | None = None
+def evaluate(pred_csv: str | Path, truth: str | Path, ids: list[str] | None = None, only_present: bool = False
              ) -> tuple[list[dict], list[str], list[str], list[str]]:
     """Scores every truth image (only ``ids`` when given): ``(per-image rows, missing ids, extra ids,
     outside ids)``: truth images without prediction rows (scored as empty predictions), predicted
-    images not in the truth, and predicted images of the truth that are not among ``ids``."""
+    images not in the truth, and predicted images of the truth that are not among ``ids``. ``ids``
+    the truth lacks are an error, or with ``only_present`` left out (a subset of the folder)."""
     preds, _, _ = read_rle_csv(Path(pred_csv))
     truths = load_truth(truth)
     every = set(truths)
     if ids is not None:
         unknown = sorted(set(ids) - set(truths))
-        if unknown:
+        if only_present:
+            ids = [i for i in ids if i in every]
+        elif unknown:
             raise ValueError(f"{truth}: {len(unknown)} hold-out images are not in the truth (first: {unknown[0]})")
         truths = {i: truths[i] for i in sorted(ids)}
     missing = [i for i in truths if i not in preds]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.holdout import HOLDOUTS
-from ..evaluation import evaluate, holdout_truth_ids, load_truth
+from ..evaluation import evaluate, holdout_truth_ids
 from ..metrics import THRESHOLDS
 from .common import Parser, fail, holdout_arg
 
@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         ids = None if args.holdout == "none" else _holdout(args)
-        rows, missing, extra, outside = evaluate(args.pred, args.truth, ids)
+        # a checkpoint's hold-out in a subset of its folder: the images the subset holds
+        rows, missing, extra, outside = evaluate(args.pred, args.truth, ids, only_present=bool(args.ckpt))
+        if args.ckpt and not rows:
+            raise ValueError(f"--ckpt {args.ckpt}: none of the {len(ids)} images its run held out is in the truth "
+                             f"{args.truth} (first: {ids[0]}); pass the stage1_train folder it trained on")
+        if args.ckpt and len(rows) < len(ids):
+            print(f"hold-out: {len(rows)} of them are in {args.truth} and are scored (the others are not in it)")
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     took = time.perf_counter() - t0
@@ -92,18 +98,8 @@ def _holdout(args) -> list[str]:
                    else "it holds no hold-out ids")
             raise ValueError(f"--ckpt {args.ckpt}: its run saved no --holdout {args.holdout} ({why}); leave --ckpt out "
                              "to compute the hold-out from the truth")
-        ids = list(saved["holdout_ids"])
-        present = set(load_truth(args.truth))
-        have = [i for i in ids if i in present]
-        if not have:
-            raise ValueError(f"--ckpt {args.ckpt}: none of the {len(ids)} images its run held out is in the truth "
-                             f"{args.truth} (first: {ids[0]}); pass the stage1_train folder it trained on")
-        if len(have) < len(ids):
-            print(f"hold-out: the {len(have)} of the {len(ids)} images that {args.ckpt}'s run never trained on that "
-                  f"{args.truth} holds (the others are not in it)")
-        else:
-            print(f"hold-out: the {len(ids)} images that {args.ckpt}'s run never trained on")
-        return have
+        print(f"hold-out: the {len(saved['holdout_ids'])} images that {args.ckpt}'s run never trained on")
+        return list(saved["holdout_ids"])
     ids = holdout_truth_ids(args.truth, args.holdout)
     print(f"hold-out: {len(ids)} images, computed from the images of {args.truth} (the full stage1_train gives the "
           "hold-out train.py and crossval.py use; a subset of it gives other images)")

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..inference.folder import SQUASH_WARNING, choose_device, predict_folder
     from ..inference.outputs import STAGING_PREFIX, check_outputs
     from ..inference.settings import UNTRAINED_SCORE, untrained_warning
+    from .run_folder import sibling
 
     if (args.rois or args.probabilities or args.overlays) and args.out_dir is None:
         fail("--rois, --probabilities and --overlays write into --out-dir: pass --out-dir FOLDER")
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt is not None and not tuned and settings.out_channels > 1 and "optimizer_states" in ckpt:
         print(f"note: {source}'s post-processing was never chosen on its validation images (the run was interrupted "
               f"before the end, or trained with --tune off): finish the run with train.py --resume, or choose it now "
-              f"with: python -m unet_pl.cli.tune --ckpt {args.ckpt}")
+              f"with: {sibling('tune')} --ckpt {args.ckpt}")
     if args.intensity and hp.get("intensity") and args.intensity != hp["intensity"]:
         print(f"warning: {source} was trained on images read with --intensity {hp['intensity']}; with --intensity "
               f"{args.intensity} it sees them differently and may find less (use the flag for checkpoints that recorded no rule)")

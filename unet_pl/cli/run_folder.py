@@ -41,13 +41,14 @@ def _program() -> list[str]:
 
 def sibling(tool: str) -> str:
     """The command that runs unet_pl's ``tool`` (``predict``, ``tune``) the way this process was run:
-    ``python scripts/predict.py``, ``python -m unet_pl.cli.predict`` or ``unet-predict``."""
+    ``unet-predict``, ``python scripts/predict.py`` where that script exists, else ``python -m unet_pl.cli.predict``."""
     program = _program()
     if program[0].startswith("unet-"):
         return f"unet-{tool}"
-    if program[:2] == ["python", "-m"]:
-        return f"python -m unet_pl.cli.{tool}"
-    return f"python {Path(program[-1]).parent / f'{tool}.py'}" if program[-1].endswith(".py") else f"python scripts/{tool}.py"
+    beside = Path(program[-1]).parent / f"{tool}.py"  # scripts/predict.py next to scripts/train.py (no scripts/tune.py)
+    if program[:2] != ["python", "-m"] and program[-1].endswith(".py") and beside.is_file():
+        return f"python {beside}"
+    return f"python -m unet_pl.cli.{tool}"
 
 
 def _plain(value):
