@@ -113,6 +113,34 @@ def test_cache_is_reused_and_rebuilt_when_stale(make_train_dir, tmp_path, monkey
     assert bumped != dm_for(root, tmp_path).cache_path
 
 
+def test_a_new_cache_removes_the_least_recently_used_beyond_the_limit(make_train_dir, tmp_path, monkeypatch):
+    """Each file list or setting makes a cache of its own; writing one removes the least recently used
+    others (by last use, not by age) once the folder holds more than $UNET_PL_CACHE_GB. Other files stay."""
+    root = make_train_dir()
+    paths = []
+    for size in (32, 48, 64):
+        dm = dm_for(root, tmp_path, img_size=size)
+        dm.prepare_data()
+        paths.append(dm.cache_path)
+    assert all(p.is_file() for p in paths)
+    (tmp_path / "cache" / "notes.txt").write_text("a user's file")
+    for k, p in enumerate(paths):  # last used in the order 32, 48, 64 (32 the longest ago)
+        os.utime(p, (1000 + k, 10**9 + 100 * k))
+    dm_for(root, tmp_path, img_size=32).setup("fit")  # using 32 again renews it: 48 is now the least recent
+    sizes = {p: p.stat().st_size for p in paths}
+    probe = NucleiDataModule(root, img_size=80, cache_dir=tmp_path / "probe", num_workers=0, progress=False)
+    probe.prepare_data()  # how large the next one is
+    fits = sizes[paths[0]] + sizes[paths[2]] + probe.cache_path.stat().st_size  # 48 px does not fit beside them
+    monkeypatch.setenv("UNET_PL_CACHE_GB", str((fits + 1) / 2**30))
+    new = dm_for(root, tmp_path, img_size=80)
+    new.prepare_data()
+    assert new.cache_path.is_file() and not paths[1].exists() and paths[0].is_file() and paths[2].is_file()
+    assert (tmp_path / "cache" / "notes.txt").read_text() == "a user's file"
+    monkeypatch.setenv("UNET_PL_CACHE_GB", "0")  # nothing but the one in use fits: it is kept all the same
+    dm_for(root, tmp_path, img_size=96).prepare_data()
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.npz")) == [dm_for(root, tmp_path, img_size=96).cache_path.name]
+
+
 def test_a_killed_write_leaves_no_cache_and_no_temp_file(make_train_dir, tmp_path, monkeypatch):
     root = make_train_dir()
     dm = dm_for(root, tmp_path)

@@ -211,15 +211,25 @@ def test_tiff_and_jpeg_training_images_in_the_competition_layout(tmp_path):
     assert dm.arrays["images"].shape == (3, 32, 32, 3)
 
 
-def test_single_files_and_vendor_formats(tmp_path):
+def test_single_files_and_vendor_formats(tmp_path, caplog):
     png = SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png"
     assert list_images(png) == [(FLUO, png)]
     folder = tmp_path / "scope"
     folder.mkdir()
     shutil.copy(png, folder / "a.png")
     (folder / "b.czi").write_bytes(b"ZISRAWFILE")
+    # the raw file beside its export: skipped, with the way to export it
+    with caplog.at_level(logging.WARNING, logger="unet_pl"):
+        assert list_images(folder) == [("a", folder / "a.png")]
+    assert "skipped 1 file of a microscope vendor's format (b.czi): open it in Fiji (Bio-Formats)" in caplog.text
+    (folder / "a.png").unlink()  # nothing else to predict: the error, with the way out
     with pytest.raises(ValueError, match=r"b\.czi: \.czi files are not read here.*Fiji.*TIFF"):
         list_images(folder)
+    train = tmp_path / "train"  # a training folder: an error, as a missing image would change the training
+    (train / "x" / "images").mkdir(parents=True)
+    (train / "x" / "images" / "x.czi").write_bytes(b"ZISRAWFILE")
+    with pytest.raises(ValueError, match=r"x\.czi: \.czi files are not read here"):
+        NucleiDataModule(train, img_size=32, cache_dir=tmp_path / "c", progress=False).prepare_data()
     nd2 = tmp_path / "x.nd2"
     nd2.write_bytes(b"ND2")
     with pytest.raises(ValueError, match=r"\.nd2 files are not read here"):

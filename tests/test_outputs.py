@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -217,7 +218,30 @@ def test_an_output_folder_that_is_a_file_is_one_line_before_any_image(images, tm
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "is a file" in p.stderr, p.stderr
     assert (tmp_path / "results").read_text() == "a user's file" and "done:" not in p.stdout
     p = predict("--data-dir", images, "--out", tmp_path, check=False)  # --out names the CSV, not a folder
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "is a folder" in p.stderr, p.stderr
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "names a folder" in p.stderr, p.stderr
+
+
+def test_out_replaces_only_a_submission_csv(images, run, tmp_path):
+    """--out names the submission CSV: a name without .csv (an image beside the one predicted, a label
+    TIFF's name) or a file that is not a submission is refused in one line and left as it was."""
+    one = tmp_path / "scope"
+    shutil.copytree(images, one)
+    first, second = sorted(one.iterdir())[:2]
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    before = {p: p.read_bytes() for p in (first, second, notes)}
+    for target, message in ((second, "must end in .csv"), (tmp_path / "cells_labels.tif", "must end in .csv"),
+                            (notes, "is not a submission CSV")):
+        p = predict("--ckpt", run["ckpt"], "--data-dir", first, "--out", target, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "cells_labels.tif").exists()
+    # a submission CSV of an earlier run is replaced; the closing line names the CSV where it is
+    sub = tmp_path / "elsewhere" / "sub.csv"
+    predict("--ckpt", run["ckpt"], "--data-dir", first, "--out", sub)
+    p = predict("--ckpt", run["ckpt"], "--data-dir", first, "--out", sub, "--out-dir", tmp_path / "res")
+    assert f"results: {tmp_path / 'res'} (labels/, nuclei.csv, summary.csv), {sub}" in p.stdout, p.stdout
+    assert sub.read_text().startswith("ImageId,EncodedPixels")
 
 
 def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
@@ -249,29 +273,39 @@ def test_a_failing_or_killed_predict_leaves_the_previous_results(images, tmp_pat
     out = tmp_path / "out"
     predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
     before = _snapshot(out)
-    # a second run over more images, the first of them broken: it stops there (a broken one after
-    # others is skipped: test_predict_cli's test_an_unreadable_image_is_skipped_the_rest_written_exit_2)
+    # a second run over more images, the first three of them broken: it stops there (fewer broken ones
+    # are skipped: test_predict_cli's test_an_unreadable_image_is_skipped_the_rest_written_exit_2)
     more = tmp_path / "more"
     shutil.copytree(images, more)
-    (more / "000_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for i in range(3):
+        (more / f"00{i}_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     other = _ckpt(tmp_path / "other.ckpt", bias=5.0)  # it would change every result
     p = predict("--ckpt", other, "--data-dir", more, "--out-dir", out, check=False)
-    assert p.returncode == 2 and "000_broken.png" in p.stderr
+    assert p.returncode == 2 and "000_broken.png" in p.stderr.strip().splitlines()[-1], p.stderr
     assert _snapshot(out) == before and not list(out.rglob(".unet_pl-partial-*"))
     # killed with SIGKILL while it works: nothing replaced, and the next run clears the leftovers
     many = tmp_path / "many"
     many.mkdir()
     for k in range(40):
         shutil.copy(sorted(images.iterdir())[k % 4], many / f"img{k:02d}.png")
-    proc = subprocess.Popen([sys.executable, "scripts/predict.py", "--gpus", "0", "--no-progress", "--ckpt", str(other),
-                             "--data-dir", str(many), "--out-dir", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.rglob(".unet_pl-partial-*/*.tif")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _snapshot(out) == before
+
+    def start_and(sig):
+        proc = subprocess.Popen([sys.executable, "scripts/predict.py", "--gpus", "0", "--no-progress", "--ckpt", str(other),
+                                 "--data-dir", str(many), "--out-dir", str(out), "--rois"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not list(out.rglob(".unet_pl-partial-*/*.zip")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        return proc.wait(), proc.stderr.read()
+
+    # SIGTERM (kill, a cluster's time limit): as Ctrl-C, one line, exit 143, nothing replaced or left behind
+    code, err = start_and(signal.SIGTERM)
+    assert code == 143 and err.strip().splitlines()[-1].startswith("predict.py: interrupted: no result was written"), err
+    assert _snapshot(out) == before and not list(out.rglob(".unet_pl-partial-*"))
+    # SIGKILL: nothing replaced; the leftovers go with the next run, also from rois/, which that run does not write
+    start_and(signal.SIGKILL)
+    assert _snapshot(out) == before and list((out / "rois").glob(".unet_pl-partial-*"))
     predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
     assert not list(out.rglob(".unet_pl-partial-*"))
 
@@ -518,9 +552,9 @@ def test_two_images_run_at_once_and_a_tiled_one_runs_alone(tmp_path):
 
 
 def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(tmp_path):
-    """An image that now has no nucleus loses the ROI set an earlier run wrote for it (its label TIFF
-    is now empty; the old ROIs would contradict it); results of images not in this run stay and are
-    counted."""
+    """An image that now has no nucleus gets an empty ROI set in place of the one an earlier run wrote for
+    it (its label TIFF is now empty; the old ROIs would contradict it); results of images not in this run
+    stay and are counted."""
     import roifile
     import tifffile
 
@@ -538,7 +572,9 @@ def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(t
     again.add("a", image, image[..., 0].astype(np.float32), np.zeros_like(nuclei))
     again.commit()
     assert tifffile.imread(tmp_path / "out" / "labels" / "a.tif").max() == 0
-    assert not (tmp_path / "out" / "rois" / "a.zip").exists()
+    assert roifile.roiread(tmp_path / "out" / "rois" / "a.zip") == []  # a zip for every image, ImageJ's empty set
+    with zipfile.ZipFile(tmp_path / "out" / "rois" / "a.zip") as z:
+        assert z.namelist() == [] and z.testzip() is None
     assert (tmp_path / "out" / "rois" / "b.zip").exists()  # never deleted: another image's results
     assert again.earlier == 3  # b's label TIFF, ROI set and overlay
     # a third run over a, without --rois and --overlays: a's overlay from the first run goes too

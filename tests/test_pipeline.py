@@ -248,6 +248,12 @@ def test_the_tuner_chooses_again_for_the_cut_and_prediction_takes_it_with_the_cu
         model.set_postprocess({**chosen, "split_concave": True})
     with pytest.raises(ValueError, match="tuned_for_cut: threshold 2"):
         model.set_postprocess({**chosen, "split_concave": {"threshold": 2, "seed_threshold": 0.3, "min_size": 0}})
+    # a bad value of the user's own is named as such, not blamed on the checkpoint's stored choice
+    for bad, message in (({"channel": 0}, "channel counts from 1"), ({"scale": 0}, "scale 0 is out of range"),
+                         ({"tile": 10}, "tile must be")):
+        with pytest.raises(ValueError) as e:
+            cut.replace(**bad)
+        assert str(e.value).startswith(message), str(e.value)
 
 
 def _surface(text):

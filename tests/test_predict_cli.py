@@ -177,16 +177,37 @@ def test_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
     from unet_pl.cli.predict import main as predict_main
 
     (tmp_path / "empty").mkdir()
+    (tmp_path / "res" / "labels").mkdir(parents=True)
+    (tmp_path / "res" / "submission.csv").write_text("ImageId,EncodedPixels\n")
     cases = [
+        (evaluate_main, ["--pred", str(tmp_path / "res" / "labels"), "--truth", str(tmp_path)],
+         f"is a folder; pass the CSV that predict.py wrote, here {tmp_path / 'res' / 'submission.csv'}"),
         (predict_main, ["--ckpt", str(tmp_path / "nope.ckpt"), "--data-dir", str(data_dir)], "nope.ckpt: no such file"),
         (evaluate_main, ["--pred", str(tmp_path / "nope.csv"), "--truth", str(tmp_path)], "nope.csv: no such file"),
         (predict_main, ["--data-dir", str(data_dir), "--at-once", "0"], "--at-once must be >= 1, got 0"),
+        (predict_main, ["--data-dir", *map(str, sorted(data_dir.rglob("*.png"))[:2])],  # the shell's cells/*.png
+         "a wildcard such as *.tif expands to every file; --data-dir takes one image or the folder holding them"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_help_gives_each_default_once_and_none_for_switches(capsys):
+    """--help ends a flag's line with its default unless the help says it already, or the flag is a switch."""
+    from unet_pl.cli.predict import main as predict_main
+    from unet_pl.cli.train import main as train_main
+
+    for main in (predict_main, train_main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: False)" not in text
+        assert "(default 2048: about 0.9 GB for the network)" in text or main is train_main
+        assert "for the network) (default" not in text
+        assert "(default: 42)" in text or main is predict_main  # train.py --seed: given by the formatter
 
 
 def test_at_once_1_writes_the_same_submission(ckpt, data_dir, predicted, tmp_path):
@@ -244,8 +265,9 @@ def test_predict_uses_the_checkpoints_tuned_settings_and_flags_override_them(ckp
 def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
     """A folder of images with one truncated PNG in the middle and a results/ subfolder: the subfolder
     is skipped with a warning, the truncated file named in one closing line, exit 2; the other images'
-    label TIFFs, tables and submission rows are all written. The first image unreadable: the run stops
-    there, nothing written."""
+    label TIFFs, tables and submission rows are all written. The first image unreadable too: the same, so
+    what happens does not depend on the file names' order. The first three unreadable: the run stops
+    there (a setting that fits none of them, most likely), nothing written."""
     folder = tmp_path / "scope"
     folder.mkdir()
     for name, image_id in (("a.png", REAL[0]), ("c.png", REAL[1])):
@@ -265,11 +287,20 @@ def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
     with open(out / "submission.csv") as f:
         assert {r["ImageId"] for r in csv.DictReader(f)} == {"a", "c"}
 
-    (folder / "a.png").write_bytes(data[:100])  # now the first one
+    (folder / "a.png").write_bytes(data[:100])  # now the first one as well
     out2 = tmp_path / "out2"
     p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out2, "--gpus", 0, "--no-progress", check=False)
-    assert p.returncode == 2 and "a.png" in p.stderr.strip().splitlines()[-1], p.stderr
-    assert not out2.exists()
+    assert p.returncode == 2, p.stdout + p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "2 images could not be read" in last and "a.png" in last and last.endswith("also b"), last
+    assert sorted(f.name for f in (out2 / "labels").iterdir()) == ["c.tif"]
+
+    (folder / "c.png").write_bytes(data[:200])  # all three: the run stops at the third, nothing written
+    out3 = tmp_path / "out3"
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out3, "--gpus", 0, "--no-progress", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "a.png" in last and "the next 2 images could not be read either" in last, p.stderr
+    assert not out3.exists()
 
 
 def test_a_console_script_names_itself_in_its_errors(tmp_path):

@@ -4,6 +4,9 @@ Runs train on the bundled sample (30 real images) at 32 px in subprocesses, the 
 """
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +35,12 @@ def cache_dir(tmp_path_factory):
 
 def train_cmd(*args: str, cache: Path) -> list[str]:
     return [sys.executable, "-m", "unet_pl.cli.train", *args, "--cache-dir", str(cache)]
+
+
+def runs_this_python(word: str, cwd: Path) -> bool:
+    """Whether a shell in ``cwd`` with this PATH runs this interpreter for the command word ``word``."""
+    found = shutil.which(word) if os.sep not in word else str(cwd / word)
+    return found is not None and Path(found).absolute().parent == Path(sys.executable).absolute().parent
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -195,7 +204,11 @@ def test_ctrl_c_keeps_last_ckpt_and_exits_130(tmp_path, cache_dir):
     cmd = train_cmd("--gpus", "0", "--epochs", "1000", "--patience", "0", *TINY, "--out", str(out), cache=cache_dir)
     returncode, stdout = signal_once_checkpointed(cmd, out, signal.SIGINT, tmp_path)
     assert returncode == 130, stdout[-3000:]
-    assert "interrupted by SIGINT" in stdout and f"continue with: python -m unet_pl.cli.train --resume last --out {out}" in stdout
+    assert "interrupted by SIGINT" in stdout
+    line = next(x for x in stdout.splitlines() if "continue with: " in x).split("continue with: ", 1)[1]
+    python, *rest = shlex.split(line)
+    assert rest == ["-m", "unet_pl.cli.train", "--resume", "last", "--out", str(out)]
+    assert runs_this_python(python, tmp_path)  # as printed, in the shell it was run from: not a bare python of another
     assert LitUNet.load_from_checkpoint(out / "last.ckpt", map_location="cpu") is not None
 
 
@@ -428,7 +441,13 @@ def test_the_commands_train_py_suggests_exist(monkeypatch):
 
     monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
     monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / "train.py")])
-    assert sibling("predict") == f"python {ROOT / 'scripts' / 'predict.py'}"
-    assert sibling("tune") == "python -m unet_pl.cli.tune"  # there is no scripts/tune.py
+    python, script = shlex.split(sibling("predict"))
+    assert script == str(ROOT / "scripts" / "predict.py") and runs_this_python(python, Path.cwd())
+    assert shlex.split(sibling("tune"))[1:] == ["-m", "unet_pl.cli.tune"]  # there is no scripts/tune.py
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # the environment activated: plain python
+    if (Path(sys.executable).parent / "python").exists():
+        assert sibling("predict") == f"python {ROOT / 'scripts' / 'predict.py'}"
+    monkeypatch.setenv("PATH", "/nonexistent")  # not activated (make's .venv): the interpreter's own path
+    assert shlex.split(sibling("tune"))[0] in (sys.executable, os.path.relpath(sys.executable))
     monkeypatch.setattr(sys, "argv", ["/venv/bin/unet-train"])
     assert (sibling("predict"), sibling("tune")) == ("unet-predict", "unet-tune")

@@ -12,11 +12,13 @@ _prog = "unet_pl"
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help ends with its default, except where the default is None: there the flag is
-    off unless given, or takes the checkpoint's value, which its help (or its group's) says in words."""
+    """Each flag's help ends with its default, except where the default is None or False (a switch): there
+    the flag is off unless given, or takes the checkpoint's value, which its help (or its group's) says in
+    words; and except where the help already gives it ("(default ...")."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+        quiet = action.default is None or action.default is False or "(default" in (action.help or "")
+        return action.help if quiet else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,6 +34,10 @@ class Parser(argparse.ArgumentParser):
         _prog = self.prog
 
     def error(self, message: str):
+        extra = message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") else []
+        if extra and all(Path(a).exists() for a in extra):  # a shell wildcard: --data-dir cells/*.tif
+            message += (" (files given where one is expected: a wildcard such as *.tif expands to every file; "
+                        "--data-dir takes one image or the folder holding them)")
         fail(f"{message} (see --help)")
 
 
@@ -44,6 +50,20 @@ def holdout_arg(name: str) -> str:
         return check_holdout(name)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: The fields of the model, data module and settings whose messages start with their Python name.
+FLAG_FIELDS = ("threshold", "seed_threshold", "min_size", "img_size", "tile", "scale", "min_relative_size",
+               "min_probability", "channel", "crop_size", "val_split", "batch_size")
+
+
+def flag_names(message: str) -> str:
+    """The Python API's messages name their fields (``img_size must be ...``); on the command line the
+    user typed flags (``--img-size must be ...``)."""
+    for name in FLAG_FIELDS:
+        if message.startswith(f"{name} "):
+            return f"--{name.replace('_', '-')}{message[len(name):]}"
+    return message
 
 
 def fail(message: str):

@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if Path(args.pred).is_dir():
-        fail(f"--pred {args.pred} is a folder; pass the CSV that predict.py wrote, e.g. {Path(args.pred) / 'submission.csv'}")
+        near = [p / "submission.csv" for p in (Path(args.pred), *list(Path(args.pred).parents)[:2])]
+        found = next((str(p) for p in near if p.is_file()), None)
+        fail(f"--pred {args.pred} is a folder; pass the CSV that predict.py wrote, " + (
+            f"here {found}" if found else "OUT_DIR/submission.csv (or predict.py's --out)"))
     if not Path(args.pred).is_file():
         fail(f"{args.pred}: no such file; pass the CSV that predict.py wrote")
     if args.ckpt and args.holdout == "none":

@@ -9,18 +9,21 @@ override them. Nothing is written inside FOLDER, and nothing is replaced until e
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
-from ..data.readers import INTENSITIES
+from ..data.readers import INTENSITIES, INTENSITY_HELP
 from ..inference.postprocess import SPLITS
 from ..inference.scale import AUTO_BAND
 from ..inference.tta import TTAS
 from ..precision import PREDICT_PRECISIONS
 from ..precision import describe as describe_precision
-from .common import Parser, fail, holdout_arg
+from .common import Parser, fail, flag_names, holdout_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int, default=None, metavar="N",
                    help="the nuclear channel of multi-channel files, from 1 (default: the checkpoint's)")
     p.add_argument("--intensity", choices=INTENSITIES, default=None,
-                   help=f"{', '.join(INTENSITIES)} (train.py --help says what each does; default: the checkpoint's, "
-                        "i.e. as it was trained)")
+                   help=f"{INTENSITY_HELP} (default: the checkpoint's, i.e. as it was trained)")
     p.add_argument("--tta", choices=TTAS, default="none",
                    help="test-time augmentation: average 4 flips or all 8 flips and 90-degree rotations (none: the notebook)")
     p.add_argument("--precision", choices=PREDICT_PRECISIONS, default="auto",
@@ -113,9 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     for flag, folder in (("--out-dir", args.out_dir), ("--masks-dir", args.masks_dir), ("--overlays-dir", args.overlays_dir)):
         if folder and Path(folder).is_file():
             fail(f"{flag} {folder} is a file; it takes a folder (made when missing), e.g. {flag} predictions")
-    if args.out and Path(args.out).is_dir():
-        fail(f"--out {args.out} is a folder; it takes the submission CSV's file name, e.g. --out "
+    folders = [Path(d).resolve() for d in (args.out_dir, args.masks_dir, args.overlays_dir) if d]
+    if args.out and (Path(args.out).is_dir() or Path(args.out).resolve() in folders):
+        fail(f"--out {args.out} names a folder; it takes the submission CSV's file name, e.g. --out "
              f"{Path(args.out) / 'submission.csv'} (or --out-dir {args.out} for all the results)")
+    if args.out:
+        _check_submission_path(args.out)
     out_csv = args.out or (str(Path(args.out_dir) / "submission.csv") if args.out_dir else "submission.csv")
     try:
         check_outputs(args.data_dir, [args.out_dir, out_csv, args.masks_dir, args.overlays_dir])
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split,
                                         channel=args.channel, intensity=args.intensity, precision=args.precision)
     except (FileNotFoundError, ValueError) as e:
-        fail(_flag_names(str(e)))
+        fail(flag_names(str(e)))
     if not (args.ckpt or args.keras_h5):
         print(f"model: the bundled pretrained model ({PRETRAINED.name}; docs/model-card.md); --ckpt to use your own")
     ids = None
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {source} was trained on images read with --intensity {hp['intensity']}; with --intensity "
               f"{args.intensity} it sees them differently and may find less (use the flag for checkpoints that recorded no rule)")
     t0 = time.perf_counter()
+    previous = _sigterm_as_interrupt()
     try:
         stats = predict_folder(net, args.data_dir, out_csv, settings=settings, ids=ids, batch_size=args.batch_size,
                                num_workers=args.num_workers, out_dir=args.out_dir, rois=args.rois,
@@ -172,16 +178,25 @@ def main(argv: list[str] | None = None) -> None:
                                overlays_dir=args.overlays_dir, progress=not args.no_progress, at_once=args.at_once)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    except KeyboardInterrupt as e:
+        print(f"predict.py: interrupted: no result was written or replaced{f' in {args.out_dir}' if args.out_dir else ''} "
+              "(the images done so far are dropped); run the same command again", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, _Terminated) else 130) from None  # the shell's 128 + signal, as train.py
     except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing was replaced (Outputs)
         where = Path(e.filename or args.out_dir or out_csv)
         where = next((p.parent for p in (where, *where.parents) if p.name.startswith(STAGING_PREFIX)), where)
         fail(f"cannot write into {where} ({e.strerror or e}); the previous results are unchanged: free some space or "
              "choose an output folder you can write to (--out-dir)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     took = time.perf_counter() - t0
     n = stats["images"]
     print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} nuclei ({stats['empty']} without any) in {took:.1f} s on {device}")
     if args.out_dir:
-        print(f"results: {args.out_dir} ({', '.join(stats['outputs'])})")
+        inside = Path(out_csv).resolve().parent == Path(args.out_dir).resolve()
+        outputs = [o for o in stats["outputs"] if inside or o != Path(out_csv).name]
+        print(f"results: {args.out_dir} ({', '.join(outputs)})" + ("" if inside else f", {out_csv}"))
         if stats.get("earlier"):
             print(f"note: {args.out_dir} also holds {stats['earlier']} file(s) of earlier runs for images not in this one "
                   "(kept; nuclei.csv and summary.csv list this run's images only)")
@@ -210,12 +225,38 @@ def main(argv: list[str] | None = None) -> None:
                  f"; also {', '.join(list(bad)[1:4])}{', ...' if len(bad) > 4 else ''}" if len(bad) > 1 else ""))
 
 
-def _flag_names(message: str) -> str:
-    """Settings' messages name their fields; the user typed flags."""
-    for name in ("threshold", "seed_threshold", "min_size", "img_size", "tile", "scale", "min_relative_size",
-                 "min_probability"):
-        message = message.replace(f"{name} ", f"--{name.replace('_', '-')} ", 1) if message.startswith(name) else message
-    return message
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be."""
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a cluster's time limit) handled as Ctrl-C: the run's staged files are removed.
+    Returns the handler it replaced (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise _Terminated
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _check_submission_path(out: str) -> None:
+    """``--out`` names the submission CSV: refused unless it ends in .csv, and unless a file already there
+    is a submission CSV (one that predict.py would have written), so no other file is ever replaced."""
+    path = Path(out)
+    if path.suffix.lower() != ".csv":
+        fail(f"--out {out}: --out names the submission CSV (ImageId,EncodedPixels) and must end in .csv, e.g. "
+             "--out submission.csv; the label images go into --out-dir FOLDER (FOLDER/labels/)")
+    if path.is_file():
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                header = f.readline().strip()
+        except (OSError, UnicodeDecodeError):
+            header = ""
+        if header != "ImageId,EncodedPixels":
+            fail(f"--out {out} exists and is not a submission CSV (its first line is not ImageId,EncodedPixels): "
+                 "predict.py replaces only its own results; choose another name, e.g. --out submission.csv")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,22 +34,37 @@ def _program() -> list[str]:
     ``unet-train`` (pip's console script)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
-        return ["python", "-m", spec.name]
+        return [_python(), "-m", spec.name]
     if sys.argv and Path(sys.argv[0]).name.startswith("unet-"):
         return [Path(sys.argv[0]).name]
-    return ["python", sys.argv[0]] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else ["train.py"]
+    return [_python(), sys.argv[0]] if sys.argv and sys.argv[0] and sys.argv[0] != "-c" else ["train.py"]
 
 
 def sibling(tool: str) -> str:
     """The command that runs unet_pl's ``tool`` (``predict``, ``tune``) the way this process was run:
-    ``unet-predict``, ``python scripts/predict.py`` where that script exists, else ``python -m unet_pl.cli.predict``."""
+    ``unet-predict``, ``PYTHON scripts/predict.py`` where that script exists, else ``PYTHON -m
+    unet_pl.cli.predict``; PYTHON is ``python`` where that is this interpreter, else this interpreter's
+    path (``.venv/bin/python`` after ``make``, without the environment activated)."""
     program = _program()
     if program[0].startswith("unet-"):
         return f"unet-{tool}"
     beside = Path(program[-1]).parent / f"{tool}.py"  # scripts/predict.py next to scripts/train.py (no scripts/tune.py)
-    if program[:2] != ["python", "-m"] and program[-1].endswith(".py") and beside.is_file():
-        return f"python {beside}"
-    return f"python -m unet_pl.cli.{tool}"
+    if program[1:2] != ["-m"] and program[-1].endswith(".py") and beside.is_file():
+        return f"{_python()} {beside}"
+    return f"{_python()} -m unet_pl.cli.{tool}"
+
+
+def _python() -> str:
+    """How to call this interpreter: ``python`` where the shell finds this one by that name, else its path
+    (relative to the working folder when inside it). Not resolved: a venv's python is a link to the system's."""
+    exe = Path(sys.executable).absolute()
+    found = shutil.which("python")
+    if found and Path(found).absolute().parent == exe.parent:
+        return "python"
+    try:
+        return str(exe.relative_to(Path.cwd().absolute()))
+    except ValueError:
+        return str(exe)
 
 
 def _plain(value):

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
 from ..data.module import BALANCES, EMPTY_MASKS
-from ..data.readers import INTENSITIES
+from ..data.readers import INTENSITIES, INTENSITY_HELP
 from ..data.transforms import PRESETS, zoom_range
 from ..geometry import BOUNDARY_TARGETS, HEADS, RESOLUTIONS
 from ..optim import OPTIMIZERS
 from ..precision import native_bf16
-from .common import Parser, fail, holdout_arg, quiet_lightning
+from .common import Parser, fail, flag_names, holdout_arg, quiet_lightning
 from .run_folder import draw, summarise, write_run_files
 
 #: Exit statuses: the shell's 128 + signal for an interrupted run (bad usage: common.EXIT_USAGE, 2).
@@ -92,11 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="multi-channel files (ImageJ hyperstacks, OME-TIFF): the nuclear channel, counted from 1 as "
                            "Fiji does. Default: grey or RGB as stored; files with channels (2 or more, three stains are not RGB) need it")
     data.add_argument("--intensity", choices=INTENSITIES, default=None,
-                      help="fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
-                           "percentile: each image stretched between its 1st and 99.8th percentiles; grey: channels averaged, "
-                           "stretched the same way, bright backgrounds (brightfield, H&E) inverted; hematoxylin: as grey, but "
-                           "colour tissue on white becomes its haematoxylin stain (colour deconvolution). Default: from --mode "
-                           "(fixed for notebook, grey for instance); saved in the checkpoint, predict.py applies it")
+                      help=f"{INTENSITY_HELP}. Default: from --mode (fixed for notebook, grey for instance); saved in "
+                           "the checkpoint, predict.py applies it")
     data.add_argument("--balance", choices=BALANCES, default="none",
                       help="none: every training image once an epoch (the notebook); modality: an epoch draws as many "
                            "images with replacement, each kind (fluorescence, brightfield, histology) in proportion to "
@@ -114,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     beyond = p.add_argument_group("beyond the notebook")
     beyond.add_argument("--mode", choices=tuple(MODES), default="notebook",
                         help="notebook: resized squares, one output, connected components (the 2018 notebook); "
-                             "instance: native-resolution crops and a boundary output split by a watershed")
+                             "instance: native-resolution crops and a boundary output split by a watershed (the "
+                             "recipe, and the bundled model's mode: the better choice for your own images)")
     beyond.add_argument("--resolution", choices=RESOLUTIONS, default=None,
                         help="resize: images squashed to --img-size squares (the notebook); native: random --crop-size "
                              "crops of the full-size images, prediction on whole images. Default: from --mode")
@@ -161,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run folder")
     run.add_argument("--out", default=None, help="run folder. Default: runs/<timestamp>, or the folder of the --resume checkpoint")
     run.add_argument("--resume", default=None, metavar="PATH|last",
-                     help="continue from a checkpoint (optimizer, epoch, early stopping); 'last': the run folder's last.ckpt")
+                     help="continue from a checkpoint (optimizer, epoch, early stopping); 'last': the run folder's last.ckpt "
+                          "(--out RUN; without --out, the most recently written runs/*/last.ckpt, named as it starts)")
     return p
 
 
@@ -523,7 +522,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
         model = make_model(args)
         datamodule = make_datamodule(args)
     except (ValueError, FileNotFoundError) as e:  # the model and data module check their arguments: user input
-        fail(str(e))
+        fail(flag_names(str(e)))
     if ckpt is not None:
         source, changed, full = args.restored
         say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))

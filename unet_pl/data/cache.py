@@ -20,7 +20,8 @@ resolution and side, the mask source, ``empty_masks``, the channel, the intensit
 Safety: ``building(path)`` holds a lock file beside the cache while one process decodes, so runs
 started together decode once (the others wait, then reuse the file); whoever holds the lock
 removes the temporary files that killed runs left (``<name>.*.tmp``: no live writer can own them
-then). ``check_cache_dir`` says before any decoding when the folder cannot take the file.
+then). ``check_cache_dir`` says before any decoding when the folder cannot take the file. A new
+cache removes the least recently used others beyond CACHE_LIMIT_GB (``prune``).
 """
 from __future__ import annotations
 
@@ -77,6 +78,12 @@ def fingerprint(train_dir: Path, items: Sequence[TrainItem], csv_path: Path | No
         lines.append(f"{csv_path.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
     h.update("".join(lines).encode())
     return h.hexdigest()[:20]
+
+
+#: A cache folder holding more than this many GB of caches loses the least recently used ones when a new
+#: cache is written there (``prune``); ``$UNET_PL_CACHE_GB`` sets another limit.
+CACHE_LIMIT_GB = 5.0
+CACHE_GLOB = "dsb2018-*.npz"
 
 
 def cache_name(resolution: str, size: int, key: str) -> str:
@@ -172,10 +179,44 @@ def load_cache(path: Path, resolution: str = "resize") -> dict[str, np.ndarray]:
     """Every array of the cache at ``path`` in memory; ``ValueError`` when it is not a cache of ``resolution``."""
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
+    with contextlib.suppress(OSError):
+        os.utime(path)  # used now: ``prune`` removes the least recently used first
     missing = set(KEYS[resolution]) - set(arrays)
     if missing:
         raise ValueError(f"{path} is not a unet_pl {resolution} cache (no {', '.join(sorted(missing))})")
     return arrays
+
+
+def prune(cache_dir: Path, keep: Path) -> list[Path]:
+    """Remove the least recently used caches of ``cache_dir`` (by modification time, which ``load_cache``
+    renews) until, with ``keep``, they take at most ``$UNET_PL_CACHE_GB`` (default CACHE_LIMIT_GB); returns
+    those removed. A new file list, image folder or intensity rule makes a new cache, so without this the
+    folder only grows. Files that are not caches are never touched; a run that had loaded one keeps its copy,
+    one that had not yet decodes it again."""
+    try:
+        limit = float(os.environ.get("UNET_PL_CACHE_GB") or CACHE_LIMIT_GB) * 2**30
+    except ValueError:
+        log.warning("UNET_PL_CACHE_GB=%r is not a number; keeping the cache folder under %g GB",
+                    os.environ["UNET_PL_CACHE_GB"], CACHE_LIMIT_GB)
+        limit = CACHE_LIMIT_GB * 2**30
+    stats = []
+    for p in cache_dir.glob(CACHE_GLOB):
+        with contextlib.suppress(OSError):
+            if p != keep:
+                stats.append((p.stat().st_mtime, p.stat().st_size, p))
+    total = keep.stat().st_size if keep.is_file() else 0
+    removed = []
+    for _, size, p in sorted(stats, reverse=True):  # the most recently used first; from the first that does not fit, all
+        total += size
+        if total <= limit:
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    if removed:
+        log.info("removed %d cache file%s not used lately from %s (%s), keeping it under %g GB ($UNET_PL_CACHE_GB)",
+                 len(removed), "s" * (len(removed) != 1), cache_dir, ", ".join(p.name for p in removed), limit / 2**30)
+    return removed
 
 
 def native_image(arrays: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:

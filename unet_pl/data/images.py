@@ -22,7 +22,8 @@ an error naming the file (save it as TIFF or PNG), since dropping it would lose 
 nucleus; in masks/ (labels/) of the label-image layout, one for an image is an error too, and
 annotations without an image of the same name get one warning naming them (training goes on
 without them). A prediction folder skips them with one warning listing them. A vendor format
-(``.czi``, ``.nd2``, ...) is an error everywhere.
+(``.czi``, ``.nd2``, ...) is an error in training folders and as the one file to predict; in a
+prediction folder beside other images it is skipped with a warning saying how to export it.
 
 A folder holding ``stage1_train`` stands for it (``resolve_train_dir``); for prediction, a folder
 holding one ``stage1_train``, ``stage1_test`` or ``stage2_test_final`` (``list_images``).
@@ -169,9 +170,10 @@ def resolve_train_dir(data_dir: str | Path) -> Path:
     return step_into(d, COMPETITION_FOLDERS[:1])
 
 
-def _listing(folder: Path) -> tuple[list[Path], list[Path]]:
+def _listing(folder: Path, vendor_ok: bool = False) -> tuple[list[Path], list[Path]]:
     """``(image files, other files)`` directly in ``folder``, name order; hidden files and OS clutter
-    in neither, a missing folder empty. A vendor format is an error naming it and the way out."""
+    in neither, a missing folder empty. A vendor format is an error naming it and the way out, or
+    with ``vendor_ok`` one of the other files."""
     # os.scandir: the file type comes with the listing, no stat per file (30k masks in the full set).
     try:
         with os.scandir(folder) as it:
@@ -181,7 +183,7 @@ def _listing(folder: Path) -> tuple[list[Path], list[Path]]:
     images, others = [], []
     for n in names:
         suffix = os.path.splitext(n)[1].lower()
-        if suffix in _VENDOR:
+        if suffix in _VENDOR and not vendor_ok:
             check_suffix(folder / n)  # raises, with the way out
         (images if suffix in IMAGE_SUFFIXES else others).append(folder / n)
     return images, others
@@ -282,9 +284,10 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     ``folder`` is one image file, or a folder in the competition's ``stage1_test`` layout
     (``<id>/images/<id>.png``, id = folder name), of plain image files (id = file name without
     suffix), or a mix, or a label-image training folder (its ``images/``), or the folder holding one
-    ``stage1_train``, ``stage1_test`` or ``stage2_test_final``. A microscope vendor's format among
-    them is an error that says how to export it; other files, and subfolders without an ``images/``
-    folder, are skipped with a warning naming them.
+    ``stage1_train``, ``stage1_test`` or ``stage2_test_final``. Files of other formats (a microscope
+    vendor's raw files beside their TIFF exports, notes), and subfolders without an ``images/``
+    folder, are skipped with a warning naming them (a vendor's with the way to export it); a folder
+    holding nothing else is an error that says how to export them.
     """
     folder = Path(folder).expanduser()
     if folder.is_file():
@@ -295,7 +298,9 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     folder = step_into(folder, COMPETITION_FOLDERS)  # the training side's rule (resolve_train_dir)
     if _flat_layout(folder):
         folder = folder / "images"
-    images, skipped = _listing(folder)
+    images, skipped = _listing(folder, vendor_ok=True)
+    vendor = [p for p in skipped if p.suffix.lower() in _VENDOR]
+    skipped = [p for p in skipped if p not in vendor]
     found: dict[str, Path] = {}
     entries = [(image_id(p), p) for p in images]
     subfolders = [p for p in sorted(folder.iterdir()) if p.is_dir() and not is_ignored(p)]
@@ -313,6 +318,12 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
         log.warning("%s: skipped %d file%s that %s not an image format read here (%s): %s", folder, len(skipped),
                     "s" * (len(skipped) != 1), "are" if len(skipped) != 1 else "is", ", ".join(IMAGE_SUFFIXES),
                     _names([p.name for p in skipped]))
+    if vendor and found:
+        log.warning("%s: skipped %d file%s of a microscope vendor's format (%s): open %s in Fiji (Bio-Formats) and "
+                    "save the nuclear channel as TIFF to predict %s", folder, len(vendor), "s" * (len(vendor) != 1),
+                    _names([p.name for p in vendor]), "them" if len(vendor) != 1 else "it", "them" if len(vendor) != 1 else "it")
+    elif vendor:
+        check_suffix(vendor[0])  # nothing else to predict: the error, with the way out
     if not found:
         inside = f" (its folders {_names(others)} have no images/ folder inside)" if others else ""
         raise FileNotFoundError(f"{folder} holds no images{inside}; expected <id>/images/<id>.png folders or image "

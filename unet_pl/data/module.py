@@ -44,7 +44,7 @@ from . import SAMPLE_DIR
 from ..geometry import DEFAULT_SIZE, agreed_keys, check_resolution, check_side, head_channels, reconcile
 from .cache import (
     build_cache, building, cache_bytes, cache_name, check_cache_dir, decode_item, default_cache_dir, fingerprint, load_cache,
-    native_image,
+    native_image, prune,
 )
 from .datasets import AugmentSampler, ImageFolderDataset, NucleiDataset, crop_transform
 from .groups import group_holdout, image_groups
@@ -368,6 +368,7 @@ class NucleiDataModule(pl.LightningDataModule):
                 log.info("decoding %d images from %s into %s", len(items), train_dir, path)
                 build_cache(items, h.resolution, h.img_size, path, rles, csv_path, h.decode_workers, h.progress,
                             h.channel, h.intensity)
+            prune(self.cache_dir, keep=path)
 
         self._located = (path, job, items, rles, csv_path)
         return self._located

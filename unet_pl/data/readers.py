@@ -46,6 +46,11 @@ from ..perf import bincount
 log = logging.getLogger(__name__)
 
 INTENSITIES = ("fixed", "percentile", "grey", "hematoxylin")
+#: What each rule does, in the words of train.py's and predict.py's --help.
+INTENSITY_HELP = ("fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
+                  "percentile: each image stretched between its 1st and 99.8th percentiles; grey: channels averaged, "
+                  "stretched the same way, bright backgrounds (brightfield, H&E) inverted; hematoxylin: as grey, but "
+                  "colour tissue on white becomes its haematoxylin stain (colour deconvolution)")
 #: Mean |R-G| + |G-B| (0..255 scale) above which an image is colour (here and in ``holdout``). Grey
 #: images of the competition's set score < 1, the colour ones > 15: any value in between gives the same split.
 COLOUR_THRESHOLD = 5.0

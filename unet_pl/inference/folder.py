@@ -61,6 +61,8 @@ SQUASH_WARNING = 4.0
 #: How many of the images the model is least sure of the closing line names (predict.py). On the grouped
 #: validation the lowest quarter by summary.csv's probability_mean scored 0.19 against 0.59 for the rest.
 LEAST_SURE = 3
+#: When this many images in a row from the first cannot be read, the run stops (see predict_folder).
+UNREADABLE_FIRST = 3
 
 
 def least_sure(sureness: dict[str, float | None], most: int = LEAST_SURE) -> list[tuple[str, float | None]]:
@@ -127,8 +129,9 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     either way, probabilities the same to rounding (one thread sums in another order than two).
     An image tiled for its size (a side above ``settings.tile`` once scaled), or the only image,
     runs alone on all threads.
-    An image that cannot be read after others were is skipped with a warning (the run goes on and
-    writes the others' results); when the first one cannot be read, its ValueError ends the run.
+    An image that cannot be read is skipped with a warning (the run goes on and writes the others'
+    results); when the first UNREADABLE_FIRST images (or all of them, if fewer) cannot be read, the
+    first one's ValueError ends the run: a setting (``channel``) that fits none of them, most likely.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "unreadable": {id: why, of the images skipped},
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one,
@@ -180,7 +183,10 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         try:
             for (image_id, _), pair in zip(entries, pairs):
                 if isinstance(pair, ValueError):
-                    if not read_any:  # the first image: most likely a setting (--channel) that fits none of them
+                    if not read_any and len(stats["unreadable"]) + 1 >= min(UNREADABLE_FIRST, len(entries)):
+                        if stats["unreadable"]:  # the images before it failed too: a setting that fits none of them?
+                            raise ValueError(f"{next(iter(stats['unreadable'].values()))} (and the next "
+                                             f"{len(stats['unreadable'])} images could not be read either)") from None
                         raise pair
                     log.warning("%s; skipped: it gets no results in this run", pair)
                     stats["unreadable"][image_id] = str(pair)

@@ -16,7 +16,7 @@ Into ``--out-dir`` (each optional one on request):
                                mean foreground probability over its nuclei (the images where it is
                                lowest in a run are where the model most likely failed: look at those first),
                                the pixel size in micrometres (empty when the file records none)
-    rois/<id>.zip              ImageJ ROIs, one polygon per nucleus (Fiji's ROI Manager, QuPath)   --rois
+    rois/<id>.zip              ImageJ ROIs, one polygon per nucleus, empty without (Fiji's ROI Manager, QuPath)   --rois
     probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
     overlays/<id>.png          the image with each nucleus outlined, as the file looks (overlay_image) --overlays
 
@@ -263,9 +263,8 @@ class Outputs:
         if "rois" in self.dirs:
             import roifile
 
-            rois = roi_polygons(labels)
-            if rois:  # no nucleus, no ROI set (an earlier run's set for this image goes on commit)
-                roifile.roiwrite(self._stage(self.dirs["rois"] / f"{image_id}.zip"), rois)
+            # every image gets its set, an empty zip without nuclei: a macro looping over the images finds each one
+            roifile.roiwrite(self._stage(self.dirs["rois"] / f"{image_id}.zip"), roi_polygons(labels))
         if "probabilities" in self.dirs and prob is not None:
             tifffile.imwrite(self._stage(self.dirs["probabilities"] / f"{image_id}.tif"), prob.astype(np.float32),
                              compression="zlib", compressionargs={"level": 1},  # 4x faster than 6, files ~2x larger
@@ -309,6 +308,8 @@ class Outputs:
                 f.unlink(missing_ok=True)
         self._made.clear()  # the output folders stay, empty or not
         self.abort()
+        for folder in {self.csv_path.parent, *(f for f, _ in per_image if f.is_dir())}:
+            _remove_dead_staging(folder)  # a killed run's, also in folders this run did not write (rois/ without --rois)
         self.earlier = sum(f.stem not in self._tables for f in old)
         return [dest for _, dest in self._staged]
 

@@ -112,17 +112,6 @@ class Settings:
                 raise ValueError(f"{name} is True or False, got {getattr(self, name)!r}")
         if self.min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {self.min_size}")
-        for name in ("tuned", "tuned_for_cut"):
-            values = getattr(self, name)
-            if values is None:
-                continue
-            if len(values) != len(TUNED_KEYS) or int(values[2]) != values[2]:
-                raise ValueError(f"{name} is (threshold, seed_threshold, min_size), got {values!r}")
-            try:
-                dataclasses.replace(self, **dict(zip(TUNED_KEYS, values)), tuned=None, tuned_for_cut=None)  # the same checks
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            object.__setattr__(self, name, (float(values[0]), float(values[1]), int(values[2])))
         if not 0.0 <= self.min_relative_size < 1.0:
             raise ValueError(f"min_relative_size {self.min_relative_size} must lie in [0, 1): a fraction of the image's "
                              "median nucleus area")
@@ -142,6 +131,18 @@ class Settings:
         if self.scale != 1.0 and self.resolution != "native":
             raise ValueError("scale resizes images for a native-resolution model; a resize-mode model squashes every "
                              "image to its square anyway")
+        # Last: the user's own fields are checked above, so an error here is the checkpoint's stored choice.
+        for name in ("tuned", "tuned_for_cut"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != len(TUNED_KEYS) or int(values[2]) != values[2]:
+                raise ValueError(f"{name} is (threshold, seed_threshold, min_size), got {values!r}")
+            try:
+                dataclasses.replace(self, **dict(zip(TUNED_KEYS, values)), tuned=None, tuned_for_cut=None)  # the same checks
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            object.__setattr__(self, name, (float(values[0]), float(values[1]), int(values[2])))
 
     @property
     def watershed(self) -> bool:
