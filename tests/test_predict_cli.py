@@ -185,6 +185,7 @@ def test_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
         (predict_main, ["--ckpt", str(tmp_path / "nope.ckpt"), "--data-dir", str(data_dir)], "nope.ckpt: no such file"),
         (evaluate_main, ["--pred", str(tmp_path / "nope.csv"), "--truth", str(tmp_path)], "nope.csv: no such file"),
         (predict_main, ["--data-dir", str(data_dir), "--at-once", "0"], "--at-once must be >= 1, got 0"),
+        (predict_main, ["--data-dir", str(data_dir), "--channel", "0"], "error: --channel counts from 1 (as Fiji does), got 0"),
         (predict_main, ["--data-dir", *map(str, sorted(data_dir.rglob("*.png"))[:2])],  # the shell's cells/*.png
          "a wildcard such as *.tif expands to every file; --data-dir takes one image or the folder holding them"),
     ]

@@ -251,7 +251,7 @@ def _check_submission_path(out: str) -> None:
     if path.is_file():
         try:
             with open(path, newline="", encoding="utf-8") as f:
-                header = f.readline().strip()
+                header = f.readline(64).strip()  # a large file of another kind is not read whole
         except (OSError, UnicodeDecodeError):
             header = ""
         if header != "ImageId,EncodedPixels":
