@@ -136,6 +136,8 @@ def test_a_new_cache_removes_the_least_recently_used_beyond_the_limit(make_train
     new.prepare_data()
     assert new.cache_path.is_file() and not paths[1].exists() and paths[0].is_file() and paths[2].is_file()
     assert (tmp_path / "cache" / "notes.txt").read_text() == "a user's file"
+    monkeypatch.setenv("UNET_PL_CACHE_GB", "-1")  # not a size: a warning, and the default limit (nothing removed)
+    assert cache.prune(tmp_path / "cache", keep=new.cache_path) == []
     monkeypatch.setenv("UNET_PL_CACHE_GB", "0")  # nothing but the one in use fits: it is kept all the same
     dm_for(root, tmp_path, img_size=96).prepare_data()
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.npz")) == [dm_for(root, tmp_path, img_size=96).cache_path.name]

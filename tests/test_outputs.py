@@ -229,9 +229,11 @@ def test_out_replaces_only_a_submission_csv(images, run, tmp_path):
     first, second = sorted(one.iterdir())[:2]
     notes = tmp_path / "notes.csv"
     notes.write_text("my,own\n1,2\n")
-    before = {p: p.read_bytes() for p in (first, second, notes)}
+    truth = tmp_path / "stage1_train_labels.csv"  # the truth has a submission's header
+    shutil.copy(SAMPLE_DIR.parent / "stage1_train_labels.csv", truth)
+    before = {p: p.read_bytes() for p in (first, second, notes, truth)}
     for target, message in ((second, "must end in .csv"), (tmp_path / "cells_labels.tif", "must end in .csv"),
-                            (notes, "is not a submission CSV")):
+                            (notes, "is not a submission CSV"), (truth, "is the competition's training labels")):
         p = predict("--ckpt", run["ckpt"], "--data-dir", first, "--out", target, check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr

@@ -188,6 +188,8 @@ def test_errors_exit_2_with_one_line(data_dir, tmp_path, capsys):
         (predict_main, ["--data-dir", str(data_dir), "--channel", "0"], "error: --channel counts from 1 (as Fiji does), got 0"),
         (predict_main, ["--data-dir", *map(str, sorted(data_dir.rglob("*.png"))[:2])],  # the shell's cells/*.png
          "a wildcard such as *.tif expands to every file; --data-dir takes one image or the folder holding them"),
+        (predict_main, ["--data-dir", str(data_dir / "*.png")],  # quoted: the shell left it alone
+         "*.png does not exist (a wildcard such as *.tif is not expanded here: pass the folder)"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:

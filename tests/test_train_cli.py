@@ -200,7 +200,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir, e
 
 
 def test_ctrl_c_keeps_last_ckpt_and_exits_130(tmp_path, cache_dir):
-    out = tmp_path / "cc"
+    out = tmp_path / "my run's cc"  # the printed command quotes it
     cmd = train_cmd("--gpus", "0", "--epochs", "1000", "--patience", "0", *TINY, "--out", str(out), cache=cache_dir)
     returncode, stdout = signal_once_checkpointed(cmd, out, signal.SIGINT, tmp_path)
     assert returncode == 130, stdout[-3000:]

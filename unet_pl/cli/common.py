@@ -66,6 +66,11 @@ def flag_names(message: str) -> str:
     return message
 
 
+def program_name() -> str:
+    """The name errors start with: the script's (``predict.py``) or the console script's (``unet-predict``)."""
+    return _prog
+
+
 def fail(message: str):
     """Print ``PROG: error: MESSAGE`` on stderr and exit with status 2 (PROG: the last parser built)."""
     print(f"{_prog}: error: {message}", file=sys.stderr)

@@ -9,6 +9,7 @@ override them. Nothing is written inside FOLDER, and nothing is replaced until e
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import statistics
 import sys
@@ -23,7 +24,7 @@ from ..inference.scale import AUTO_BAND
 from ..inference.tta import TTAS
 from ..precision import PREDICT_PRECISIONS
 from ..precision import describe as describe_precision
-from .common import Parser, fail, flag_names, holdout_arg
+from .common import Parser, fail, flag_names, holdout_arg, program_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """predict.py; Ctrl-C or SIGTERM at any point: one line, exit 130 / 143, nothing written or replaced."""
+    previous = _sigterm_as_interrupt()
+    try:
+        _main(argv)
+    except KeyboardInterrupt as e:
+        print(f"{program_name()}: interrupted: no result was written or replaced (the images done so far are dropped); "
+              "run the same command again", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, _Terminated) else 130) from None  # the shell's 128 + signal, as train.py
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
                              ("--at-once", args.at_once, 1),
@@ -165,12 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt is not None and not tuned and settings.out_channels > 1 and "optimizer_states" in ckpt:
         print(f"note: {source}'s post-processing was never chosen on its validation images (the run was interrupted "
               f"before the end, or trained with --tune off): finish the run with train.py --resume, or choose it now "
-              f"with: {sibling('tune')} --ckpt {args.ckpt}")
+              f"with: {sibling('tune')} --ckpt {shlex.quote(args.ckpt)}")
     if args.intensity and hp.get("intensity") and args.intensity != hp["intensity"]:
         print(f"warning: {source} was trained on images read with --intensity {hp['intensity']}; with --intensity "
               f"{args.intensity} it sees them differently and may find less (use the flag for checkpoints that recorded no rule)")
     t0 = time.perf_counter()
-    previous = _sigterm_as_interrupt()
     try:
         stats = predict_folder(net, args.data_dir, out_csv, settings=settings, ids=ids, batch_size=args.batch_size,
                                num_workers=args.num_workers, out_dir=args.out_dir, rois=args.rois,
@@ -178,18 +192,11 @@ def main(argv: list[str] | None = None) -> None:
                                overlays_dir=args.overlays_dir, progress=not args.no_progress, at_once=args.at_once)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    except KeyboardInterrupt as e:
-        print(f"predict.py: interrupted: no result was written or replaced{f' in {args.out_dir}' if args.out_dir else ''} "
-              "(the images done so far are dropped); run the same command again", file=sys.stderr)
-        raise SystemExit(143 if isinstance(e, _Terminated) else 130) from None  # the shell's 128 + signal, as train.py
     except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing was replaced (Outputs)
         where = Path(e.filename or args.out_dir or out_csv)
         where = next((p.parent for p in (where, *where.parents) if p.name.startswith(STAGING_PREFIX)), where)
         fail(f"cannot write into {where} ({e.strerror or e}); the previous results are unchanged: free some space or "
              "choose an output folder you can write to (--out-dir)")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     took = time.perf_counter() - t0
     n = stats["images"]
     print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} nuclei ({stats['empty']} without any) in {took:.1f} s on {device}")
@@ -244,6 +251,8 @@ def _sigterm_as_interrupt():
 def _check_submission_path(out: str) -> None:
     """``--out`` names the submission CSV: refused unless it ends in .csv, and unless a file already there
     is a submission CSV (one that predict.py would have written), so no other file is ever replaced."""
+    from ..data.images import LABELS_CSV
+
     path = Path(out)
     if path.suffix.lower() != ".csv":
         fail(f"--out {out}: --out names the submission CSV (ImageId,EncodedPixels) and must end in .csv, e.g. "
@@ -257,6 +266,9 @@ def _check_submission_path(out: str) -> None:
         if header != "ImageId,EncodedPixels":
             fail(f"--out {out} exists and is not a submission CSV (its first line is not ImageId,EncodedPixels): "
                  "predict.py replaces only its own results; choose another name, e.g. --out submission.csv")
+        if path.name.lower() == LABELS_CSV.lower():  # the truth, in the same format as a submission
+            fail(f"--out {out} is the competition's training labels (the truth, not a result of predict.py); choose "
+                 "another name, e.g. --out submission.csv")
 
 
 if __name__ == "__main__":

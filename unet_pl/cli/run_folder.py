@@ -50,8 +50,8 @@ def sibling(tool: str) -> str:
         return f"unet-{tool}"
     beside = Path(program[-1]).parent / f"{tool}.py"  # scripts/predict.py next to scripts/train.py (no scripts/tune.py)
     if program[1:2] != ["-m"] and program[-1].endswith(".py") and beside.is_file():
-        return f"{_python()} {beside}"
-    return f"{_python()} -m unet_pl.cli.{tool}"
+        return shlex.join([_python(), str(beside)])
+    return shlex.join([_python(), "-m", f"unet_pl.cli.{tool}"])
 
 
 def _python() -> str:
@@ -92,12 +92,12 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     if interrupt.signal:
         how = "mid-epoch state" if interrupt.saved_mid_epoch else "end of the last complete epoch"
         lines.append(f"interrupted by {interrupt.signal} in epoch {trainer.current_epoch}: last.ckpt holds the {how}; "
-                     f"continue with: {shlex.join(_program())} --resume last --out {out}")
+                     f"continue with: {shlex.join([*_program(), '--resume', 'last', '--out', str(out)])}")
         from ..callbacks import TunePostprocessing
 
         if any(isinstance(c, TunePostprocessing) for c in trainer.callbacks):
             lines.append("best.ckpt keeps the default post-processing until the run ends (it is chosen on the "
-                         f"validation images then); to choose it now: {sibling('tune')} --ckpt {out / 'best.ckpt'}")
+                         f"validation images then); to choose it now: {sibling('tune')} --ckpt {shlex.quote(str(out / 'best.ckpt'))}")
     elif args.fast_dev_run:
         lines.append("fast dev run: one training and one validation batch; no checkpoints or logs written")
     elif early is not None and early.stopped_epoch > 0:
@@ -120,7 +120,7 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")
     if checkpoint.best_model_path:
-        lines.append(f"predict: {sibling('predict')} --ckpt {out / 'best.ckpt'} --data-dir FOLDER --out-dir RESULTS")
+        lines.append(f"predict: {sibling('predict')} --ckpt {shlex.quote(str(out / 'best.ckpt'))} --data-dir FOLDER --out-dir RESULTS")
     return "\n".join(lines)
 
 

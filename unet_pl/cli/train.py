@@ -12,6 +12,7 @@ import math
 import importlib.util
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -367,7 +368,7 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
     if ckpt is None and first and not args.fast_dev_run:
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:
-            fail(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume last --out {out}, "
+            fail(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume last --out {shlex.quote(str(out))}, "
                  "or pass another --out (nothing was changed)")
     if first and not args.fast_dev_run:  # a fresh run makes the folder; a resumed one writes its checkpoints there
         writable = next(p for p in (out, *out.parents) if p.exists())

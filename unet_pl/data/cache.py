@@ -193,11 +193,14 @@ def prune(cache_dir: Path, keep: Path) -> list[Path]:
     those removed. A new file list, image folder or intensity rule makes a new cache, so without this the
     folder only grows. Files that are not caches are never touched; a run that had loaded one keeps its copy,
     one that had not yet decodes it again."""
+    given = os.environ.get("UNET_PL_CACHE_GB") or str(CACHE_LIMIT_GB)
     try:
-        limit = float(os.environ.get("UNET_PL_CACHE_GB") or CACHE_LIMIT_GB) * 2**30
+        limit = float(given) * 2**30
+        if not limit >= 0:  # also NaN
+            raise ValueError
     except ValueError:
-        log.warning("UNET_PL_CACHE_GB=%r is not a number; keeping the cache folder under %g GB",
-                    os.environ["UNET_PL_CACHE_GB"], CACHE_LIMIT_GB)
+        log.warning("UNET_PL_CACHE_GB=%r is not a size in GB (0 or more); keeping the cache folder under %g GB",
+                    given, CACHE_LIMIT_GB)
         limit = CACHE_LIMIT_GB * 2**30
     stats = []
     for p in cache_dir.glob(CACHE_GLOB):
@@ -214,7 +217,7 @@ def prune(cache_dir: Path, keep: Path) -> list[Path]:
             p.unlink()
             removed.append(p)
     if removed:
-        log.info("removed %d cache file%s not used lately from %s (%s), keeping it under %g GB ($UNET_PL_CACHE_GB)",
+        log.warning("removed %d cache file%s not used lately from %s (%s), keeping it under %g GB ($UNET_PL_CACHE_GB)",
                  len(removed), "s" * (len(removed) != 1), cache_dir, ", ".join(p.name for p in removed), limit / 2**30)
     return removed
 

@@ -294,7 +294,9 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
         check_suffix(folder)
         return [(image_id(folder), folder)]
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist; pass an image, a folder of images or the competition's stage1_test folder")
+        wildcard = " (a wildcard such as *.tif is not expanded here: pass the folder)" if set("*?[") & set(str(folder)) else ""
+        raise FileNotFoundError(f"{folder} does not exist{wildcard}; pass an image, a folder of images or the competition's "
+                                "stage1_test folder")
     folder = step_into(folder, COMPETITION_FOLDERS)  # the training side's rule (resolve_train_dir)
     if _flat_layout(folder):
         folder = folder / "images"
