@@ -451,6 +451,49 @@ def test_dice_weight_adds_the_soft_dice_of_the_foreground_by_hand():
         LitUNet(dice_weight=-1.0)
 
 
+def test_lovasz_hinge_is_the_lovasz_extension_of_the_jaccard_loss_by_hand():
+    """Berman et al.'s definition computed from sets: pixels sorted by hinge error, the Jaccard loss of the first
+    k mispredicted (1 - |truth & prediction| / |truth | prediction|, the prediction with those k flipped), and
+    the loss the sum of each error times its step in that Jaccard loss. On errors of 0 or 2 it is twice 1 - IoU."""
+    import torch
+
+    from unet_pl import LitUNet
+    from unet_pl.lit import lovasz_hinge
+
+    def by_sets(z, t):
+        z, t = z.tolist(), [int(v) for v in t.tolist()]
+        errors = [1 - a * (2 * b - 1) for a, b in zip(z, t)]
+        order = sorted(range(len(z)), key=lambda i: -errors[i])
+        truth = {i for i, v in enumerate(t) if v}
+        total, before = 0.0, 0.0
+        for k in range(1, len(z) + 1):
+            flipped = set(order[:k])
+            predicted = (truth - flipped) | (flipped - truth)
+            loss = 1 - len(truth & predicted) / len(truth | predicted) if truth | predicted else 0.0
+            total += max(errors[order[k - 1]], 0.0) * (loss - before)
+            before = loss
+        return total
+
+    torch.manual_seed(3)
+    for n_true in (0, 5, 20):
+        z, t = torch.randn(40) * 2, torch.zeros(40)
+        t[torch.randperm(40)[:n_true]] = 1
+        torch.testing.assert_close(lovasz_hinge(z, t), torch.tensor(by_sets(z, t)), rtol=1e-5, atol=1e-6)
+    t = (torch.rand(64) > 0.5).float()
+    hard = torch.where(torch.rand(64) > 0.3, 2 * t - 1, 1 - 2 * t)  # logits +-1: right or wrong by exactly 1
+    pred = hard > 0
+    iou = (pred & (t > 0)).sum() / (pred | (t > 0)).sum()
+    torch.testing.assert_close(lovasz_hinge(hard, t), 2 * (1 - iou))
+    assert lovasz_hinge(3 * (2 * t - 1), t) == 0  # right by a margin: nothing to learn
+    logits, y = torch.randn(3, 2, 8, 8), (torch.rand(3, 2, 8, 8) > 0.6).float()
+    got = LitUNet(head="mask+boundary", lovasz_weight=0.5)._loss(logits, y)
+    per_image = sum(by_sets(logits[i, 0].flatten(), y[i, 0].flatten()) for i in range(3)) / 3
+    torch.testing.assert_close(got, LitUNet(head="mask+boundary")._loss(logits, y) + 0.5 * torch.tensor(per_image),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="lovasz_weight must be a number >= 0"):
+        LitUNet(lovasz_weight=-1.0)
+
+
 def test_contact_weight_weighs_the_loss_by_hand():
     import torch
 

@@ -83,6 +83,10 @@ class LitUNet(pl.LightningModule):
         dice_weight: adds ``dice_weight * (1 - soft Dice)`` of the foreground output to the loss, the Dice
             taken per image (``(2 sum(p y) + 1) / (sum(p) + sum(y) + 1)``, p the sigmoid) and averaged over
             the batch, as many DSB 2018 entries trained their masks; 0: BCE alone (the default, Keras').
+        lovasz_weight: adds ``lovasz_weight`` times the Lovász hinge of the foreground output to the loss
+            (Berman et al., CVPR 2018: the convex surrogate of the Jaccard loss, 1 - IoU, that DSB 2018 and
+            TGS Salt entries trained their masks with), taken per image and averaged over the batch;
+            0: off (the default).
         ema: keep an exponential moving average of the weights, updated after every optimizer step with
             this decay (Lightning's ``WeightAveraging``; 0.995 averages over about the last 200 steps). The
             decay warms up as TensorFlow's does, ``min(decay, (1 + n) / (10 + n))`` after n steps, so short
@@ -125,6 +129,7 @@ class LitUNet(pl.LightningModule):
         contact_weight: float = 0.0,
         boundary_target: str = "ring",
         dice_weight: float = 0.0,
+        lovasz_weight: float = 0.0,
         ema: float = 0.0,
         postprocess: dict | None = None,
         tune_score: float | None = None,
@@ -149,6 +154,8 @@ class LitUNet(pl.LightningModule):
             raise ValueError(f"contact_weight must be a number >= 0, got {contact_weight}")
         if not (math.isfinite(dice_weight) and dice_weight >= 0):
             raise ValueError(f"dice_weight must be a number >= 0, got {dice_weight}")
+        if not (math.isfinite(lovasz_weight) and lovasz_weight >= 0):
+            raise ValueError(f"lovasz_weight must be a number >= 0, got {lovasz_weight}")
         if not (math.isfinite(ema) and 0 <= ema < 1):
             raise ValueError(f"ema must be a decay in [0, 1) (0: off), got {ema}")
         if boundary_target not in BOUNDARY_TARGETS:
@@ -359,7 +366,7 @@ class LitUNet(pl.LightningModule):
         """Keras' sigmoid + binary_crossentropy, computed from logits for numerical safety; with the
         boundary heads the mean over all outputs (the distance's soft target too), the boundary's positives weighted by ``boundary_weight``
         and every pixel by ``weight`` (``(N, 1, H, W)``, the contact weights) when given; plus the
-        foreground's soft-Dice term when ``dice_weight`` is set."""
+        foreground's soft-Dice term when ``dice_weight`` is set, and its Lovász hinge when ``lovasz_weight`` is."""
         if self.hparams.out_channels == 1:
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         else:
@@ -371,6 +378,10 @@ class LitUNet(pl.LightningModule):
             p, t = torch.sigmoid(logits[:, 0].float()).flatten(1), y[:, 0].flatten(1)
             dice = (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
             loss = loss + dice_weight * (1 - dice).mean()
+        lovasz_weight = float(self.hparams.get("lovasz_weight", 0.0))  # checkpoints from before it: 0
+        if lovasz_weight:
+            per_image = [lovasz_hinge(z, t) for z, t in zip(logits[:, 0].float().flatten(1), y[:, 0].flatten(1))]
+            loss = loss + lovasz_weight * torch.stack(per_image).mean()
         return loss
 
     def _weights(self, batch: dict) -> torch.Tensor | None:
@@ -410,3 +421,19 @@ class LitUNet(pl.LightningModule):
             return label_components(logits[:, 0] > 0)  # the notebook's rule, without computing the sigmoid
         prob = torch.sigmoid(logits.float()).cpu().numpy()
         return np.stack([labels_from_probabilities(p, s) for p in prob])
+
+
+def lovasz_hinge(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The Lovász hinge of one image (Berman, Rannen Triki and Blaschko, "The Lovász-Softmax loss", CVPR
+    2018, eq. 9): the Lovász extension of the Jaccard loss evaluated at the hinge errors ``max(0, 1 - z s)``,
+    ``z`` the flat logits, ``s`` the labels as -1 / +1. On errors of 0 or 2 (logits +-1) it is twice
+    1 - IoU of the prediction; it is 0 once every pixel is right by a margin of 1."""
+    signs = 2 * labels - 1
+    errors, order = torch.sort(1 - logits * signs, descending=True)
+    truth = labels[order]
+    positives = truth.sum()
+    intersection = positives - truth.cumsum(0)
+    union = positives + (1 - truth).cumsum(0)
+    jaccard = 1 - intersection / union  # the Jaccard loss of the first k pixels mispredicted, k = 1 ... n
+    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return torch.dot(F.relu(errors), grad)

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     beyond.add_argument("--dice-weight", type=float, default=0.0,
                         help="add this many times (1 - soft Dice) of the foreground output to the loss (BCE + Dice, as "
                              "many DSB 2018 entries trained); 0: BCE alone, the notebook's loss")
+    beyond.add_argument("--lovasz-weight", type=float, default=0.0,
+                        help="add this many times the Lovász hinge of the foreground output to the loss (the convex "
+                             "surrogate of 1 - IoU that DSB 2018 and TGS Salt entries trained with); 0: off")
     beyond.add_argument("--ema", type=float, default=None, metavar="DECAY",
                         help="validate, keep and predict with an exponential moving average of the weights, updated "
                              "every step with this decay (0.995: about the last 200 steps); 0: off. Default: from --mode "
@@ -188,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--boundary-target {args.boundary_target} needs the boundary head (--mode instance or --head mask+boundary)")
     if not (math.isfinite(args.dice_weight) and args.dice_weight >= 0):
         fail(f"--dice-weight must be a number >= 0, got {args.dice_weight}")
+    if not (math.isfinite(args.lovasz_weight) and args.lovasz_weight >= 0):
+        fail(f"--lovasz-weight must be a number >= 0, got {args.lovasz_weight}")
     if not (math.isfinite(args.ema) and 0 <= args.ema < 1):
         fail(f"--ema must be a decay in [0, 1) such as 0.995 (0: off), got {args.ema}")
     if zoom_range(args.augment) is not None and args.resolution != "native":
@@ -297,7 +302,7 @@ def saved_run_flags(ckpt: Path, full: dict) -> tuple[dict, str]:
     if not isinstance(flags.get("labels_csv"), str):  # True: the CSV beside the folder, which --labels-csv cannot say
         flags.pop("labels_csv", None)
     flags |= {k: model[k] for k in ("lr", "l2", "optimizer", "lr_schedule", "contact_weight", "boundary_target",
-                                    "dice_weight", "ema", "head", "resolution") if k in model}
+                                    "dice_weight", "lovasz_weight", "ema", "head", "resolution") if k in model}
     if "tune" in model and model["tune"] is not None:
         flags["tune"] = "on" if model["tune"] else "off"
     if model.get("lr_schedule") == "cosine" and model.get("schedule_epochs"):
@@ -403,7 +408,7 @@ def make_model(args: argparse.Namespace):
 
     model = LitUNet(lr=args.lr, l2=args.l2, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
                     schedule_epochs=args.epochs if args.lr_schedule == "cosine" else None, img_size=side(args), head=args.head,
-                    contact_weight=args.contact_weight, boundary_target=args.boundary_target, dice_weight=args.dice_weight, ema=args.ema,
+                    contact_weight=args.contact_weight, boundary_target=args.boundary_target, dice_weight=args.dice_weight, lovasz_weight=args.lovasz_weight, ema=args.ema,
                     tune=args.tune == "on",
                     resolution=args.resolution, channel=args.channel, intensity=args.intensity)
     if args.compile != "off":
