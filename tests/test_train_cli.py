@@ -131,6 +131,7 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "0", "--contact-weight", "2"], "--contact-weight 2.0 needs the boundary head"),
     (["--gpus", "0", "--boundary-target", "ring+contact"], "--boundary-target ring+contact needs the boundary head"),
     (["--gpus", "0", "--ema", "1"], "--ema must be a decay in [0, 1) such as 0.995"),
+    (["--gpus", "0", "--lovasz-weight", "-1"], "--lovasz-weight must be a number >= 0, got -1.0"),
     (["--gpus", "0", "--lr", "-1"], "--lr must be > 0, e.g. 1e-3, got -1.0"),
     (["--gpus", "0", "--patience", "-2"], "--patience must be >= 0 (0: no early stopping), got -2"),
 ])
@@ -143,6 +144,13 @@ def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypat
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
+
+
+def test_loss_flags_reach_the_model():
+    from unet_pl.cli.train import make_model
+
+    hp = make_model(parse_args(["--gpus", "0", "--mode", "instance", "--lovasz-weight", "0.5", "--dice-weight", "2"])).hparams
+    assert (hp.lovasz_weight, hp.dice_weight) == (0.5, 2.0)
 
 
 def test_img_size_not_multiple_of_16_is_a_usage_error(tmp_path, cache_dir):
