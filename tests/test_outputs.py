@@ -574,6 +574,9 @@ def test_a_rerun_replaces_each_images_results_and_counts_those_of_earlier_runs(t
     again.add("a", image, image[..., 0].astype(np.float32), np.zeros_like(nuclei))
     again.commit()
     assert tifffile.imread(tmp_path / "out" / "labels" / "a.tif").max() == 0
+    with open(tmp_path / "out" / "summary.csv") as f:  # no nuclei: no areas to average (empty, not 0)
+        row = next(csv.DictReader(f))
+    assert (row["nuclei"], row["mean_area"], row["median_area"], row["area_fraction"]) == ("0", "", "", "0.0")
     assert roifile.roiread(tmp_path / "out" / "rois" / "a.zip") == []  # a zip for every image, ImageJ's empty set
     with zipfile.ZipFile(tmp_path / "out" / "rois" / "a.zip") as z:
         assert z.namelist() == [] and z.testzip() is None

@@ -134,12 +134,14 @@ def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probab
                 pixel_size: float | None = None) -> dict:
     """``summary.csv``'s row of an image of ``shape`` whose nuclei have ``areas`` (pixels, one per nucleus)
     and mean foreground probabilities ``probability`` (one per nucleus; None: the column left empty).
-    The image's ``probability_mean`` is the mean over all its nuclei's pixels (empty without nuclei);
+    The image's ``probability_mean`` is the mean over all its nuclei's pixels (empty without nuclei, as are
+    ``mean_area`` and ``median_area``);
     ``pixel_size_um``: the file's pixel width in micrometres (``readers.pixel_size``; empty: not recorded)."""
     areas = np.asarray(areas)
     sure = "" if probability is None or not len(areas) else _plain(float(np.dot(areas, probability) / areas.sum()))
     return {"image": image_id, "height": shape[0], "width": shape[1], "nuclei": len(areas),
-            "mean_area": _plain(areas.mean()) if len(areas) else 0, "median_area": _plain(np.median(areas)) if len(areas) else 0,
+            # without nuclei the areas' mean and median are empty, not 0: a spreadsheet's AVERAGE then skips them
+            "mean_area": _plain(areas.mean()) if len(areas) else "", "median_area": _plain(np.median(areas)) if len(areas) else "",
             "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1])), "probability_mean": sure,
             "pixel_size_um": "" if pixel_size is None else float(f"{pixel_size:.6g}")}
 
