@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default=None,
                       help="stage1_train-style folder (<id>/images, <id>/masks), or images/ + masks/ (or labels/) label "
                            "images of the same names. Default: the bundled sample")
-    data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side (the notebook: 128)")
-    data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation (the notebook: 0.1)")
+    data.add_argument("--img-size", type=int, default=128, help="images and masks are resized to this square side, as in the notebook")
+    data.add_argument("--val-split", type=float, default=0.1, help="fraction of images held out for validation, as in the notebook")
     data.add_argument("--augment", choices=PRESETS, default=None,
                       help="training augmentation (unet_pl.data.transforms): default = flips/rotations; none = the notebook; "
                            "colour = also hue, channel, grey and gamma changes for unseen stains; scale = also nuclei "
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "on the validation images by the competition score and store them in the checkpoints "
                              "(predict.py's defaults); off: the notebook's 0.5, no size filter. Default: from --mode")
     fit = p.add_argument_group("optimisation")
-    fit.add_argument("--epochs", type=int, default=50, help="maximum epochs (the notebook: 50)")
-    fit.add_argument("--batch-size", type=int, default=16, help="images per step per process (the notebook: 16)")
+    fit.add_argument("--epochs", type=int, default=50, help="maximum epochs, as in the notebook")
+    fit.add_argument("--batch-size", type=int, default=16, help="images per step per process, as in the notebook")
     fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (Keras Adam's default)")
     fit.add_argument("--l2", type=float, default=0.0,
                      help="Keras l2(w) coefficient on every conv kernel; applied as weight_decay = 2*w (0: the notebook)")
