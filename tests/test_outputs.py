@@ -253,6 +253,8 @@ def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
         p = predict("--ckpt", run["ckpt"], "--data-dir", images, *flags, check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and "inside the input" in lines[0], p.stderr
+        # the message names the flag the user gave, and tells them to move that one (not another flag)
+        assert lines[0].startswith(f"predict.py: error: {flags[0]} ") and f"give {flags[0]} a place outside it" in lines[0], lines
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
     # the other way round: one image given from inside the output folder, where labels/<name>.tif would land
     out = tmp_path / "out"
@@ -261,8 +263,17 @@ def test_outputs_inside_the_input_are_refused(images, run, tmp_path):
     tifffile.imwrite(mine, np.zeros((64, 64, 2), np.uint8))
     original = mine.read_bytes()
     p = predict("--ckpt", run["ckpt"], "--data-dir", mine, "--out-dir", out, check=False)
-    assert p.returncode == 2 and "inside the output folder" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and "is inside --out-dir" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert mine.read_bytes() == original
+
+
+def test_a_mistyped_input_is_said_before_the_model_loads(run, tmp_path):
+    """A typo in --data-dir: one line, exit 2, and none of the model's lines printed first."""
+    p = predict("--ckpt", run["ckpt"], "--data-dir", tmp_path / "celss", "--out-dir", tmp_path / "res", check=False)
+    assert p.returncode == 2 and p.stdout == "", p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "celss does not exist" in lines[0], p.stderr
+    assert not (tmp_path / "res").exists()
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

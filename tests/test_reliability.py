@@ -159,6 +159,17 @@ def test_a_run_folder_is_never_overwritten(tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in before} == before and sorted(os.listdir(run)) == sorted(before)
 
 
+def test_a_run_folder_inside_the_training_folder_is_refused(make_train_dir, tmp_path, capsys):
+    from unet_pl.cli.train import main as train
+
+    data = make_train_dir(n=4, root=tmp_path / "train")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data / "run1", data):
+        err = one_line_exit_2(train, ["--gpus", "0", "--data-dir", str(data), "--out", str(out), "--epochs", "1"], capsys)
+        assert f"--out {out} is inside the training folder" in err and "--out runs/NAME" in err, err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing made there
+
+
 def test_an_unwritable_run_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     from unet_pl.cli.train import main as train
 

@@ -121,6 +121,7 @@ def _main(argv: list[str] | None) -> None:
             fail(f"{flag} must be >= {low}, got {value}")
     from ..inference.checkpoint import PRETRAINED, load_model, read_checkpoint
     from ..inference.folder import SQUASH_WARNING, choose_device, predict_folder
+    from ..data.images import list_images
     from ..inference.outputs import STAGING_PREFIX, check_outputs
     from ..inference.settings import UNTRAINED_SCORE, untrained_warning
     from .run_folder import sibling
@@ -138,7 +139,10 @@ def _main(argv: list[str] | None) -> None:
         _check_submission_path(args.out)
     out_csv = args.out or (str(Path(args.out_dir) / "submission.csv") if args.out_dir else "submission.csv")
     try:
-        check_outputs(args.data_dir, [args.out_dir, out_csv, args.masks_dir, args.overlays_dir])
+        if not Path(args.data_dir).expanduser().exists():
+            list_images(args.data_dir)  # its one-line error (with the wildcard hint), before the model loads
+        check_outputs(args.data_dir, {"--out-dir": args.out_dir, "--out": out_csv, "--masks-dir": args.masks_dir,
+                                      "--overlays-dir": args.overlays_dir})
         device = choose_device(args.gpus)
         source = args.ckpt or args.keras_h5 or PRETRAINED
         ckpt = read_checkpoint(args.ckpt or PRETRAINED) if not args.keras_h5 else None

@@ -370,6 +370,11 @@ def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, Path | None]:
     # Only the first process checks: the others of a DDP run (Lightning's or torchrun's) start while
     # it writes the run folder.
     first = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    data = Path(args.data_dir).expanduser().resolve() if args.data_dir else None
+    if ckpt is None and data is not None and (out.resolve() == data or data in out.resolve().parents):
+        fail(f"--out {out} is inside the training folder {args.data_dir}: train.py never writes there (a run folder "
+             "among the images is one more folder to list, and its files could be taken for data); pass --out a "
+             "folder outside it, e.g. --out runs/NAME")
     if ckpt is None and first and not args.fast_dev_run:
         held = [name for name in RUN_FILES if (out / name).exists()]
         if held:

@@ -31,7 +31,7 @@ import io
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,32 +55,37 @@ SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_ar
                    "pixel_size_um")
 
 
-def check_outputs(data_dir: str | Path, outputs: list[str | Path | None]) -> None:
-    """``ValueError`` unless the input (a folder or one file) and every output (folder or file) are
-    apart: an output equal to or inside the input, or an input inside an output folder, could
-    replace the user's images. Also ``ValueError`` when an output cannot be written (its nearest
+def check_outputs(data_dir: str | Path, outputs: Mapping[str, str | Path | None]) -> None:
+    """``ValueError`` unless the input (a folder or one file) and every output (``{flag: folder or
+    file}``) are apart: an output equal to or inside the input, or an input inside an output folder,
+    could replace the user's images. Also ``ValueError`` when an output cannot be written (its nearest
     existing folder is read-only, or a file stands where a folder should be): said before any
-    image is predicted, not after all of them."""
+    image is predicted, not after all of them. Each message names the flag to change."""
     source = Path(data_dir).expanduser().resolve()
-    for out in outputs:
+    for flag, out in outputs.items():
         if out is None:
             continue
         target = Path(out).expanduser().resolve()
         if target == source or source in target.parents:
-            raise ValueError(f"{out} is inside the input {data_dir}: prediction never writes there (it could replace "
-                             "your images); choose an output folder outside it, e.g. --out-dir predictions")
+            raise ValueError(f"{flag} {out} is inside the input {data_dir}: prediction never writes there (it could "
+                             f"replace your images); give {flag} a place outside it, e.g. {_example(flag)}")
         if target in source.parents:
-            raise ValueError(f"the input {data_dir} is inside the output folder {out}: its files could be replaced by "
-                             "results of the same name; choose an output folder outside it, e.g. --out-dir predictions")
+            raise ValueError(f"the input {data_dir} is inside {flag} {out}: its files could be replaced by results of "
+                             f"the same name; give {flag} a place outside it, e.g. {_example(flag)}")
         existing = next(p for p in (target, *target.parents) if p.exists())
         if existing == target and existing.is_file():
             existing = target.parent  # a file output replaced in its folder (staged beside it)
         if not existing.is_dir():
-            raise ValueError(f"cannot write {out}: {existing} is a file, not a folder; choose another output, "
-                             "e.g. --out-dir predictions")
+            raise ValueError(f"cannot write {flag} {out}: {existing} is a file, not a folder; choose another place, "
+                             f"e.g. {_example(flag)}")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot write {out}: {existing} is not writable; choose an output folder you can "
-                             "write to, e.g. --out-dir ~/predictions")
+            raise ValueError(f"cannot write {flag} {out}: {existing} is not writable; choose a place you can write "
+                             f"to, e.g. {_example(flag, '~/')}")
+
+
+def _example(flag: str, home: str = "") -> str:
+    """An output flag with a sensible value, for messages."""
+    return f"{flag} {home}" + ("predictions/submission.csv" if flag == "--out" else "predictions")
 
 
 def submission_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
