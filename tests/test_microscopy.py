@@ -634,3 +634,24 @@ def test_hematoxylin_intensity_is_rgb2hed_on_stained_tissue_and_grey_elsewhere()
     tinted = np.zeros((32, 32, 3), np.uint8)
     tinted[8:16, 8:16] = (40, 90, 200)
     assert np.array_equal(to_rgb8(tinted, "hematoxylin"), to_rgb8(tinted, "grey"))
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+@pytest.mark.parametrize("keep", [0.5, 0.75, -100])
+def test_a_cut_off_multichannel_tiff_is_refused_not_read_as_its_first_channel(tmp_path, kind, keep, caplog):
+    """A hyperstack or OME-TIFF copied only in part (a full disk, an interrupted transfer): tifffile
+    still finds its first page and returns it as a grey image, with the file's channel 1 for
+    every --channel. The reader refuses the file instead, in its own one message (tifffile's raw
+    log lines not printed), and reads the whole file as before."""
+    stack = np.random.default_rng(0).integers(0, 4096, (3, 128, 160)).astype(np.uint16)  # 12-bit data
+    whole = tmp_path / f"cells.{'ome.' if kind == 'ome' else ''}tif"
+    extra = {"imagej": True} if kind == "imagej" else {"ome": True}
+    tifffile.imwrite(whole, stack, metadata={"axes": "CYX"}, **extra)
+    assert np.array_equal(read_raw(whole, 2)[..., 0], stack[1])
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut_{whole.name}"
+    cut.write_bytes(data[: int(len(data) * keep)] if keep > 0 else data[:keep])
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), pytest.raises(ValueError, match=r"cut_cells.*(this TIFF is cut off or damaged|corrupt or truncated)"):
+        read_raw(cut, 2)
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.records

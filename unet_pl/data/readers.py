@@ -353,9 +353,36 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
     return arr, "YXS"
 
 
+#: What tifffile logs (instead of raising) when a file's structure points past its end or into
+#: garbage: a cut-off copy or a damaged file. tifffile then reads what it can, e.g. the first page
+#: of a three-channel hyperstack as a grey image; these files are refused instead.
+DAMAGED_TIFF = ("invalid page offset", "invalid offset to page", "invalid next page", "invalid value offset",
+                "corrupted tag list", "metadata invalid or corrupted", "suspicious number of tags")
+_COMPLAINTS: dict[int, list[str]] = {}  # thread -> what tifffile logged while it read a file there
+
+
+class _TiffComplaints(logging.Filter):
+    """On tifffile's logger: records logged while this module reads a file on the same thread are
+    kept for ``_read_tiff`` (and not printed: its one-line error says it); others pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kept = _COMPLAINTS.get(record.thread)
+        if kept is None:
+            return True
+        kept.append(record.getMessage())
+        return False
+
+
+_TIFF_FILTER = _TiffComplaints()
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
     import tifffile
 
+    logger = logging.getLogger("tifffile")
+    if _TIFF_FILTER not in logger.filters:
+        logger.addFilter(_TIFF_FILTER)
+    complaints = _COMPLAINTS[threading.get_ident()] = []
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -363,6 +390,9 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
             page = series.keyframe
             grey_samples = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
             alpha = [x in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA) for x in page.extrasamples]
+            size = tif.filehandle.size
+            short = any(o + n > size for p in series.pages if p is not None
+                        for o, n in zip(getattr(p, "dataoffsets", ()), getattr(p, "databytecounts", ())))
     except MemoryError:
         raise ValueError(f"{path}: too large to read into memory; cut it into tiles and save them as TIFF") from None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError, TypeError, RuntimeError,
@@ -378,6 +408,13 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
                              "image again from Fiji as uncompressed TIFF") from None
         raise ValueError(f"{path}: cannot read this TIFF ({type(e).__name__}: {first}); the file is corrupt or "
                          "truncated, or a layout tifffile does not know: save it again from Fiji as TIFF") from None
+    finally:
+        _COMPLAINTS.pop(threading.get_ident(), None)
+    damage = next((m for m in complaints if any(k in m for k in DAMAGED_TIFF)), None)
+    if damage is not None or short:
+        said = damage.split("> ", 1)[-1][:120] if damage else "its pixel data run past the end of the file"
+        raise ValueError(f"{path}: this TIFF is cut off or damaged ({said}), so only part of it could be read; copy "
+                         "it again from the original, or save it again from Fiji as TIFF")
     if grey_samples and "S" in axes:
         # Samples of a grey pixel are not R, G and B: grey + alpha is the grey, anything else is channels
         if len(alpha) == 1 and alpha[0] and arr.shape[axes.index("S")] == 2:
