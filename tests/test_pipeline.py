@@ -439,6 +439,14 @@ def test_segment_takes_image_arrays_and_says_what_else_to_do():
     for bad in (rgb.astype(np.float32) / 255, rgb[None]):
         with pytest.raises(ValueError, match="uint8|shape"):
             segment(model, bad)
+    # a hyperstack as tifffile.imread returns it, channels first: refused with the way to (H, W, C),
+    # which is then read like a file's channels (channel=N picks one)
+    stack = np.random.default_rng(1).integers(0, 4096, (3, 40, 56)).astype(np.uint16)
+    for channel in (None, 2):
+        with pytest.raises(ValueError, match=r"channels first \(C, H, W\).*np\.moveaxis\(image, 0, -1\)"):
+            segment(model, stack, channel=channel)
+    moved = np.moveaxis(stack, 0, -1)
+    assert np.array_equal(segment(model, moved, channel=2), segment(model, stack[1]))
 
 
 def test_segment_of_a_16_bit_file_equals_predict_py_with_the_bundled_model(tmp_path):

@@ -43,6 +43,10 @@ def settings_of(net: nn.Module, settings: Settings | None = None, **overrides: A
     return settings.replace(**overrides)
 
 
+#: An array with at most this many planes along its first axis and more along its last is channels first.
+MAX_CHANNELS = 8
+
+
 def check_image(image: np.ndarray | str | Path, settings: Settings) -> np.ndarray:
     """An image file (read with ``read_raw`` and ``settings.channel``, as predict.py reads it) or an
     array as a file's pixels -> uint8 ``(H, W, 3)`` for the network, read as in training: uint8 or
@@ -59,6 +63,10 @@ def check_image(image: np.ndarray | str | Path, settings: Settings) -> np.ndarra
         image = image[:, :, None]
     if image.ndim != 3:
         raise ValueError(f"expected one image (H, W) or (H, W, C), got shape {image.shape}")
+    if image.shape[0] <= MAX_CHANNELS < image.shape[2]:
+        raise ValueError(f"the array's shape {image.shape} is channels first (C, H, W), as tifffile.imread returns a "
+                         "hyperstack; pass np.moveaxis(image, 0, -1), which is (H, W, C), or the file's path (with "
+                         "channel=N for the nuclear channel)")
     n = image.shape[2]
     if settings.channel is not None and n > 1:
         if settings.channel > n:
