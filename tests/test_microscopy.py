@@ -423,24 +423,37 @@ def test_channel_mean_is_numpys_mean_bit_for_bit():
 
 
 def test_binary_mask_warning_only_for_label_image_annotations(tmp_path, caplog):
-    """A competition folder with one nucleus has one binary mask file, by design: no warning. A
-    binary file in the label-image layout merges touching nuclei: warned, naming the file."""
+    """A competition folder has one binary mask file per nucleus, by design: no warning. Binary
+    files in the label-image layout merge touching nuclei: warned once, naming every such file
+    (not only when the first file in name order is one), and counting them. A label image with
+    one nucleus (one value, one blob) is not a mask's mistake: no warning for it."""
     from unet_pl.data.images import TrainItem
     from unet_pl.data.images import warn_if_binary
 
-    disc = np.zeros((32, 32), np.uint8)
-    disc[8:20, 8:20] = 255
+    two = np.zeros((32, 32), np.uint8)
+    two[2:10, 2:10] = 255
+    two[16:28, 16:28] = 255  # two separate nuclei with one value: a binary mask
+    labelled = two.copy()
+    labelled[16:28, 16:28] = 2  # the same nuclei numbered: a label image
+    one = np.zeros((32, 32), np.uint8)
+    one[8:20, 8:20] = 1  # a label image with one nucleus
     comp = tmp_path / "abc" / "masks"
     comp.mkdir(parents=True)
-    Image.fromarray(disc).save(comp / "m1.png")
+    Image.fromarray(two).save(comp / "m1.png")
     flat = tmp_path / "flat" / "masks"
     flat.mkdir(parents=True)
-    Image.fromarray(disc).save(flat / "abc.png")
+    files = {"a": labelled, "b": one, "c": two, "d": labelled, "e": two}
+    for name, array in files.items():
+        Image.fromarray(array).save(flat / f"{name}.png")
+    items = [TrainItem(name, tmp_path / f"flat/images/{name}.png", (flat / f"{name}.png",)) for name in files]
     with caplog.at_level(logging.WARNING):
-        warn_if_binary([TrainItem("abc", tmp_path / "abc/images/abc.png", (comp / "m1.png",))])
+        assert warn_if_binary([TrainItem("abc", tmp_path / "abc/images/abc.png", (comp / "m1.png",))]) == []
         assert "binary mask" not in caplog.text
-        warn_if_binary([TrainItem("abc", tmp_path / "flat/images/abc.png", (flat / "abc.png",))])
-        assert "binary mask" in caplog.text and "abc.png" in caplog.text
+        assert warn_if_binary(items[:2]) == [] and "binary mask" not in caplog.text  # the first files are fine
+        assert warn_if_binary(items) == [flat / "c.png", flat / "e.png"]
+    warned = [r.getMessage() for r in caplog.records if "binary mask" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 of 5 annotations are binary masks"), warned
+    assert str(flat / "c.png") in warned[0] and str(flat / "e.png") in warned[0] and "a.png" not in warned[0]
 
 
 # --- the label-image layout and prediction folders: nothing dropped without a word ------------------

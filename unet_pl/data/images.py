@@ -119,15 +119,34 @@ def is_binary(labels: np.ndarray) -> bool:
     return len(values[values != 0]) <= 1
 
 
-def warn_if_binary(items, effect: str = "the boundary head cannot learn to separate them") -> None:
-    """Warn when the first single-file annotation of the label-image layout is a binary mask:
-    touching nuclei in it are one blob (``effect`` says what that costs: training, scoring)."""
+def warn_if_binary(items, effect: str = "the boundary head cannot learn to separate them") -> list[Path]:
+    """Warn, once, naming them, when single-file annotations of the label-image layout are binary
+    masks: touching nuclei in them are one blob (``effect`` says what that costs: training,
+    scoring). Every annotation is looked at, not the first alone. Returns the binary ones."""
     # label-image layout (images/ + masks/<id>.png) only: in the competition's <id>/masks/ one
     # file is one nucleus, binary by design
-    single = next((it for it in items if len(it.masks) == 1 and it.masks[0].parent.parent.name != it.id), None)
-    if single is not None and is_binary(read_label_image(single.masks[0])):
-        log.warning("%s is a binary mask, not a label image: touching nuclei in it are one blob, and %s; "
-                    "export label images (one integer per nucleus) instead", single.masks[0], effect)
+    single = [it.masks[0] for it in items if len(it.masks) == 1 and it.masks[0].parent.parent.name != it.id]
+    binary = [m for m in single if _merges(read_label_image(m))]
+    if binary:
+        shown = ", ".join(str(m) for m in binary[:BINARY_NAMED]) + (f" and {len(binary) - BINARY_NAMED} more"
+                                                                   if len(binary) > BINARY_NAMED else "")
+        what = ("is a binary mask, not a label image", "it") if len(binary) == 1 else (
+            "are binary masks, not label images", "them")
+        log.warning("%d of %d annotations %s (%s): touching nuclei in %s are one blob, and %s; export label images "
+                    "(one integer per nucleus) instead", len(binary), len(single), what[0], shown, what[1], effect)
+    return binary
+
+
+def _merges(labels: np.ndarray) -> bool:
+    """A binary annotation with two or more separate blobs: a mask, whose touching nuclei would be
+    one. (One blob of one value is one nucleus as well as a mask: nothing to warn about.)"""
+    from scipy import ndimage as ndi
+
+    return is_binary(labels) and ndi.label(labels > 0)[1] > 1
+
+
+#: ``warn_if_binary`` names this many files, then counts the rest.
+BINARY_NAMED = 3
 
 
 # The competition's folder layout.

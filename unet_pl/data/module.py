@@ -352,8 +352,6 @@ class NucleiDataModule(pl.LightningDataModule):
         if len(items) < 2:  # said before decoding; with a hold-out, _split says it after
             raise ValueError(f"{train_dir} has {len(items)} image{'s' * (len(items) != 1)}: training needs at least 2 "
                              "(one of them to validate on, for early stopping and best.ckpt); add images")
-        if h.head != "mask" and csv_path is None:
-            warn_if_binary(items)
         key = fingerprint(train_dir, items, csv_path, "native" if h.resolution == "native" else h.img_size, h.empty_masks,
                           h.channel, h.intensity)
         path = self.cache_dir / cache_name(h.resolution, h.img_size, key)
@@ -366,6 +364,8 @@ class NucleiDataModule(pl.LightningDataModule):
                     log.info("using %s, decoded by another run meanwhile", path)
                     return
                 log.info("decoding %d images from %s into %s", len(items), train_dir, path)
+                if h.head != "mask" and csv_path is None:
+                    warn_if_binary(items)  # said as the annotations are decoded (each file read once more)
                 build_cache(items, h.resolution, h.img_size, path, rles, csv_path, h.decode_workers, h.progress,
                             h.channel, h.intensity)
             prune(self.cache_dir, keep=path)
