@@ -183,6 +183,43 @@ def test_the_inputs_pixel_size_goes_into_the_label_tiff_and_summary_csv(tmp_path
             assert unit == "um" and den / num == pytest.approx(want, rel=1e-6), (name, unit, num, den)
     sizes = {r["image"]: r["pixel_size_um"] for r in _rows(out / "summary.csv")}
     assert sizes == {"fiji": "0.325", "scope": "0.5", "shot": ""}
+    # nuclei.csv in micrometres too where the file says its pixel size: each nucleus' pixels counted in
+    # its label TIFF, times the pixel's area; the diameter of the disc of that area
+    rows = _rows(out / "nuclei.csv")
+    for name, want in (("fiji", 0.325), ("scope", 0.5), ("shot", None)):
+        labels = tifffile.imread(out / "labels" / f"{name}.tif")
+        counts = np.bincount(labels.ravel())
+        mine = [r for r in rows if r["image"] == name]
+        assert mine and len(mine) == labels.max(), name
+        for r in mine:
+            if want is None:
+                assert r["area_um2"] == "" and r["equivalent_diameter_um"] == "", r
+                continue
+            area = counts[int(r["label"])] * want ** 2
+            assert float(r["area_um2"]) == pytest.approx(area, abs=1e-4), r
+            assert float(r["equivalent_diameter_um"]) == pytest.approx(2 * np.sqrt(area / np.pi), abs=1e-4), r
+
+
+def test_pixels_that_are_not_square_give_no_calibration_and_a_warning(tmp_path, caplog):
+    """x 0.3 um and y 0.6 um (ImageJ's X/YResolution, OME's PhysicalSizeX/Y): one pixel size for both
+    would halve every area in um2; none is given, with a warning naming the file. Square pixels
+    (and a difference under 1%) keep theirs."""
+    import logging
+
+    from unet_pl.data.readers import pixel_size
+
+    grey = np.zeros((16, 16), np.uint8)
+    tifffile.imwrite(tmp_path / "ij.tif", grey, imagej=True, resolution=(1 / 0.3, 1 / 0.6), metadata={"unit": "um"})
+    tifffile.imwrite(tmp_path / "scope.ome.tif", grey, ome=True, metadata={"PhysicalSizeX": 0.3, "PhysicalSizeY": 0.6})
+    tifffile.imwrite(tmp_path / "near.ome.tif", grey, ome=True, metadata={"PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3015})
+    tifffile.imwrite(tmp_path / "square.tif", grey, imagej=True, resolution=(1 / 0.3, 1 / 0.3), metadata={"unit": "um"})
+    with caplog.at_level(logging.WARNING):
+        assert pixel_size(tmp_path / "ij.tif") is None and pixel_size(tmp_path / "scope.ome.tif") is None
+        assert pixel_size(tmp_path / "near.ome.tif") == pytest.approx(0.3)
+        assert pixel_size(tmp_path / "square.tif") == pytest.approx(0.3)
+    warned = [r.getMessage() for r in caplog.records if "not square" in r.getMessage()]
+    assert len(warned) == 2 and "ij.tif" in warned[0] and "scope.ome.tif" in warned[1], warned
+    assert "0.3 um wide, 0.6 um high" in warned[0], warned
 
 
 def test_metadata_that_makes_no_sense_gives_no_calibration_and_stops_nothing():

@@ -286,8 +286,13 @@ def pixel_size(path: str | Path) -> float | None:
     if path.suffix.lower() not in TIFF_SUFFIXES:
         return None
     try:
-        size = _pixel_size(path)
+        size, height = _pixel_size(path)
     except Exception:  # noqa: BLE001 -- broken XML, odd tags: no calibration, not a failed run
+        return None
+    if size is not None and height is not None and abs(height - size) > 0.01 * size:
+        log.warning("%s: its pixels are not square (%.4g um wide, %.4g um high); unet_pl's outputs carry one pixel "
+                    "size, so they carry none for this image (areas in pixels): resample it to square pixels in Fiji "
+                    "(Image > Scale...) for calibrated results", path, size, height)
         return None
     return size if size is not None and PIXEL_SIZES[0] <= size <= PIXEL_SIZES[1] else None
 
@@ -296,30 +301,40 @@ def pixel_size(path: str | Path) -> float | None:
 PIXEL_SIZES = (1e-4, 1e4)
 
 
-def _pixel_size(path: Path) -> float | None:
+def _pixel_size(path: Path) -> tuple[float | None, float | None]:
+    """The pixel's width and height in micrometres (None where not recorded in a unit we know)."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         if tif.is_ome and tif.ome_metadata:
             image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image", {})
             pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
-            size, unit = pixels.get("PhysicalSizeX"), str(pixels.get("PhysicalSizeXUnit", "µm"))
-            if size and unit.lower() in _MICRONS:
-                return float(size) * _MICRONS[unit.lower()]
+
+            def physical(axis: str) -> float | None:
+                size, unit = pixels.get(f"PhysicalSize{axis}"), str(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+                return float(size) * _MICRONS[unit.lower()] if size and unit.lower() in _MICRONS else None
+
+            if physical("X") is not None:
+                return physical("X"), physical("Y")
         page = tif.pages.first
-        tag, unit_tag = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-        if tag is None:
-            return None
-        num, den = tag.value
-        per_unit = num / den if den else 0.0  # pixels per unit
-        if not per_unit > 0:
-            return None
+        unit_tag = page.tags.get("ResolutionUnit")
         unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
-        if unit in _MICRONS:
-            return _MICRONS[unit] / per_unit
-        if unit_tag is not None and int(unit_tag.value) == 3:  # RESUNIT.CENTIMETER
-            return 1e4 / per_unit
-    return None
+
+        def width(name: str) -> float | None:
+            tag = page.tags.get(name)
+            if tag is None:
+                return None
+            num, den = tag.value
+            per_unit = num / den if den else 0.0  # pixels per unit
+            if not per_unit > 0:
+                return None
+            if unit in _MICRONS:
+                return _MICRONS[unit] / per_unit
+            if unit_tag is not None and int(unit_tag.value) == 3:  # RESUNIT.CENTIMETER
+                return 1e4 / per_unit
+            return None
+
+        return width("XResolution"), width("YResolution")
 
 
 def _too_many_pixels(path: Path) -> ValueError:

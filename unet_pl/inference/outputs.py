@@ -48,7 +48,7 @@ NUCLEUS_PROPERTIES = ("label", "area", "centroid", "bbox", "intensity_mean", "in
 NUCLEUS_COLUMNS = ("image", "label", "area", "centroid_y", "centroid_x", "bbox_min_row", "bbox_min_col", "bbox_max_row",
                    "bbox_max_col", "intensity_mean", "intensity_min", "intensity_max", "perimeter", "eccentricity",
                    "solidity", "axis_major_length", "axis_minor_length", "orientation", "equivalent_diameter",
-                   "probability_mean")
+                   "probability_mean", "area_um2", "equivalent_diameter_um")
 #: ``out_dir``'s folders of one file per image, and the suffix of the files we write there.
 PER_IMAGE = {"labels": ".tif", "rois": ".zip", "probabilities": ".tif", "overlays": ".png"}
 SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction", "probability_mean",
@@ -120,12 +120,18 @@ def overlay_image(raw: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     return to_rgb8(raw, "percentile") if raw.dtype == np.uint16 else fallback
 
 
-def nucleus_rows(image_id: str, table: dict[str, np.ndarray], probability: np.ndarray | None = None) -> list[tuple]:
+def nucleus_rows(image_id: str, table: dict[str, np.ndarray], probability: np.ndarray | None = None,
+                 pixel_size: float | None = None) -> list[tuple]:
     """One tuple per nucleus, in ``NUCLEUS_COLUMNS`` order, from ``measure.nucleus_table``'s columns
     (scikit-image's ``regionprops_table`` columns for ``NUCLEUS_PROPERTIES``) and ``probability``, each
-    nucleus' mean foreground probability in the table's order (None: the column left empty)."""
+    nucleus' mean foreground probability in the table's order (None: the column left empty).
+    ``pixel_size`` (micrometres): the area and equivalent diameter in um2 and um as well (None: empty)."""
     n = len(table["label"])
-    table = {**table, "probability_mean": np.full(n, "", object) if probability is None else np.asarray(probability, np.float64)}
+    empty = np.full(n, "", object)
+    table = {**table, "probability_mean": empty if probability is None else np.asarray(probability, np.float64),
+             "area_um2": empty if pixel_size is None else np.asarray(table["area"], np.float64) * pixel_size ** 2,
+             "equivalent_diameter_um": empty if pixel_size is None else
+             np.asarray(table["equivalent_diameter_area"], np.float64) * pixel_size}
     names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_row", "bbox-1": "bbox_min_col",
              "bbox-2": "bbox_max_row", "bbox-3": "bbox_max_col", "equivalent_diameter_area": "equivalent_diameter"}
     cols = {names.get(k, k): np.asarray(v) for k, v in table.items()}
@@ -258,7 +264,7 @@ class Outputs:
         if self.out_dir is not None:
             table = nucleus_table(labels, intensity)  # measured once: nuclei.csv's rows and summary.csv's areas
             sure = None if prob is None else label_means(labels, prob[0])[table["label"]]
-            nuclei = _csv_text(nucleus_rows(image_id, table, sure))
+            nuclei = _csv_text(nucleus_rows(image_id, table, sure, pixel_size))
             row = summary_row(image_id, labels.shape, table["area"], sure, pixel_size)
             summary = _csv_text([tuple(row.values())])
             if prob is not None:
