@@ -134,6 +134,7 @@ def test_gpus_1_without_cuda_exits_2_with_one_line(tmp_path):
     (["--gpus", "0", "--lovasz-weight", "-1"], "--lovasz-weight must be a number >= 0, got -1.0"),
     (["--gpus", "0", "--lr", "-1"], "--lr must be > 0, e.g. 1e-3, got -1.0"),
     (["--gpus", "0", "--patience", "-2"], "--patience must be >= 0 (0: no early stopping), got -2"),
+    (["--gpus", "0", "--init", "pretrained", "--resume", "last"], "--init starts a new run from a checkpoint's weights"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, tmp_path, monkeypatch):
     from unet_pl.cli.train import resolve_run_dir
@@ -459,3 +460,32 @@ def test_the_commands_train_py_suggests_exist(monkeypatch):
     assert shlex.split(sibling("tune"))[0] in (sys.executable, os.path.relpath(sys.executable))
     monkeypatch.setattr(sys, "argv", ["/venv/bin/unet-train"])
     assert (sibling("predict"), sibling("tune")) == ("unet-predict", "unet-tune")
+
+
+def test_init_starts_from_the_bundled_models_weights_and_refuses_another_shape(tmp_path, cache_dir):
+    """--init pretrained: a new run whose U-Net starts at the bundled model's weights (--mode instance
+    implied). With a learning rate of 1e-12 one epoch leaves them where they were, so best.ckpt holds the
+    bundled weights; the same run without --init holds others. A model of another shape is one line."""
+    from unet_pl.inference.checkpoint import PRETRAINED
+
+    bundled = torch.load(PRETRAINED, map_location="cpu", weights_only=True)["state_dict"]
+    bundled = {k: v for k, v in bundled.items() if k.startswith("unet.")}
+    for init, out in ((["--init", "pretrained"], tmp_path / "tuned"), ([], tmp_path / "scratch")):
+        mode = [] if init else ["--mode", "instance"]
+        proc = run(train_cmd("--gpus", "0", "--epochs", "1", "--lr", "1e-12", "--tune", "off", *init, *mode, "--out", str(out),
+                             cache=cache_dir), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = weights(out / "best.ckpt")
+        far = max(float((got[k].float() - v.float()).abs().max()) for k, v in bundled.items())
+        if init:
+            assert "starting from the weights of the bundled model" in proc.stdout, proc.stdout
+            assert far < 1e-5, far
+        else:
+            assert far > 1e-2, far
+    # a notebook-mode model (one output) is not the bundled model's shape
+    proc = run(train_cmd("--gpus", "0", "--epochs", "1", "--mode", "notebook", "--init", "pretrained", "--out",
+                         str(tmp_path / "nb"), cache=cache_dir), cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert "out_channels is 2, this run's 1" in err[0] and "--mode instance" in err[0], err
+    assert not (tmp_path / "nb" / "best.ckpt").exists()

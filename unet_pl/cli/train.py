@@ -40,7 +40,7 @@ RUN_FILES = ("best.ckpt", "last.ckpt", "hparams.yaml")
 #: Flags of the machine or of this invocation, not of the run: a resumed run takes them from the
 #: command line (or their defaults), every other flag from the run it continues.
 MACHINE_FLAGS = frozenset({"gpus", "num_nodes", "cpu_processes", "num_workers", "precision", "compile", "cache_dir",
-                           "max_time", "out", "resume", "fast_dev_run"})
+                           "max_time", "out", "resume", "fast_dev_run", "init"})
 #: --mode presets: what --resolution, --head, --tune, --intensity, --ema and --augment default to (each flag given explicitly wins).
 MODES = {
     # the 2018 notebook (with flips and rotations, which it did not have: --augment none)
@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--fast-dev-run", action="store_true", help="one batch of training and validation, no checkpoints or logs: a smoke test")
     run = p.add_argument_group("run folder")
     run.add_argument("--out", default=None, help="run folder. Default: runs/<timestamp>, or the folder of the --resume checkpoint")
+    run.add_argument("--init", default=None, metavar="PATH|pretrained",
+                     help="start from these weights instead of random ones (fine-tuning): a run's best.ckpt, or "
+                          "'pretrained', the bundled model (and then --mode instance, its mode, unless --mode says "
+                          "otherwise). The run is new: its optimizer, epochs and early stopping start afresh")
     run.add_argument("--resume", default=None, metavar="PATH|last",
                      help="continue from a checkpoint (optimizer, epoch, early stopping); 'last': the run folder's last.ckpt "
                           "(--out RUN; without --out, the most recently written runs/*/last.ckpt, named as it starts)")
@@ -174,7 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.init is not None and args.resume is not None:
+        fail("--init starts a new run from a checkpoint's weights, --resume continues a run: give one of them")
     args.restored = restore_run_flags(args, given_flags(argv)) if args.resume else None
+    if args.init == "pretrained" and "mode" not in given_flags(argv):
+        args.mode = "instance"  # the bundled model's mode: its head, resolution and intensity rule
     for key, value in MODES[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -422,6 +430,38 @@ def make_model(args: argparse.Namespace):
     return model
 
 
+def init_weights(model, args: argparse.Namespace, say) -> None:
+    """``--init``: the U-Net's weights from a checkpoint (read with weights_only: it cannot run code),
+    refused in one line when its shape differs (saying the flags that fit); a note when it read its
+    images another way than this run will."""
+    from ..inference.checkpoint import PRETRAINED, read_checkpoint
+
+    path = PRETRAINED if args.init == "pretrained" else Path(args.init)
+    try:
+        full = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--init: {e}")
+    hp = full.get("hyper_parameters") or {}
+    name = "the bundled model" if args.init == "pretrained" else str(path)
+    mine = dict(model.hparams)
+    for key in ("in_channels", "out_channels", "base_filters"):
+        if key in hp and hp[key] != mine.get(key):
+            hint = f": it was trained with --head {hp['head']}" if key == "out_channels" and hp.get("head") else ""
+            hint += " (--mode instance)" if hint and hp.get("head") == "mask+boundary" else ""
+            fail(f"--init {args.init}: {name}'s {key} is {hp[key]}, this run's {mine.get(key)}{hint}; pass the flags "
+                 "it was trained with, or train without --init")
+    state = {k.removeprefix("unet.").replace("_orig_mod.", ""): v for k, v in full["state_dict"].items()
+             if k.startswith("unet.")}
+    try:
+        model.unet.load_state_dict(state)
+    except RuntimeError as e:
+        fail(f"--init {args.init}: its weights do not fit this run's U-Net ({str(e).splitlines()[0][:120]})")
+    differ = [f"--{k.replace('_', '-')} {hp[k]}" for k in ("resolution", "intensity", "channel")
+              if hp.get(k) is not None and hp.get(k) != mine.get(k)]
+    say(f"starting from the weights of {name}" + (f"; note: it was trained with {', '.join(differ)}, which this run "
+                                                  "does not use: it sees the images differently" if differ else ""))
+
+
 def check_resume(ckpt: Path, model, say, epochs: int | None = None, patience: int | None = None,
                  full: dict | None = None) -> None:
     """Refuse a checkpoint of another shape (saying which flags would fit it), one already past
@@ -534,6 +574,8 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
         datamodule = make_datamodule(args)
     except (ValueError, FileNotFoundError) as e:  # the model and data module check their arguments: user input
         fail(flag_names(str(e)))
+    if args.init is not None:
+        init_weights(model, args, say)
     if ckpt is not None:
         source, changed, full = args.restored
         say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))
