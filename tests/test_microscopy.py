@@ -148,6 +148,40 @@ def _label_layout(root: Path, n: int | None = None) -> Path:
     return root
 
 
+def test_annotations_named_as_cellpose_and_napari_export_them_are_paired(tmp_path, caplog):
+    """masks/<name>_cp_masks.png, <name>_labels.tif, <name>-mask.tif: <name>'s label image, decoded to
+    the same nuclei as masks/<name>.tif; an exact name wins over a suffixed one (which is then an
+    unused file, said); two suffixed ones for one image are an error naming both."""
+    root = _label_layout(tmp_path / "exported", n=3)
+    ids = [it.id for it in scan_train_dir(root)]
+    before = {i: tifffile.imread(root / "masks" / f"{i}.tif") for i in ids}
+    renamed = dict(zip(ids, ("_cp_masks.png", "_labels.tif", "-mask.tif")))
+    for i, suffix in renamed.items():
+        src = root / "masks" / f"{i}.tif"
+        if suffix.endswith(".png"):
+            Image.fromarray(before[i].astype(np.uint16)).save(root / "masks" / f"{i}{suffix}")
+            src.unlink()
+        else:
+            src.rename(root / "masks" / f"{i}{suffix}")
+    with caplog.at_level(logging.WARNING):
+        items = scan_train_dir(root)
+    assert "not used" not in caplog.text, caplog.text
+    assert [(it.id, it.masks[0].name) for it in items] == [(i, f"{i}{renamed[i]}") for i in ids]
+    for it in items:
+        assert np.array_equal(decode_masks(before[it.id].shape, list(it.masks)), before[it.id]), it.id
+    # the exact name wins; the suffixed file is named as unused
+    tifffile.imwrite(root / "masks" / f"{ids[0]}.tif", before[ids[0]])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        items = scan_train_dir(root)
+    assert items[0].masks[0].name == f"{ids[0]}.tif" and f"{ids[0]}_cp_masks.png" in caplog.text and "not used" in caplog.text
+    # two suffixed annotations of one image
+    (root / "masks" / f"{ids[0]}.tif").unlink()
+    tifffile.imwrite(root / "masks" / f"{ids[0]}_masks.tif", before[ids[0]])
+    with pytest.raises(ValueError, match=rf"two label images for {ids[0]}.*_masks\.tif|two label images for {ids[0]}.*_cp_masks\.png"):
+        scan_train_dir(root)
+
+
 def test_a_label_image_folder_trains_like_the_competition_layout(tmp_path):
     """Same images, same nuclei, same seed: the two layouts make the same cache and the same validation IoU."""
     flat = _label_layout(tmp_path / "exported")

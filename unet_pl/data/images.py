@@ -21,7 +21,8 @@ Files that are not images read here: in a training folder's images/ (and a compe
 an error naming the file (save it as TIFF or PNG), since dropping it would lose an image or a
 nucleus; in masks/ (labels/) of the label-image layout, one for an image is an error too, and
 annotations without an image of the same name get one warning naming them (training goes on
-without them). A prediction folder skips them with one warning listing them. A vendor format
+without them). An annotation may carry one of ``LABEL_SUFFIXES`` after the image's name
+(``cells_01_cp_masks.png``, ``cells_01_labels.tif``), as Cellpose and napari export them. A prediction folder skips them with one warning listing them. A vendor format
 (``.czi``, ``.nd2``, ...) is an error in training folders and as the one file to predict; in a
 prediction folder beside other images it is skipped with a warning saying how to export it.
 
@@ -47,6 +48,9 @@ IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 LABELS_CSV = "stage1_train_labels.csv"
 #: The label-image layout's folders for annotations, in the order they are looked for.
 LABEL_FOLDERS = ("masks", "labels")
+#: What other tools add to an image's name for its label image (Cellpose's <name>_cp_masks.png,
+#: napari and Fiji exports): masks/<name><suffix>.* is <name>'s annotation when no masks/<name>.* is there.
+LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label", "-masks", "-mask", "-labels", "-label")
 
 
 def is_ignored(path: str | Path) -> bool:
@@ -273,6 +277,15 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
         if key in annotations:
             raise ValueError(f"two label images named {key}.* in {label_dir}: {annotations[key].name} and {p.name}; keep one")
         annotations[key] = p
+    image_keys = {image_id(image) for image in images}
+    for key, p in list(annotations.items()):  # <name>_masks.tif and the like: <name>'s, unless <name>.* is there
+        stem = next((key[:-len(x)] for x in LABEL_SUFFIXES if key.endswith(x) and key[:-len(x)] in image_keys), None)
+        if stem is None or key in image_keys or stem in annotations:
+            continue
+        twin = next((q for k, q in annotations.items() if k != key and k.startswith(stem) and k[len(stem):] in LABEL_SUFFIXES), None)
+        if twin is not None:
+            raise ValueError(f"two label images for {stem} in {label_dir}: {twin.name} and {p.name}; keep one")
+        annotations[stem] = annotations.pop(key)
     items, seen = [], {}
     for image in images:
         key = image_id(image)
@@ -286,7 +299,8 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
                 check_suffix(unreadable)  # the image's annotation in a format we do not read: raises
         items.append(TrainItem(key, image, (mask,) if with_masks and mask is not None else ()))
     # Annotations of no image: a renamed or deleted image, usually. Training goes on without them, said.
-    orphans = [p.name for p in labels if image_id(p) not in seen] + [p.name for p in others if image_id(p) not in seen]
+    used = {it.masks[0] for it in items if it.masks}
+    orphans = [p.name for p in labels if p not in used] + [p.name for p in others if image_id(p) not in seen]
     if with_masks and orphans:
         log.warning("%s: %d file%s without an image of the same name in %s, not used: %s", label_dir, len(orphans),
                     "s" * (len(orphans) != 1), train_dir / "images", _names(orphans))

@@ -345,7 +345,7 @@ class NucleiDataModule(pl.LightningDataModule):
                     competition = it.image.parent.parent.name == it.id
                     where = (f"{csv_path} has no runs for {it.id}" if rles is not None
                              else f"{it.image.parent.parent / 'masks'} has no mask images" if competition
-                             else f"{it.image} has no label image of the same name in masks/ (or labels/)")
+                             else f"{it.image} has no label image of the same name in masks/ (or labels/; <name>_masks, _cp_masks, _labels and the like count too)")
                     raise ValueError(f"{where}: add its masks, remove the image, or pass "
                                      "--empty-masks background (empty_masks='background' in Python) to train on it "
                                      "as all background")
