@@ -142,7 +142,7 @@ def test_the_closing_line_names_the_image_the_model_is_least_sure_of(run):
 
 
 @pytest.mark.parametrize("n", [3, 4, 12, 20])
-def test_least_sure_is_the_lowest_quarter_at_most_three_images_without_nuclei_first(n):
+def test_least_sure_is_the_lowest_quarter_at_most_three_images_without_nuclei_first_and_always(n):
     from unet_pl.inference.folder import least_sure
 
     rng = np.random.default_rng(n)
@@ -152,6 +152,10 @@ def test_least_sure_is_the_lowest_quarter_at_most_three_images_without_nuclei_fi
     assert [i for i, _ in least_sure(sureness)] == expect
     sureness["empty"] = None  # an image without nuclei: the least sure of all
     assert [i for i, _ in least_sure(sureness)] == (["empty"] + by_value)[:min(3, (n + 1) // 4)]
+    # images without nuclei are named even beyond the lowest quarter (a folder of 3 with 2 empty: both)
+    sureness["empty2"] = None
+    assert [i for i, _ in least_sure(sureness)] == (["empty", "empty2"] + by_value)[:min(3, max(2, (n + 2) // 4))]
+    assert [i for i, _ in least_sure({"a": 0.9, "b": None, "c": None})] == ["b", "c"]
 
 
 def test_the_inputs_pixel_size_goes_into_the_label_tiff_and_summary_csv(tmp_path):

@@ -67,10 +67,11 @@ UNREADABLE_FIRST = 3
 
 def least_sure(sureness: dict[str, float | None], most: int = LEAST_SURE) -> list[tuple[str, float | None]]:
     """The lowest quarter (rounded down) of the images by ``sureness`` (image -> probability_mean;
-    None: no nucleus found, the least sure of all), at most ``most``, least sure first, as
-    ``(image, probability_mean)``; ties keep the images' order."""
+    None: no nucleus found, the least sure of all, named even beyond the lowest quarter), at most
+    ``most``, least sure first, as ``(image, probability_mean)``; ties keep the images' order."""
     ranked = sorted(sureness.items(), key=lambda kv: -1.0 if kv[1] is None else kv[1])
-    return ranked[:min(most, len(ranked) // 4)]
+    empty = sum(p is None for _, p in ranked)
+    return ranked[:min(most, max(empty, len(ranked) // 4))]
 
 
 def read_pair(path: Path, channel: int | None, intensity: str) -> tuple[np.ndarray, np.ndarray]:
