@@ -492,6 +492,19 @@ def test_binary_mask_warning_only_for_label_image_annotations(tmp_path, caplog):
 
 # --- the label-image layout and prediction folders: nothing dropped without a word ------------------
 
+def test_notes_in_a_training_folder_are_skipped_with_a_warning(tmp_path, caplog):
+    """A README.txt or a results table beside the images is not an image that would be lost: the
+    folder trains as without it, one warning naming the files (an unknown format stays an error)."""
+    root = _label_layout(tmp_path / "exported", n=3)
+    want = [(it.id, it.image.name) for it in scan_train_dir(root)]
+    (root / "images" / "notes.txt").write_text("stained 2026-11-30")
+    (root / "images" / "cells_seg.npy").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        assert [(it.id, it.image.name) for it in scan_train_dir(root)] == want
+    warned = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+    assert len(warned) == 1 and "notes.txt" in warned[0] and "cells_seg.npy" in warned[0], caplog.text
+
+
 def test_an_unsupported_file_in_images_is_an_error_naming_it(tmp_path):
     root = _label_layout(tmp_path / "exported", n=3)
     shutil.copy(SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png", root / "images" / "x.gif")  # a GIF in name only is enough

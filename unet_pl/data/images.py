@@ -212,12 +212,24 @@ def _listing(folder: Path, vendor_ok: bool = False) -> tuple[list[Path], list[Pa
     return images, others
 
 
+#: Files that are never images (notes, tables, scripts, Cellpose's _seg.npy, ROI sets): skipped in a
+#: training folder with one warning naming them, where any other file not read is an error.
+NOT_IMAGES = (".txt", ".md", ".csv", ".tsv", ".json", ".xml", ".yaml", ".yml", ".log", ".py", ".ijm", ".npy", ".zip",
+              ".roi", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".html", ".htm")
+
+
 def _images_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder`` (name order). Any other file is an error naming it and
-    the way out (save it as TIFF or PNG): dropped silently, it would be an image or a nucleus missing."""
+    """The image files directly in ``folder`` (name order). Notes and tables (``NOT_IMAGES``) are
+    skipped with one warning naming them; any other file is an error naming it and the way out
+    (save it as TIFF or PNG): dropped silently, it would be an image or a nucleus missing."""
     images, others = _listing(folder)
+    notes = [p for p in others if p.suffix.lower() in NOT_IMAGES]
+    others = [p for p in others if p not in notes]
     if others:
         check_suffix(others[0])  # raises
+    if notes:
+        log.warning("%s: skipped %s (%s)", folder, "1 file that is not an image" if len(notes) == 1 else
+                    f"{len(notes)} files that are not images", _names([p.name for p in notes]))
     return images
 
 
