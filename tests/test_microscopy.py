@@ -715,3 +715,27 @@ def test_a_cut_off_multichannel_tiff_is_refused_not_read_as_its_first_channel(tm
     with caplog.at_level(logging.DEBUG), pytest.raises(ValueError, match=r"cut_cells.*(this TIFF is cut off or damaged|corrupt or truncated)"):
         read_raw(cut, 2)
     assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.records
+
+
+def test_float_files_of_whole_numbers_are_read_as_those_integers(tmp_path):
+    """Fiji and QuPath save label images (and sometimes camera counts) as 32-bit float: whole numbers
+    are read as the integers they hold, the same nuclei and pixels as the integer file; a float image
+    with fractions (deconvolved data) is refused in one message saying how to convert it."""
+    from unet_pl.data.readers import read_label_image
+
+    labels = decode_masks(*_sample_shape_and_masks())
+    tifffile.imwrite(tmp_path / "labels_int.tif", labels.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "labels_float.tif", labels.astype(np.float32))
+    assert np.array_equal(read_label_image(tmp_path / "labels_float.tif"), read_label_image(tmp_path / "labels_int.tif"))
+    counts = np.random.default_rng(0).integers(0, 4096, (64, 80)).astype(np.float32)  # 12-bit counts as float
+    tifffile.imwrite(tmp_path / "counts.tif", counts)
+    got = read_raw(tmp_path / "counts.tif")
+    assert got.dtype == np.uint16 and np.array_equal(got[..., 0], counts.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "deconvolved.tif", counts / 7.0)
+    with pytest.raises(ValueError, match=r"deconvolved\.tif: float32 pixels with fractions .*Image > Type > 16-bit"):
+        read_raw(tmp_path / "deconvolved.tif")
+
+
+def _sample_shape_and_masks():
+    it = scan_train_dir(SAMPLE_DIR)[0]
+    return np.asarray(Image.open(it.image)).shape[:2], list(it.masks)

@@ -465,9 +465,13 @@ _AXIS_NAMES = {"Z": "z (planes)", "T": "t (time points)", "Q": "an unnamed axis"
 
 
 def _integer(arr: np.ndarray, path: Path) -> np.ndarray:
-    """uint8/uint16 kept; other integer types converted when their values fit; floats refused."""
+    """uint8/uint16 kept; other integer types converted when their values fit; floats holding whole
+    numbers only (a label image or a camera's counts saved as 32-bit float by Fiji or QuPath) taken
+    as those integers; other floats refused."""
     if arr.dtype in (np.uint8, np.uint16):
         return arr
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+        return _integer(arr.astype(np.int64), path)
     if arr.dtype == bool:
         return arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
@@ -477,8 +481,8 @@ def _integer(arr: np.ndarray, path: Path) -> np.ndarray:
         if lo >= 0 and arr.ndim == 2:
             return arr  # a label image with more than 65,535 nuclei: kept for read_label_image
         raise ValueError(f"{path}: {arr.dtype} values from {lo} to {hi} do not fit 16 bits; save it as 8- or 16-bit TIFF")
-    raise ValueError(f"{path}: {arr.dtype} pixels are not supported; save it as an 8- or 16-bit TIFF or PNG "
-                     "(Fiji: Image > Type > 16-bit)")
+    raise ValueError(f"{path}: {arr.dtype} pixels with fractions (deconvolved or processed data) are not read; save "
+                     "it as an 8- or 16-bit TIFF (Fiji: Image > Type > 16-bit)")
 
 
 def _pick_channel(arr: np.ndarray, axes: str, channel: int | None, path: Path) -> np.ndarray:
