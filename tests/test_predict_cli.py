@@ -296,6 +296,7 @@ def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert "2 images could not be read" in last and "a.png" in last and last.endswith("also b"), last
+    assert p.stderr.count("skipped: it gets no results") == 2  # each skip said once an image was read
     assert sorted(f.name for f in (out2 / "labels").iterdir()) == ["c.tif"]
 
     (folder / "c.png").write_bytes(data[:200])  # all three: the run stops at the third, nothing written
@@ -303,6 +304,7 @@ def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
     p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out3, "--gpus", 0, "--no-progress", check=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "a.png" in last and "the next 2 images could not be read either" in last, p.stderr
+    assert "skipped: it gets no results" not in p.stderr  # the stop's one line says it all, no skip lines first
     assert not out3.exists()
 
 

@@ -178,6 +178,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
         items: list = []
         read_any = False
+        held: list[str] = []  # skips before the first image read: said once one is read (else the error says it)
         # decoded a little ahead of the network, not far: each one waiting is memory (20 MB at 2048 x 2048)
         pairs = read_ahead([p for _, p in entries], num_workers, ahead=chunk + 2, channel=settings.channel,
                            intensity=settings.intensity)
@@ -189,10 +190,13 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                             raise ValueError(f"{next(iter(stats['unreadable'].values()))} (and the next "
                                              f"{len(stats['unreadable'])} images could not be read either)") from None
                         raise pair
-                    log.warning("%s; skipped: it gets no results in this run", pair)
+                    (log.warning if read_any else held.append)(f"{pair}; skipped: it gets no results in this run")
                     stats["unreadable"][image_id] = str(pair)
                     bar.update(1)
                     continue
+                for message in held:
+                    log.warning("%s", message)
+                held.clear()
                 read_any = True
                 raw, image = pair
                 items.append((image_id, raw, image))
