@@ -304,3 +304,39 @@ def test_touching_copy_without_labels_uses_the_blobs_and_leaves_crops_without_a_
 def test_texture_touch_preset_is_texture_with_touching_copies_before_the_grain():
     names = [type(x).__name__ for x in build_augment("texture+touch").transforms]
     assert names == [type(x).__name__ for x in build_augment("texture").transforms][:4] + ["TouchingCopy", "OneOf"]
+
+
+def test_the_validation_crop_is_the_centre_unless_that_misses_every_nucleus():
+    """Eval crops: albumentations' PadIfNeeded + CenterCrop wherever the centre holds a nucleus pixel
+    (or the image none); where the centre is all background but the image is not, the square with
+    the most nucleus pixels, counted by hand over every position."""
+    import cv2
+    import albumentations as A
+
+    rng = np.random.default_rng(0)
+    t = crop_transform(32, None, train=False)
+    ref = A.Compose([A.PadIfNeeded(32, 32, border_mode=cv2.BORDER_REFLECT_101, p=1.0), A.CenterCrop(32, 32, p=1.0)])
+    for h, w in ((64, 80), (33, 47), (20, 90), (32, 32)):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        labels = np.zeros((h, w), np.int32)
+        labels[h // 2 - 2:h // 2 + 2, w // 2 - 2:w // 2 + 2] = 1  # a nucleus in the centre
+        for lab in (labels, np.zeros_like(labels)):  # with it, and an image without nuclei
+            mask = (lab > 0).astype(np.uint8)
+            got, want = t(image=image, mask=mask, masks=[lab]), ref(image=image, mask=mask, masks=[lab])
+            for key in ("image", "mask"):
+                assert np.array_equal(got[key], want[key]), (h, w, key)
+            assert np.array_equal(got["masks"][0], want["masks"][0])
+    # nuclei only near a corner: the crop holds as many nucleus pixels as the best square does
+    h, w = 96, 128
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    labels = np.zeros((h, w), np.int32)
+    labels[2:12, 3:15] = 1
+    labels[20:30, 100:120] = 2
+    labels[80:90, 110:126] = 3
+    mask = (labels > 0).astype(np.uint8)
+    best = max(int(mask[y:y + 32, x:x + 32].sum()) for y in range(h - 31) for x in range(w - 31))
+    got = t(image=image, mask=mask, masks=[labels])
+    assert got["mask"].shape == (32, 32) and int(got["mask"].sum()) == best > 0
+    ys, xs = np.nonzero([[np.array_equal(image[y:y + 32, x:x + 32], got["image"]) for x in range(w - 31)] for y in range(h - 31)])
+    y, x = int(ys[0]), int(xs[0])  # where the crop came from: image, mask and labels cut at the same place
+    assert np.array_equal(got["masks"][0], labels[y:y + 32, x:x + 32]) and np.array_equal(got["mask"], mask[y:y + 32, x:x + 32])

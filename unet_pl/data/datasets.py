@@ -31,8 +31,8 @@ from .targets import boundaries, contacts, distances
 def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
                    zoom: tuple[float, float] | None = None) -> A.Compose:
     """Native resolution. Train: pad to ``crop_size`` (mirrored), a random ``crop_size`` crop, then
-    ``augment``. Eval: the same padding and the centre crop, so the validation loss is comparable
-    from epoch to epoch. Called as ``t(image=, mask=, masks=[labels])``.
+    ``augment``. Eval: the same padding and one fixed crop per image (``ValidationCrop``), so the
+    validation loss is comparable from epoch to epoch. Called as ``t(image=, mask=, masks=[labels])``.
 
     ``zoom=(lo, hi)`` (train only, the "scale" presets): the crop is a random square of side
     ``crop_size / hi`` to ``crop_size / lo`` resized to ``crop_size`` (labels by nearest neighbour),
@@ -41,7 +41,7 @@ def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
     big = crop_size if zoom is None else round(crop_size / zoom[0])  # the largest square cut
     pad = A.PadIfNeeded(min_height=big, min_width=big, border_mode=cv2.BORDER_REFLECT_101, p=1.0)
     if not train:
-        return A.Compose([pad, A.CenterCrop(crop_size, crop_size, p=1.0)])
+        return ValidationCrop(A.Compose([pad]), crop_size)
     if zoom is None:
         steps: list = [pad, A.RandomCrop(crop_size, crop_size, p=1.0)]
     else:
@@ -50,6 +50,33 @@ def crop_transform(crop_size: int, augment: A.BaseCompose | None, train: bool,
     if augment is not None:
         steps.append(augment)
     return A.Compose(steps)
+
+
+class ValidationCrop:
+    """The validation crop of a native-resolution image, the same every epoch: the centre
+    ``crop_size`` square of the padded image, unless it holds no nucleus pixel while the image
+    holds some; then the square holding the most nucleus pixels (the first in row order of those
+    tied). A centre crop of background scores a perfect 1.0 and a loss near 0 for any model: on a
+    user's few validation images it chose ``best.ckpt`` and stopped runs early on nothing (6% of
+    stage1_train's images have nuclei but none in their centre 128 px)."""
+
+    def __init__(self, pad: A.Compose, crop_size: int) -> None:
+        self.pad, self.size = pad, crop_size
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, masks: list[np.ndarray] | None = None) -> dict:
+        out = self.pad(image=image, mask=mask, **({"masks": masks} if masks is not None else {}))
+        mask, s = out["mask"], self.size
+        h, w = mask.shape[:2]
+        y0, x0 = (h - s) // 2, (w - s) // 2  # albumentations' CenterCrop
+        if not mask[y0:y0 + s, x0:x0 + s].any() and mask.any():
+            c = np.pad((mask > 0).astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+            inside = c[s:, s:] - c[:-s, s:] - c[s:, :-s] + c[:-s, :-s]  # nucleus pixels of the square at (y, x)
+            y0, x0 = (int(v) for v in np.unravel_index(np.argmax(inside), inside.shape))
+        crop = (slice(y0, y0 + s), slice(x0, x0 + s))
+        result = {"image": out["image"][crop], "mask": mask[crop]}
+        if masks is not None:
+            result["masks"] = [m[crop] for m in out["masks"]]
+        return result
 
 
 def seed_augmentation(transform, seed: int) -> None:
