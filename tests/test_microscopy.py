@@ -739,3 +739,27 @@ def test_float_files_of_whole_numbers_are_read_as_those_integers(tmp_path):
 def _sample_shape_and_masks():
     it = scan_train_dir(SAMPLE_DIR)[0]
     return np.asarray(Image.open(it.image)).shape[:2], list(it.masks)
+
+
+def test_a_label_image_saved_in_colour_keeps_one_nucleus_per_colour(tmp_path):
+    """One RGB colour per nucleus (Fiji's glasbey LUT saved as RGB, a napari screenshot of labels):
+    touching nuclei of different colours stay apart, each colour's pixels one nucleus; a mask drawn
+    in one colour is binary (split into its blobs) as before."""
+    from unet_pl.data.readers import read_label_image
+
+    labels = np.zeros((40, 48), np.int32)
+    labels[5:20, 5:20] = 1
+    labels[5:20, 20:35] = 2  # touching nucleus 1
+    labels[25:35, 10:40] = 3
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 255], [255, 0, 1]], np.uint8)  # 1 and 3 differ in one bit of blue
+    Image.fromarray(palette[labels]).save(tmp_path / "colour.png")
+    got = read_label_image(tmp_path / "colour.png")
+    assert len(np.unique(got[got > 0])) == 3
+    for k in (1, 2, 3):  # each true nucleus is exactly one label's pixels
+        values = np.unique(got[labels == k])
+        assert len(values) == 1 and values[0] > 0 and np.array_equal(got == values[0], labels == k), k
+    decoded = decode_masks(labels.shape, [tmp_path / "colour.png"])
+    assert decoded.max() == 3 and len(np.unique(decoded[labels == 1])) == 1
+    one = np.where((labels > 0)[..., None], palette[1], 0).astype(np.uint8)
+    Image.fromarray(one).save(tmp_path / "mask.png")
+    assert decode_masks(labels.shape, [tmp_path / "mask.png"]).max() == 2  # two blobs: 1+2 touching, and 3

@@ -87,10 +87,19 @@ def read_raw(path: str | Path, channel: int | None = None) -> np.ndarray:
 
 
 def read_label_image(path: str | Path) -> np.ndarray:
-    """An annotation file -> integer labels ``(H, W)`` exactly as stored (0 background). RGB files
-    count a pixel as foreground where any channel is > 0 (a binary mask drawn in colour)."""
+    """An annotation file -> integer labels ``(H, W)`` exactly as stored (0 background). RGB files:
+    each colour is one label, black the background (a label image saved in colour, one colour per
+    nucleus, as Fiji's glasbey LUT or napari export it; a mask drawn in one colour is then binary)."""
     raw = read_raw(path)
-    return raw[..., 0] if raw.shape[2] == 1 else (raw > 0).any(axis=2).astype(np.uint8)
+    if raw.shape[2] == 1:
+        return raw[..., 0]
+    flat = raw.reshape(-1, raw.shape[2]).astype(np.int64)
+    key = (flat[:, 0] << 32) | (flat[:, 1] << 16) | flat[:, 2]  # 16 bits a channel: one integer per colour
+    colours, labels = np.unique(key, return_inverse=True)
+    if colours[0] != 0:  # no black pixel: every colour is a nucleus
+        labels = labels + 1
+    out = labels.reshape(raw.shape[:2])
+    return out.astype(np.uint16 if out.max(initial=0) <= 65535 else np.int64)
 
 
 def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
