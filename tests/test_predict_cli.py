@@ -299,13 +299,45 @@ def test_an_unreadable_image_is_skipped_the_rest_written_exit_2(ckpt, tmp_path):
     assert p.stderr.count("skipped: it gets no results") == 2  # each skip said once an image was read
     assert sorted(f.name for f in (out2 / "labels").iterdir()) == ["c.tif"]
 
-    (folder / "c.png").write_bytes(data[:200])  # all three: the run stops at the third, nothing written
+    # a setting that fits none of the first three (here --channel 5 of RGB files): the run stops at the
+    # third, nothing written
+    good = tmp_path / "good"
+    good.mkdir()
+    for name, image_id in (("a.png", REAL[0]), ("b.png", REAL[1]), ("c.png", REAL[2]), ("d.png", REAL[0])):
+        shutil.copy(_real_png(image_id), good / name)
     out3 = tmp_path / "out3"
-    p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out3, "--gpus", 0, "--no-progress", check=False)
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", good, "--out-dir", out3, "--gpus", 0, "--no-progress",
+            "--channel", 5, check=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "a.png" in last and "the next 2 images could not be read either" in last, p.stderr
     assert "skipped: it gets no results" not in p.stderr  # the stop's one line says it all, no skip lines first
     assert not out3.exists()
+
+
+def test_damaged_files_first_in_a_folder_do_not_stop_the_run(ckpt, tmp_path):
+    """Three cut-off files that sort first are damaged files, not a setting that fits no image: they
+    are skipped and the good images after them predicted (exit 2, the closing line naming them). A
+    folder of damaged files only: one line, nothing written."""
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    data = _real_png(REAL[2]).read_bytes()
+    for name in ("a.png", "b.png", "c.png"):
+        (folder / name).write_bytes(data[: len(data) // 3])
+    only = tmp_path / "only_damaged"
+    shutil.copytree(folder, only)
+    for name, image_id in (("d.png", REAL[0]), ("e.png", REAL[1])):
+        shutil.copy(_real_png(image_id), folder / name)
+    out = tmp_path / "out"
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", folder, "--out-dir", out, "--gpus", 0, "--no-progress", check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "3 images could not be read" in last and "a.png" in last and "other 2 are written" in last, last
+    assert sorted(f.name for f in (out / "labels").iterdir()) == ["d.tif", "e.tif"]
+    out2 = tmp_path / "out2"
+    p = run("predict.py", "--ckpt", ckpt, "--data-dir", only, "--out-dir", out2, "--gpus", 0, "--no-progress", check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "a.png" in lines[0] and "other 2 images" in lines[0], p.stderr
+    assert not out2.exists()
 
 
 def test_a_console_script_names_itself_in_its_errors(tmp_path):

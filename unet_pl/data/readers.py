@@ -368,13 +368,18 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, str]:
     except Image.DecompressionBombError:
         raise _too_many_pixels(path) from None
     except _PILLOW_ERRORS as e:
-        raise ValueError(f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
-                         "truncated: copy or export it again, or move it out of the folder") from None
+        raise DamagedFile(f"{path}: cannot decode this image ({type(e).__name__}: {e}); the file is corrupt or "
+                          "truncated: copy or export it again, or move it out of the folder") from None
     if arr.ndim == 2:
         return arr, "YX"
     if arr.shape[2] == 2:  # grey + alpha
         return arr[:, :, 0], "YX"
     return arr, "YXS"
+
+
+class DamagedFile(ValueError):
+    """A file that cannot be read because it is corrupt or cut off (not because of a setting):
+    ``predict.py`` skips it whatever its place in the folder."""
 
 
 #: What tifffile logs (instead of raising) when a file's structure points past its end or into
@@ -430,15 +435,17 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
                    "and the imagecodecs installed here lacks that codec: pip install --upgrade imagecodecs")
             raise ValueError(f"{path}: its compression needs the imagecodecs package ({first}), {how}, or save the "
                              "image again from Fiji as uncompressed TIFF") from None
-        raise ValueError(f"{path}: cannot read this TIFF ({type(e).__name__}: {first}); the file is corrupt or "
-                         "truncated, or a layout tifffile does not know: save it again from Fiji as TIFF") from None
+        raise DamagedFile(f"{path}: this TIFF is cut off or damaged, or in a layout tifffile does not know "
+                          f"({type(e).__name__}: {first}); copy it again from the original, or save it again from "
+                          "Fiji as TIFF") from None
     finally:
         _COMPLAINTS.pop(threading.get_ident(), None)
     damage = next((m for m in complaints if any(k in m for k in DAMAGED_TIFF)), None)
     if damage is not None or short:
         said = damage.split("> ", 1)[-1][:120] if damage else "its pixel data run past the end of the file"
-        raise ValueError(f"{path}: this TIFF is cut off or damaged ({said}), so only part of it could be read; copy "
-                         "it again from the original, or save it again from Fiji as TIFF")
+        said = said.removeprefix("raised ")
+        raise DamagedFile(f"{path}: this TIFF is cut off or damaged ({said}), so only part of it could be read; copy "
+                          "it again from the original, or save it again from Fiji as TIFF")
     if grey_samples and "S" in axes:
         # Samples of a grey pixel are not R, G and B: grey + alpha is the grey, anything else is channels
         if len(alpha) == 1 and alpha[0] and arr.shape[axes.index("S")] == 2:
@@ -491,7 +498,8 @@ def _integer(arr: np.ndarray, path: Path) -> np.ndarray:
             return arr  # a label image with more than 65,535 nuclei: kept for read_label_image
         raise ValueError(f"{path}: {arr.dtype} values from {lo} to {hi} do not fit 16 bits; save it as 8- or 16-bit TIFF")
     raise ValueError(f"{path}: {arr.dtype} pixels with fractions (deconvolved or processed data) are not read; save "
-                     "it as an 8- or 16-bit TIFF (Fiji: Image > Type > 16-bit)")
+                     "it as an 8- or 16-bit TIFF (Fiji: Image > Type > 16-bit; for a label image first turn off "
+                     "Edit > Options > Conversions > Scale when converting, which would renumber its nuclei)")
 
 
 def _pick_channel(arr: np.ndarray, axes: str, channel: int | None, path: Path) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.images import list_images
-from ..data.readers import pixel_size, read_raw, reset_dark_warnings, to_rgb8
+from ..data.readers import DamagedFile, pixel_size, read_raw, reset_dark_warnings, to_rgb8
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image, overlay_image
 from .predict import labels_from_probabilities, predict_images
@@ -185,7 +185,10 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         try:
             for (image_id, _), pair in zip(entries, pairs):
                 if isinstance(pair, ValueError):
-                    if not read_any and len(stats["unreadable"]) + 1 >= min(UNREADABLE_FIRST, len(entries)):
+                    # a damaged file is skipped wherever it is; a setting that fits none of the first
+                    # images (--channel, most likely) stops the run at the third
+                    blocked = not read_any and not isinstance(pair, DamagedFile)
+                    if blocked and len(stats["unreadable"]) + 1 >= min(UNREADABLE_FIRST, len(entries)):
                         if stats["unreadable"]:  # the images before it failed too: a setting that fits none of them?
                             raise ValueError(f"{next(iter(stats['unreadable'].values()))} (and the next "
                                              f"{len(stats['unreadable'])} images could not be read either)") from None
@@ -205,6 +208,10 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                     items = []
             if items:
                 yield items
+            if not read_any and stats["unreadable"]:  # every image was damaged: nothing to write
+                raise ValueError(f"{next(iter(stats['unreadable'].values()))}" + (
+                    f" (and the other {len(stats['unreadable']) - 1} images could not be read either)"
+                    if len(stats["unreadable"]) > 1 else ""))
         finally:
             pairs.close()
 
