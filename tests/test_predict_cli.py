@@ -348,3 +348,22 @@ def test_a_console_script_names_itself_in_its_errors(tmp_path):
     p = subprocess.run([str(script), "--pred", str(tmp_path / "none.csv"), "--truth", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("unet-evaluate: error:"), p.stderr
+
+
+def test_the_least_sure_line_counts_the_images_without_nuclei_it_does_not_name(tmp_path):
+    """Four blank images and one with nuclei: three blank ones named, 'and 1 more without nuclei'.
+    A folder where no image has a nucleus: no least-sure line (the no-nucleus warning says it)."""
+    folder = tmp_path / "scope"
+    folder.mkdir()
+    shutil.copy(_real_png(REAL[0]), folder / "z_cells.png")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for k in range(4):
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / f"b{k}.png")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank / f"b{k}.png")
+    # the bundled model: it finds nothing in a blank image (a barely trained one finds noise)
+    p = run("predict.py", "--data-dir", folder, "--out-dir", tmp_path / "out", "--gpus", 0, "--no-progress")
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("least sure: "))
+    assert line.startswith("least sure: b0 (no nuclei), b1 (no nuclei), b2 (no nuclei) and 1 more without nuclei: "), line
+    p = run("predict.py", "--data-dir", blank, "--out-dir", tmp_path / "out2", "--gpus", 0, "--no-progress")
+    assert "least sure" not in p.stdout and "no nucleus in any image" in p.stdout, p.stdout

@@ -213,8 +213,10 @@ def _main(argv: list[str] | None) -> None:
                   "(kept; nuclei.csv and summary.csv list this run's images only)")
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
-    if stats.get("least_sure"):
+    if stats.get("least_sure") and stats["nuclei"]:  # none anywhere: the warning below says it
         names = ", ".join(f"{i} ({'no nuclei' if p is None else f'{p:.2f}'})" for i, p in stats["least_sure"])
+        more = sum(p is None for p in stats["sureness"].values()) - sum(p is None for _, p in stats["least_sure"])
+        names += f" and {more} more without nuclei" if more else ""
         found = [p for p in stats["sureness"].values() if p is not None]
         median = f", this run's median {statistics.median(found):.2f}" if found else ""
         print(f"least sure: {names}: look at these first (the lowest in this run by summary.csv's probability_mean, "
