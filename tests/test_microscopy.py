@@ -763,3 +763,6 @@ def test_a_label_image_saved_in_colour_keeps_one_nucleus_per_colour(tmp_path):
     one = np.where((labels > 0)[..., None], palette[1], 0).astype(np.uint8)
     Image.fromarray(one).save(tmp_path / "mask.png")
     assert decode_masks(labels.shape, [tmp_path / "mask.png"]).max() == 2  # two blobs: 1+2 touching, and 3
+    # a JPEG has no exact colours (its edges blur into many): read as foreground, not as a colour per value
+    Image.fromarray(palette[labels]).save(tmp_path / "colour.jpg", quality=90)
+    assert set(np.unique(read_label_image(tmp_path / "colour.jpg"))) == {0, 1}

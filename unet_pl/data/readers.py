@@ -89,10 +89,13 @@ def read_raw(path: str | Path, channel: int | None = None) -> np.ndarray:
 def read_label_image(path: str | Path) -> np.ndarray:
     """An annotation file -> integer labels ``(H, W)`` exactly as stored (0 background). RGB files:
     each colour is one label, black the background (a label image saved in colour, one colour per
-    nucleus, as Fiji's glasbey LUT or napari export it; a mask drawn in one colour is then binary)."""
+    nucleus, as Fiji's glasbey LUT or napari export it; a mask drawn in one colour is then binary).
+    A JPEG's colours are not exact: foreground wherever a channel is above 0, as a binary mask."""
     raw = read_raw(path)
     if raw.shape[2] == 1:
         return raw[..., 0]
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):  # lossy: no exact colours, so foreground where not black
+        return (raw > 0).any(axis=2).astype(np.uint8)
     flat = raw.reshape(-1, raw.shape[2]).astype(np.int64)
     key = (flat[:, 0] << 32) | (flat[:, 1] << 16) | flat[:, 2]  # 16 bits a channel: one integer per colour
     colours, labels = np.unique(key, return_inverse=True)
