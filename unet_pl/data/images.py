@@ -22,7 +22,8 @@ an error naming the file (save it as TIFF or PNG), since dropping it would lose 
 nucleus; in masks/ (labels/) of the label-image layout, one for an image is an error too, and
 annotations without an image of the same name get one warning naming them (training goes on
 without them). An annotation may carry one of ``LABEL_SUFFIXES`` after the image's name
-(``cells_01_cp_masks.png``, ``cells_01_labels.tif``), as Cellpose and napari export them. A prediction folder skips them with one warning listing them. A vendor format
+(``cells_01_cp_masks.png``, ``cells_01_labels.tif``), as Cellpose and napari export them. A
+prediction folder skips them with one warning listing them. A vendor format
 (``.czi``, ``.nd2``, ...) is an error in training folders and as the one file to predict; in a
 prediction folder beside other images it is skipped with a warning saying how to export it.
 
