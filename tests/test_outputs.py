@@ -327,14 +327,15 @@ def test_a_failing_or_killed_predict_leaves_the_previous_results(images, tmp_pat
     out = tmp_path / "out"
     predict("--ckpt", ckpt, "--data-dir", images, "--out-dir", out)
     before = _snapshot(out)
-    # a second run over more images, the first three of them broken: it stops there (fewer broken ones
-    # are skipped: test_predict_cli's test_an_unreadable_image_is_skipped_the_rest_written_exit_2)
+    # a second run over more images, the first three of them broken and a --channel that fits none of
+    # the others: it stops at the first of those (broken files alone are skipped wherever they are:
+    # test_predict_cli's test_damaged_files_first_in_a_folder_do_not_stop_the_run)
     more = tmp_path / "more"
     shutil.copytree(images, more)
     for i in range(3):
         (more / f"00{i}_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     other = _ckpt(tmp_path / "other.ckpt", bias=5.0)  # it would change every result
-    p = predict("--ckpt", other, "--data-dir", more, "--out-dir", out, check=False)
+    p = predict("--ckpt", other, "--data-dir", more, "--out-dir", out, "--channel", "5", check=False)
     assert p.returncode == 2 and "000_broken.png" in p.stderr.strip().splitlines()[-1], p.stderr
     assert _snapshot(out) == before and not list(out.rglob(".unet_pl-partial-*"))
     # killed with SIGKILL while it works: nothing replaced, and the next run clears the leftovers
