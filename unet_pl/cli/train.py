@@ -434,7 +434,7 @@ def init_weights(model, args: argparse.Namespace, say) -> None:
     """``--init``: the U-Net's weights from a checkpoint (read with weights_only: it cannot run code),
     refused in one line when its shape differs (saying the flags that fit); a note when it read its
     images another way than this run will."""
-    from ..inference.checkpoint import PRETRAINED, read_checkpoint
+    from ..inference.checkpoint import PRETRAINED, read_checkpoint, unet_state_dict
 
     path = PRETRAINED if args.init == "pretrained" else Path(args.init)
     try:
@@ -450,10 +450,8 @@ def init_weights(model, args: argparse.Namespace, say) -> None:
             hint += " (--mode instance)" if hint and hp.get("head") == "mask+boundary" else ""
             fail(f"--init {args.init}: {name}'s {key} is {hp[key]}, this run's {mine.get(key)}{hint}; pass the flags "
                  "it was trained with, or train without --init")
-    state = {k.removeprefix("unet.").replace("_orig_mod.", ""): v for k, v in full["state_dict"].items()
-             if k.startswith("unet.")}
     try:
-        model.unet.load_state_dict(state)
+        model.unet.load_state_dict(unet_state_dict(full))
     except RuntimeError as e:
         fail(f"--init {args.init}: its weights do not fit this run's U-Net ({str(e).splitlines()[0][:120]})")
     differ = [f"--{k.replace('_', '-')} {hp[k]}" for k in ("resolution", "intensity", "channel")

@@ -59,15 +59,20 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def unet_state_dict(ckpt: dict) -> dict:
+    """The U-Net's weights of a LitUNet checkpoint dict, named as ``UNet`` names them (without the
+    module's ``unet.`` prefix and a ``--compile`` run's ``_orig_mod.``)."""
+    return {k.removeprefix("unet.").replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items()
+            if k.startswith("unet.")}
+
+
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> UNet:
     """The ``UNet`` of a checkpoint dict (``read_checkpoint``), with ``net.settings`` from its hyperparameters."""
     try:
         hp = dict(ckpt.get("hyper_parameters") or {})
         settings = Settings.from_hparams(hp)
         net = UNet(int(hp.get("in_channels", 3)), settings.out_channels, int(hp.get("base_filters", 8)))
-        state = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
-        state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a --compile run's names
-        net.load_state_dict(state)
+        net.load_state_dict(unet_state_dict(ckpt))
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(f"{path}: its settings or weights do not fit the seed's U-Net ({first}); use a best.ckpt or "
