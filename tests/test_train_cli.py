@@ -216,7 +216,9 @@ def test_ctrl_c_keeps_last_ckpt_and_exits_130(tmp_path, cache_dir):
     assert "interrupted by SIGINT" in stdout
     line = next(x for x in stdout.splitlines() if "continue with: " in x).split("continue with: ", 1)[1]
     python, *rest = shlex.split(line)
-    assert rest == ["-m", "unet_pl.cli.train", "--resume", "last", "--out", str(out)]
+    # with the machine flags given (a resume takes those from its own command line, not from the run)
+    assert rest == ["-m", "unet_pl.cli.train", "--resume", "last", "--out", str(out),
+                    "--gpus", "0", "--num-workers", "0", "--cache-dir", str(cache_dir)]
     assert runs_this_python(python, tmp_path)  # as printed, in the shell it was run from: not a bare python of another
     assert LitUNet.load_from_checkpoint(out / "last.ckpt", map_location="cpu") is not None
 

@@ -20,7 +20,7 @@ def write_run_files(out: Path, args: argparse.Namespace, argv: list[str], model)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "command.txt", "a") as f:
         f.write(shlex.join([*_program(), *argv]) + "\n")
-    cli = {k: v for k, v in vars(args).items() if k not in ("gpus_defaulted", "restored", "resolved_run")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("gpus_defaulted", "restored", "resolved_run", "again")}
     for key in ("data_dir", "labels_csv", "cache_dir"):  # absolute: --resume from another folder finds them
         if isinstance(cli.get(key), str):
             cli[key] = str(Path(cli[key]).expanduser().resolve())
@@ -92,7 +92,7 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     if interrupt.signal:
         how = "mid-epoch state" if interrupt.saved_mid_epoch else "end of the last complete epoch"
         lines.append(f"interrupted by {interrupt.signal} in epoch {trainer.current_epoch}: last.ckpt holds the {how}; "
-                     f"continue with: {shlex.join([*_program(), '--resume', 'last', '--out', str(out)])}")
+                     f"continue with: {shlex.join([*_program(), '--resume', 'last', '--out', str(out), *getattr(args, 'again', [])])}")
         from ..callbacks import TunePostprocessing
 
         if any(isinstance(c, TunePostprocessing) for c in trainer.callbacks):

@@ -41,6 +41,9 @@ RUN_FILES = ("best.ckpt", "last.ckpt", "hparams.yaml")
 #: command line (or their defaults), every other flag from the run it continues.
 MACHINE_FLAGS = frozenset({"gpus", "num_nodes", "cpu_processes", "num_workers", "precision", "compile", "cache_dir",
                            "max_time", "out", "resume", "fast_dev_run", "init"})
+#: The machine flags the printed resume command repeats when this invocation gave them (the others
+#: belong to this invocation alone: its time limit, its run folder, its start).
+REPEATED_ON_RESUME = ("gpus", "num_nodes", "cpu_processes", "num_workers", "precision", "compile", "cache_dir")
 #: --mode presets: what --resolution, --head, --tune, --intensity, --ema and --augment default to (each flag given explicitly wins).
 MODES = {
     # the 2018 notebook (with flips and rotations, which it did not have: --augment none)
@@ -180,8 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.init is not None and args.resume is not None:
         fail("--init starts a new run from a checkpoint's weights, --resume continues a run: give one of them")
-    args.restored = restore_run_flags(args, given_flags(argv)) if args.resume else None
-    if args.init == "pretrained" and "mode" not in given_flags(argv):
+    given = given_flags(argv)
+    args.restored = restore_run_flags(args, given) if args.resume else None
+    # what the resume command must repeat (a resume takes machine flags from its own command line)
+    args.again = [word for dest in REPEATED_ON_RESUME if dest in given for word in (f"--{dest.replace('_', '-')}", str(getattr(args, dest)))]
+    if args.init == "pretrained" and "mode" not in given:
         args.mode = "instance"  # the bundled model's mode: its head, resolution and intensity rule
     for key, value in MODES[args.mode].items():
         if getattr(args, key) is None:
