@@ -766,3 +766,35 @@ def test_a_label_image_saved_in_colour_keeps_one_nucleus_per_colour(tmp_path):
     # a JPEG has no exact colours (its edges blur into many): read as foreground, not as a colour per value
     Image.fromarray(palette[labels]).save(tmp_path / "colour.jpg", quality=90)
     assert set(np.unique(read_label_image(tmp_path / "colour.jpg"))) == {0, 1}
+
+
+def test_a_colour_fluorescence_merge_read_without_a_channel_is_named_with_the_way_out(tmp_path, caplog):
+    """An RGB merge (DAPI in blue, a cytoplasm stain in red) on a dark background: the grey rule
+    averages the stains, so the cells read as nuclei. The file is named with --channel; with the
+    channel picked, or for H&E on white and grey fluorescence, nothing is said."""
+    from scipy import ndimage as ndi
+
+    from unet_pl.data.readers import reset_dark_warnings, to_rgb8
+
+    grey, masks = _fluo()
+    cells = ndi.grey_dilation(grey, size=(9, 9))  # each nucleus' cell: a larger blob around it
+    merge = tmp_path / "merge.tif"
+    tifffile.imwrite(merge, np.stack([cells, np.zeros_like(grey), grey], axis=-1), photometric="rgb")
+    reset_dark_warnings()
+    with caplog.at_level(logging.WARNING):
+        averaged = read_image(merge, intensity="grey")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "merge.tif" in said[0] and "--channel 3" in said[0], said
+    # what the warning is about: averaged, the cells read bright where the nucleus alone does not
+    nuclei = np.zeros(grey.shape, bool)
+    for m in masks:
+        nuclei |= np.asarray(Image.open(m)) > 0
+    around = ndi.binary_dilation(nuclei, iterations=3) & ~nuclei
+    blue = read_image(merge, channel=3, intensity="grey")
+    assert averaged[..., 0][around].mean() > blue[..., 0][around].mean() + 20
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_image(merge, channel=3, intensity="grey")
+        for item in scan_train_dir(SAMPLE_DIR):  # H&E on white, brightfield, grey fluorescence (RGBA PNGs)
+            to_rgb8(read_raw(item.image), "grey", item.image)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

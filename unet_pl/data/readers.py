@@ -171,6 +171,8 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
         levels = _grey_levels(raw) if raw.shape[2] < 8 else None
         if levels is not None and not (levels[1] and intensity == "hematoxylin" and _is_colour(raw)):
             out = levels[0][:, :, None]
+            if warn and not levels[1] and raw.shape[2] == 3 and _is_colour(raw[::4, ::4]):
+                _warn_merge(name)
         else:
             grey = channel_mean(raw)
             scaled = _stretch(grey)
@@ -197,9 +199,26 @@ _dark_lock = threading.Lock()
 
 
 def reset_dark_warnings() -> None:
-    """Start naming dark files again (each prediction or cache build names its own first few)."""
+    """Start naming dark files and colour merges again (each prediction or cache build names its own first few)."""
     with _dark_lock:
         _dark["said"] = 0
+        _merge["said"] = 0
+
+
+_merge = {"said": 0}
+
+
+def _warn_merge(name) -> None:
+    """A colour image on a dark background is a fluorescence merge: the grey rule averages its stains."""
+    with _dark_lock:
+        _merge["said"] += 1
+        said = _merge["said"]
+    if said <= DARK_NAMED:
+        log.warning("%s is a colour image on a dark background (a fluorescence merge?): its channels are averaged, so "
+                    "every stain in it reads as nuclei; pass --channel N (channel=N) for the nuclear stain alone "
+                    "(DAPI or Hoechst, usually blue: --channel 3)", name)
+    if said == DARK_NAMED + 1:
+        log.warning("further colour images on a dark background are not named one by one: --channel N picks the nuclear stain in all")
 
 
 def _warn_dark(name, top: int, bits: int) -> None:
