@@ -447,6 +447,10 @@ def test_segment_takes_image_arrays_and_says_what_else_to_do():
             segment(model, stack, channel=channel)
     moved = np.moveaxis(stack, 0, -1)
     assert np.array_equal(segment(model, moved, channel=2), segment(model, stack[1]))
+    # several images at once: refused with the loop to write (a list of paths is not "pixels")
+    for several in ([rgb, rgb], [Path("a.tif"), Path("b.tif")], (rgb[..., 0],) * 3):
+        with pytest.raises(ValueError, match=r"one image at a time.*for image in images"):
+            segment(model, several)
 
 
 def test_segment_of_a_16_bit_file_equals_predict_py_with_the_bundled_model(tmp_path):

@@ -53,6 +53,10 @@ def check_image(image: np.ndarray | str | Path, settings: Settings) -> np.ndarra
     uint16, ``(H, W)``, ``(H, W, 1)``, RGB, RGBA or ``(H, W, C)`` with ``settings.channel`` picking
     the nuclear channel, then ``settings.intensity`` (``unet_pl.data.readers.to_rgb8``). Anything
     else is a ``ValueError`` that says how to get there."""
+    if isinstance(image, (list, tuple)):
+        raise ValueError(f"one image at a time (a file's path or its pixels), got a {type(image).__name__} of {len(image)}; "
+                         "for several: [segment(net, image) for image in images], or "
+                         "unet_pl.inference.predict_images(net, images, settings) for their probability maps")
     if isinstance(image, (str, Path)):
         image = read_raw(image, settings.channel)
     image = np.asarray(image)
@@ -66,7 +70,7 @@ def check_image(image: np.ndarray | str | Path, settings: Settings) -> np.ndarra
     if image.shape[0] <= MAX_CHANNELS < image.shape[2]:
         raise ValueError(f"the array's shape {image.shape} is channels first (C, H, W), as tifffile.imread returns a "
                          "hyperstack; pass np.moveaxis(image, 0, -1), which is (H, W, C), or the file's path (with "
-                         "channel=N for the nuclear channel)")
+                         "channel=N for the nuclear channel). A stack of separate images is not one image: segment each")
     n = image.shape[2]
     if settings.channel is not None and n > 1:
         if settings.channel > n:
@@ -141,7 +145,8 @@ def segment(net: nn.Module, image: np.ndarray | str | Path, settings: Settings |
 
 @torch.inference_mode()
 def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Settings, batch_size: int = 8) -> Iterator[np.ndarray]:
-    """Probabilities ``(C, H, W)`` for each image uint8 ``(H, W, 3)`` of ``images``, in order.
+    """Probabilities ``(C, H, W)`` for each image of ``images`` (each a file's path or its pixels, as
+    ``segment`` takes them: ``check_image``), in order; ``labels_from_probabilities`` makes nuclei of each.
 
     Resize mode: images are squashed to ``img_size`` squares and run ``batch_size`` at a time,
     each result resized back to its image's size. Native mode: one image at a time, whole
