@@ -198,6 +198,25 @@ def test_val_split_zero_skips_validation(make_train_dir, tmp_path):
         dm.test_dataloader()
 
 
+def test_the_split_is_said_and_one_validation_image_is_warned_about(make_train_dir, tmp_path, caplog):
+    """Fine-tuning on a few images: the default --val-split leaves one image to choose best.ckpt and
+    the thresholds on. Training says how many images train and validate, and warns under three."""
+    import logging
+
+    dm = dm_for(make_train_dir(), tmp_path)  # 3 images, val_split 0.1: one to validate on
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    assert "2 images to train on, 1 to validate on" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "only 1 validation image" in warned[0] and "--val-split 0.5" in warned[0], warned
+    caplog.clear()
+    enough = dm_for(SAMPLE_DIR, tmp_path / "sample", val_split=0.2)  # 30 images: 6 to validate on
+    with caplog.at_level(logging.INFO):
+        enough.setup("fit")
+    assert "24 images to train on, 6 to validate on" in caplog.text
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 # --- augmentation in the loader --------------------------------------------------------------------
 
 def _square_set():

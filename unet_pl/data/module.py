@@ -57,6 +57,8 @@ from .images import (
 from .transforms import build_augment, zoom_range
 
 log = logging.getLogger(__name__)
+#: Fewer validation images than this get a warning: best.ckpt and the tuned thresholds rest on them.
+FEW_VALIDATION = 3
 
 EMPTY_MASKS = ("error", "background")
 
@@ -211,6 +213,8 @@ class NucleiDataModule(pl.LightningDataModule):
                 job()
                 self.arrays = load_cache(path, self.hparams.resolution)
             self._make_datasets(*self._split())
+            if stage in (None, "fit"):
+                self._say_split()
         if stage in (None, "predict") and self.predict_set is None:
             if self.hparams.predict_dir is None:
                 self.setup("validate")
@@ -244,6 +248,20 @@ class NucleiDataModule(pl.LightningDataModule):
                              "add images")
         train, val = split_indices(len(keep), self.hparams.val_split, self.hparams.seed)
         return keep[train], keep[val]
+
+    def _say_split(self) -> None:
+        """How many images train and validate (and are held out): one line; a warning when the
+        validation images are too few to choose ``best.ckpt`` and the post-processing on."""
+        from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+        n_train, n_val = len(self.train_set), len(self.val_set)
+        held = f", {len(self.holdout_ids)} held out (--holdout {self.hparams.holdout})" if self.holdout_ids else ""
+        rank_zero_info(f"unet_pl: {n_train} image{'s' * (n_train != 1)} to train on, {n_val} to validate on{held}")
+        if 0 < n_val < FEW_VALIDATION:
+            rank_zero_only(log.warning)(
+                f"only {n_val} validation image{'s' * (n_val != 1)}: best.ckpt and the post-processing thresholds are chosen "
+                f"on {'it' if n_val == 1 else 'them'} alone; with few annotated images give validation more "
+                f"(--val-split {min(0.5, max(0.3, round(FEW_VALIDATION / (n_train + n_val), 1))):g}) and check the result on images you kept out")
 
     def _held_out(self, ids: np.ndarray) -> list[str]:
         """The ids ``holdout`` names: by the cached modalities, or by acquisition group (decoded here,
