@@ -149,13 +149,13 @@ def _label_layout(root: Path, n: int | None = None) -> Path:
 
 
 def test_annotations_named_as_cellpose_and_napari_export_them_are_paired(tmp_path, caplog):
-    """masks/<name>_cp_masks.png, <name>_labels.tif, <name>-mask.tif: <name>'s label image, decoded to
+    """masks/<name>_cp_masks.png, <name>_Labels.tif (any case), <name>-mask.tif: <name>'s label image, decoded to
     the same nuclei as masks/<name>.tif; an exact name wins over a suffixed one (which is then an
     unused file, said); two suffixed ones for one image are an error naming both."""
     root = _label_layout(tmp_path / "exported", n=3)
     ids = [it.id for it in scan_train_dir(root)]
     before = {i: tifffile.imread(root / "masks" / f"{i}.tif") for i in ids}
-    renamed = dict(zip(ids, ("_cp_masks.png", "_labels.tif", "-mask.tif")))
+    renamed = dict(zip(ids, ("_cp_masks.png", "_Labels.tif", "-mask.tif")))
     for i, suffix in renamed.items():
         src = root / "masks" / f"{i}.tif"
         if suffix.endswith(".png"):

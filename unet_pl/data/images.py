@@ -50,7 +50,8 @@ LABELS_CSV = "stage1_train_labels.csv"
 #: The label-image layout's folders for annotations, in the order they are looked for.
 LABEL_FOLDERS = ("masks", "labels")
 #: What other tools add to an image's name for its label image (Cellpose's <name>_cp_masks.png,
-#: napari and Fiji exports): masks/<name><suffix>.* is <name>'s annotation when no masks/<name>.* is there.
+#: napari and Fiji exports): masks/<name><suffix>.* is <name>'s annotation when no masks/<name>.* is there
+#: (the suffix in any case: _Labels, _MASKS).
 LABEL_SUFFIXES = ("_cp_masks", "_masks", "_mask", "_labels", "_label", "-masks", "-mask", "-labels", "-label")
 
 
@@ -292,10 +293,11 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
         annotations[key] = p
     image_keys = {image_id(image) for image in images}
     for key, p in list(annotations.items()):  # <name>_masks.tif and the like: <name>'s, unless <name>.* is there
-        stem = next((key[:-len(x)] for x in LABEL_SUFFIXES if key.endswith(x) and key[:-len(x)] in image_keys), None)
+        # in any case: Fiji users write _Labels, Windows shows _MASKS as _masks
+        stem = next((key[:-len(x)] for x in LABEL_SUFFIXES if key.lower().endswith(x) and key[:-len(x)] in image_keys), None)
         if stem is None or key in image_keys or stem in annotations:
             continue
-        twin = next((q for k, q in annotations.items() if k != key and k.startswith(stem) and k[len(stem):] in LABEL_SUFFIXES), None)
+        twin = next((q for k, q in annotations.items() if k != key and k.startswith(stem) and k[len(stem):].lower() in LABEL_SUFFIXES), None)
         if twin is not None:
             raise ValueError(f"two label images for {stem} in {label_dir}: {twin.name} and {p.name}; keep one")
         annotations[stem] = annotations.pop(key)
