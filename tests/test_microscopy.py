@@ -798,3 +798,38 @@ def test_a_colour_fluorescence_merge_read_without_a_channel_is_named_with_the_wa
         for item in scan_train_dir(SAMPLE_DIR):  # H&E on white, brightfield, grey fluorescence (RGBA PNGs)
             to_rgb8(read_raw(item.image), "grey", item.image)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_cellpose_training_folder_images_beside_their_masks_trains_as_it_is(tmp_path, caplog):
+    """Cellpose's layout: <name>.tif beside <name>_masks.tif (or _cp_masks.png) in one folder, with
+    its models/ subfolder, _seg.npy files and <name>_flows.tif outputs: read as the images/ + masks/
+    layout of the same files (same images, same nuclei), the extra files skipped with a warning."""
+    flat = _label_layout(tmp_path / "exported", n=4)
+    cellpose = tmp_path / "cellpose_train"
+    (cellpose / "models").mkdir(parents=True)
+    ids = [it.id for it in scan_train_dir(flat)]
+    for k, i in enumerate(ids):
+        shutil.copy(flat / "images" / f"{i}.tif", cellpose / f"{i}.tif")
+        shutil.copy(flat / "masks" / f"{i}.tif", cellpose / f"{i}{'_masks' if k % 2 else '_cp_masks'}.tif")
+    (cellpose / f"{ids[0]}_seg.npy").write_bytes(b"\x93NUMPY")
+    tifffile.imwrite(cellpose / f"{ids[1]}_flows.tif", np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
+    with caplog.at_level(logging.WARNING):
+        items = scan_train_dir(cellpose)
+    assert [it.id for it in items] == ids
+    assert "_flows.tif" in caplog.text and "_seg.npy" in caplog.text
+    for it, ref in zip(items, scan_train_dir(flat)):
+        assert it.image.name == ref.image.name and len(it.masks) == 1
+        shape = tifffile.imread(it.image).shape[:2]
+        assert np.array_equal(decode_masks(shape, list(it.masks)), decode_masks(shape, list(ref.masks)))
+    # predicting the same folder segments the images only, the label images and outputs named as skipped
+    from unet_pl.data.images import list_images
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert [i for i, _ in list_images(cellpose)] == ids
+    assert f"{ids[0]}_cp_masks.tif" in caplog.text and "_flows.tif" in caplog.text
+    # the competition layout beside a stray file is still the competition layout
+    competition = tmp_path / "stage1_train"
+    shutil.copytree(SAMPLE_DIR / FLUO, competition / FLUO)
+    (competition / "notes_masks.txt").write_text("x")
+    assert [it.id for it in scan_train_dir(competition)] == [FLUO]

@@ -11,6 +11,9 @@ Training layouts (``scan_train_dir``), detected from the folder:
       <id>/images/<id>.png (or .tif, ...)        images/<name>.tif (or .png, ...)
       <id>/masks/<one file per nucleus>.png      masks/<name>.tif   (or labels/<name>.*)
 
+and Cellpose's training folder: ``<name>.tif`` beside ``<name>_masks.tif`` (any of ``LABEL_SUFFIXES``)
+in one folder, subfolders (its models/) and Cellpose's outputs (``CELLPOSE_OUTPUTS``) aside.
+
 A masks/ file is one nucleus (the competition: any value > 0 in any channel, {0, 1}, {0, 255} or
 {0, 65535}); a folder holding a single file with several values is a label image (0 background,
 one integer per nucleus, 8/16/32-bit). A single binary file is split into its connected
@@ -168,8 +171,9 @@ class TrainItem:
 
 
 #: The training layouts in one line, for the messages that must name both.
-TRAIN_LAYOUTS = ("the competition's stage1_train (<id>/images/<id>.png with <id>/masks/, one file per nucleus) or a "
-                 "folder of images/ with masks/ (or labels/) label images of the same names")
+TRAIN_LAYOUTS = ("the competition's stage1_train (<id>/images/<id>.png with <id>/masks/, one file per nucleus), a "
+                 "folder of images/ with masks/ (or labels/) label images of the same names, or Cellpose's folder of "
+                 "<name>.tif beside <name>_masks.tif")
 #: The competition's folders that a folder holding one of them stands for: training takes stage1_train,
 #: prediction any of them.
 COMPETITION_FOLDERS = ("stage1_train", "stage1_test", "stage2_test_final")
@@ -264,16 +268,47 @@ def _flat_layout(train_dir: Path) -> bool:
     return any(_listing(train_dir / "images"))
 
 
+#: What Cellpose writes beside an image besides its masks: <name>_flows.tif, the figure <name>_cp_output.png.
+CELLPOSE_OUTPUTS = ("_flows", "_cp_output", "_cp_outlines", "_outlines")
+
+
+def _suffixed(key: str, keys: set[str], suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> str | None:
+    """The image name ``key`` belongs to by one of ``suffixes`` (in any case: Fiji users write
+    _Labels), when that image is among ``keys``; else None."""
+    low = key.lower()
+    return next((key[:-len(x)] for x in suffixes if low.endswith(x) and key[:-len(x)] in keys), None)
+
+
+def _side_by_side(train_dir: Path) -> list[Path]:
+    """Cellpose's training folder: the images and their label images in one folder, ``<name>_masks.tif``
+    (or another of ``LABEL_SUFFIXES``) beside ``<name>.tif``; subfolders (Cellpose's models/) aside.
+    The folder's image files when it holds such a pair, else none."""
+    files = _listing(train_dir, vendor_ok=True)[0]
+    keys = {image_id(p) for p in files}
+    return files if any(_suffixed(k, keys) is not None for k in keys) else []
+
+
 def scan_train_dir(train_dir: Path, with_masks: bool = True) -> list[TrainItem]:
-    """Every image of ``train_dir`` with its mask files, in either layout (module docstring), sorted by id."""
+    """Every image of ``train_dir`` with its mask files, in any of the layouts (module docstring), sorted by id."""
     if _flat_layout(train_dir):
         return _scan_flat(train_dir, with_masks)
+    beside = _side_by_side(train_dir)
+    if beside:
+        keys = {image_id(p) for p in beside}
+        labels = [p for p in beside if _suffixed(image_id(p), keys, LABEL_SUFFIXES) is not None]
+        outputs = [p for p in beside if _suffixed(image_id(p), keys, CELLPOSE_OUTPUTS) is not None]
+        if outputs:
+            log.warning("%s: skipped %d of Cellpose's outputs (not images to train on): %s", train_dir, len(outputs),
+                        _names([p.name for p in outputs]))
+        # notes and _seg.npy skipped, other formats refused
+        images = [p for p in _images_in(train_dir) if p not in labels and p not in outputs]
+        return _pair(train_dir, images, train_dir, labels, [], with_masks)
     dirs = sorted(p for p in train_dir.iterdir() if p.is_dir() and not is_ignored(p))
     if not dirs:
         raise FileNotFoundError(
             f"{train_dir} holds no image folders; expected the competition's layout "
-            "<id>/images/<id>.png with <id>/masks/*.png (the stage1_train folder of the download), or "
-            "images/<name>.tif with masks/<name>.tif label images"
+            "<id>/images/<id>.png with <id>/masks/*.png (the stage1_train folder of the download), "
+            "images/<name>.tif with masks/<name>.tif label images, or <name>.tif beside <name>_masks.tif (Cellpose's)"
         )
     return [TrainItem(d.name, _image_of(d), tuple(_images_in(d / "masks")) if with_masks else ()) for d in dirs]
 
@@ -284,8 +319,15 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
     if with_masks and label_dir is None:
         raise FileNotFoundError(f"{train_dir / 'images'} holds images but {train_dir} has no masks/ (or labels/) folder "
                                 "beside it: add one label image per image, with the same name")
-    annotations: dict[str, Path] = {}
     labels, others = _listing(label_dir) if label_dir is not None else ([], [])
+    return _pair(train_dir, images, label_dir, labels, others, with_masks)
+
+
+def _pair(train_dir: Path, images: list[Path], label_dir: Path | None, labels: list[Path], others: list[Path],
+          with_masks: bool) -> list[TrainItem]:
+    """Each image with its label image among ``labels`` (of ``label_dir``; ``others``: its files of
+    formats not read): the same name, or the name and one of ``LABEL_SUFFIXES``."""
+    annotations: dict[str, Path] = {}
     for p in labels:
         key = image_id(p)
         if key in annotations:
@@ -293,8 +335,7 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
         annotations[key] = p
     image_keys = {image_id(image) for image in images}
     for key, p in list(annotations.items()):  # <name>_masks.tif and the like: <name>'s, unless <name>.* is there
-        # in any case: Fiji users write _Labels, Windows shows _MASKS as _masks
-        stem = next((key[:-len(x)] for x in LABEL_SUFFIXES if key.lower().endswith(x) and key[:-len(x)] in image_keys), None)
+        stem = _suffixed(key, image_keys)
         if stem is None or key in image_keys or stem in annotations:
             continue
         twin = next((q for k, q in annotations.items() if k != key and k.startswith(stem) and k[len(stem):].lower() in LABEL_SUFFIXES), None)
@@ -318,7 +359,7 @@ def _scan_flat(train_dir: Path, with_masks: bool) -> list[TrainItem]:
     orphans = [p.name for p in labels if p not in used] + [p.name for p in others if image_id(p) not in seen]
     if with_masks and orphans:
         log.warning("%s: %d file%s without an image of the same name in %s, not used: %s", label_dir, len(orphans),
-                    "s" * (len(orphans) != 1), train_dir / "images", _names(orphans))
+                    "s" * (len(orphans) != 1), images[0].parent if images else train_dir, _names(orphans))
     return items
 
 
@@ -353,6 +394,14 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     skipped = [p for p in skipped if p not in vendor]
     found: dict[str, Path] = {}
     entries = [(image_id(p), p) for p in images]
+    # label images and Cellpose's outputs beside their images (Cellpose's folders): not images to segment
+    keys = {k for k, _ in entries}
+    beside = [p for k, p in entries if _suffixed(k, keys, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) is not None]
+    if beside:
+        log.warning("%s: skipped %d file%s named as another image's label image or Cellpose output (<name>_masks, "
+                    "_cp_masks, _flows and the like): %s", folder, len(beside), "s" * (len(beside) != 1),
+                    _names([p.name for p in beside]))
+        entries = [(k, p) for k, p in entries if p not in beside]
     subfolders = [p for p in sorted(folder.iterdir()) if p.is_dir() and not is_ignored(p)]
     # <id>/images/ folders are the competition's layout; any other folder (results/, an empty one) is not an image
     entries += [(p.name, _image_of(p)) for p in subfolders if (p / "images").is_dir()]
