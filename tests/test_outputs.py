@@ -117,6 +117,7 @@ def test_nucleus_table_matches_scikit_image_and_the_rois_match_the_labels(run, i
                 xy = roi.coordinates()
                 assert xy[:, 1].min() <= p.bbox[0] + 0.5 and xy[:, 1].max() >= p.bbox[2] - 0.5
                 assert xy[:, 0].min() <= p.bbox[1] + 0.5 and xy[:, 0].max() >= p.bbox[3] - 0.5
+                assert _imagej_fill(roi, labels.shape)[labels == p.label].all()  # and every pixel of it
         prob = tifffile.imread(out / "probabilities" / f"{image_id}.tif")
         assert prob.dtype == np.float32 and prob.shape == (1, *labels.shape)
         # how sure the model is: each nucleus' mean foreground probability (scikit-image's intensity_mean of the
@@ -700,3 +701,29 @@ def test_split_concave_flag_cuts_after_the_size_filter(images, tmp_path):
         np.testing.assert_array_equal(after, renumber(split_concave(before), min_size))
         more += int(after.max()) - int(before.max())
     assert more > 0  # the sample's touching nuclei give it something to cut
+
+
+def _imagej_fill(roi, shape) -> np.ndarray:
+    """The pixels ImageJ fills for a polygon ROI: those whose centre lies inside it (scikit-image's
+    polygon2mask puts pixel centres at whole coordinates; ImageJ's corner coordinates are half a pixel off)."""
+    from skimage.draw import polygon2mask
+
+    xy = roi.coordinates()
+    return polygon2mask(shape, np.stack([xy[:, 1] - 0.5, xy[:, 0] - 0.5], axis=1))
+
+
+def test_a_nucleus_whose_pieces_touch_at_a_corner_gets_one_roi_around_all_of_it():
+    """Nuclei are 8-connected (a pixel touches its diagonal neighbours): two squares meeting at a corner
+    are one nucleus, and its ROI must cover both, as the label image does (QuPath and Fiji measure the ROI)."""
+    from unet_pl.inference.outputs import roi_polygons
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[15:25, 15:25] = 1  # touches the first at one corner
+    yy, xx = np.mgrid[:40, :40]
+    labels[(yy - 30) ** 2 + (xx - 10) ** 2 < 30] = 2
+    rois = roi_polygons(labels)
+    assert len(rois) == 2
+    for roi, k in zip(rois, (1, 2)):
+        filled = _imagej_fill(roi, labels.shape)
+        assert np.array_equal(filled, labels == k), (k, filled.sum(), (labels == k).sum())

@@ -186,7 +186,8 @@ def roi_polygons(labels: np.ndarray) -> list:
         if sl is None:
             continue
         mask = np.pad(labels[sl] == k, 1)
-        contour = max(find_contours(mask.astype(np.uint8), 0.5), key=len)  # (row, col) around the nucleus
+        # (row, col) around the nucleus; "high": pieces touching at a corner (8-connected, one nucleus) in one outline
+        contour = max(find_contours(mask.astype(np.uint8), 0.5, fully_connected="high"), key=len)
         xy = np.stack([contour[:, 1] + sl[1].start - 1 + 0.5, contour[:, 0] + sl[0].start - 1 + 0.5], axis=1)
         roi = roifile.ImagejRoi.frompoints(xy)
         roi.roitype = roifile.ROI_TYPE.POLYGON
