@@ -303,6 +303,7 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "post-processing chosen on the validation images" in p.stdout and "; with --split-concave: threshold" in p.stdout
+    assert (p.stdout + p.stderr).count("post-processing chosen") == 1  # the summary's line only, not the tuner's too
     ckpt = torch.load(out / "best.ckpt", weights_only=True)
     tuned = ckpt["hyper_parameters"]["postprocess"]
     assert set(tuned) == {"threshold", "seed_threshold", "min_size", "split_concave"}

@@ -284,6 +284,10 @@ class EMAAveraging(WeightAveraging):
         return "EMAWeightAveraging"
 
 
+#: How the tuner's line begins (train.py's closing summary gives it instead, with the values for the cut).
+TUNED_LINE = "unet_pl: post-processing chosen on the validation images"
+
+
 class TunePostprocessing(Callback):
     """At the end of training, choose the threshold, watershed seed threshold and minimum nucleus
     size on the data module's validation images at full size (``NucleiDataModule.validation_images``)
@@ -310,8 +314,7 @@ class TunePostprocessing(Callback):
             self.chosen, self.score = result
             pl_module.set_postprocess(self.chosen, self.score)
             plain = ", ".join(f"{k} {v:g}" for k, v in self.chosen.items() if not isinstance(v, dict))
-            rank_zero_info(f"unet_pl: post-processing chosen on the validation images (score {self.score:.3f}), "
-                           f"saved in the checkpoint and the model: {plain}")
+            rank_zero_info(f"{TUNED_LINE} (score {self.score:.3f}), saved in the checkpoint and the model: {plain}")
         trainer.strategy.barrier("tune_postprocessing")
 
     def _tune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dm) -> tuple[dict, float] | None:

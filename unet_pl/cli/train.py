@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import importlib.util
+import logging
 import os
 import re
 import shlex
@@ -173,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from a checkpoint (optimizer, epoch, early stopping); 'last': the run folder's last.ckpt "
                           "(--out RUN; without --out, the most recently written runs/*/last.ckpt, named as it starts)")
     return p
+
+
+class _SaidInSummary:
+    """A logging filter that drops the tuner's line: the closing summary gives it, with the values for the cut."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        from ..callbacks import TUNED_LINE
+
+        return not str(record.msg).startswith(TUNED_LINE)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -565,6 +576,7 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     # on_after_batch_transfer, where the uint8 -> float conversion lives by design, unet_pl.lit filters).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     quiet_lightning()  # its advertising and its own deprecations: not the user's to act on
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_SaidInSummary)
     if args.gpus == 0 and args.num_workers == 0:  # on purpose: see default_workers
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
     out, ckpt = getattr(args, "resolved_run", None) or resolve_run_dir(args)
