@@ -208,12 +208,18 @@ def test_the_split_is_said_and_one_validation_image_is_warned_about(make_train_d
         dm.setup("fit")
     assert "2 images to train on, 1 to validate on" in caplog.text
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "only 1 validation image" in warned[0] and "--val-split 0.5" in warned[0], warned
+    assert len(warned) == 1 and "only 1 validation image" in warned[0] and "annotate a few more" in warned[0], warned
     caplog.clear()
-    enough = dm_for(SAMPLE_DIR, tmp_path / "sample", val_split=0.2)  # 30 images: 6 to validate on
+    few = dm_for(SAMPLE_DIR, tmp_path / "sample", val_split=0.05)  # 30 images: 2 to validate on
+    with caplog.at_level(logging.INFO):
+        few.setup("fit")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "only 2 validation images" in warned[0] and "--val-split 0.1)" in warned[0], warned
+    caplog.clear()
+    enough = dm_for(SAMPLE_DIR, tmp_path / "sample", val_split=0.1)  # the advice taken: 3 to validate on
     with caplog.at_level(logging.INFO):
         enough.setup("fit")
-    assert "24 images to train on, 6 to validate on" in caplog.text
+    assert "27 images to train on, 3 to validate on" in caplog.text
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 

@@ -793,8 +793,11 @@ def test_a_colour_fluorescence_merge_read_without_a_channel_is_named_with_the_wa
     blue = read_image(merge, channel=3, intensity="grey")
     assert averaged[..., 0][around].mean() > blue[..., 0][around].mean() + 20
     caplog.clear()
+    dapi = tmp_path / "dapi_blue.tif"  # one stain shown in blue (Fiji's "RGB Color"): the grey rule reads it as --channel 3 does
+    tifffile.imwrite(dapi, np.stack([np.zeros_like(grey), np.zeros_like(grey), grey], axis=-1), photometric="rgb")
     with caplog.at_level(logging.WARNING):
         read_image(merge, channel=3, intensity="grey")
+        assert np.array_equal(read_image(dapi, intensity="grey"), read_image(dapi, channel=3, intensity="grey"))
         for item in scan_train_dir(SAMPLE_DIR):  # H&E on white, brightfield, grey fluorescence (RGBA PNGs)
             to_rgb8(read_raw(item.image), "grey", item.image)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -811,12 +814,13 @@ def test_a_cellpose_training_folder_images_beside_their_masks_trains_as_it_is(tm
     for k, i in enumerate(ids):
         shutil.copy(flat / "images" / f"{i}.tif", cellpose / f"{i}.tif")
         shutil.copy(flat / "masks" / f"{i}.tif", cellpose / f"{i}{'_masks' if k % 2 else '_cp_masks'}.tif")
+    shutil.copy(flat / "masks" / f"{ids[0]}.tif", cellpose / "gone_masks.tif")  # its image deleted: said, not trained on
     (cellpose / f"{ids[0]}_seg.npy").write_bytes(b"\x93NUMPY")
     tifffile.imwrite(cellpose / f"{ids[1]}_flows.tif", np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
     with caplog.at_level(logging.WARNING):
         items = scan_train_dir(cellpose)
     assert [it.id for it in items] == ids
-    assert "_flows.tif" in caplog.text and "_seg.npy" in caplog.text
+    assert "_flows.tif" in caplog.text and "_seg.npy" in caplog.text and "gone_masks.tif" in caplog.text
     for it, ref in zip(items, scan_train_dir(flat)):
         assert it.image.name == ref.image.name and len(it.masks) == 1
         shape = tifffile.imread(it.image).shape[:2]
@@ -828,8 +832,25 @@ def test_a_cellpose_training_folder_images_beside_their_masks_trains_as_it_is(tm
     with caplog.at_level(logging.WARNING):
         assert [i for i, _ in list_images(cellpose)] == ids
     assert f"{ids[0]}_cp_masks.tif" in caplog.text and "_flows.tif" in caplog.text
-    # the competition layout beside a stray file is still the competition layout
+    # an image there without its mask: the error says which file to put beside it
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for i in ids[:2]:
+        shutil.copy(flat / "images" / f"{i}.tif", lone / f"{i}.tif")
+    shutil.copy(flat / "masks" / f"{ids[0]}.tif", lone / f"{ids[0]}_masks.tif")
+    with pytest.raises(ValueError, match=rf"{ids[1]}\.tif has no {ids[1]}_masks\.tif .* beside it"):
+        NucleiDataModule(lone, cache_dir=tmp_path / "cache", num_workers=0, progress=False).prepare_data()
+    # OME-TIFFs as Cellpose names their masks: a.ome.tif and a.ome_masks.tif
+    ome = tmp_path / "ome"
+    ome.mkdir()
+    for i in ids[:2]:
+        shutil.copy(flat / "images" / f"{i}.tif", ome / f"{i}.ome.tif")
+        shutil.copy(flat / "masks" / f"{i}.tif", ome / f"{i}.ome_masks.tif")
+    assert [(it.id, it.masks[0].name) for it in scan_train_dir(ome)] == [(i, f"{i}.ome_masks.tif") for i in ids[:2]]
+    assert [i for i, _ in list_images(ome)] == ids[:2]
+    # the competition layout beside a stray image and its mask is still the competition layout
     competition = tmp_path / "stage1_train"
     shutil.copytree(SAMPLE_DIR / FLUO, competition / FLUO)
-    (competition / "notes_masks.txt").write_text("x")
+    shutil.copy(flat / "images" / f"{ids[0]}.tif", competition / "overview.tif")
+    shutil.copy(flat / "masks" / f"{ids[0]}.tif", competition / "overview_mask.tif")
     assert [it.id for it in scan_train_dir(competition)] == [FLUO]

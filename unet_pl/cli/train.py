@@ -565,6 +565,15 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
 
     Exits 2 on bad flags, 143 after SIGTERM and 130 after Ctrl-C (last.ckpt is kept), returns on success.
     """
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_log.addFilter(_SaidInSummary)  # for this run only: a fit in the same process afterwards says it again
+    try:
+        _train(argv, callbacks)
+    finally:
+        lightning_log.removeFilter(_SaidInSummary)
+
+
+def _train(argv: list[str] | None, callbacks: tuple) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     import lightning.pytorch as pl
@@ -576,7 +585,6 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
     # on_after_batch_transfer, where the uint8 -> float conversion lives by design, unet_pl.lit filters).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     quiet_lightning()  # its advertising and its own deprecations: not the user's to act on
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_SaidInSummary)
     if args.gpus == 0 and args.num_workers == 0:  # on purpose: see default_workers
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
     out, ckpt = getattr(args, "resolved_run", None) or resolve_run_dir(args)

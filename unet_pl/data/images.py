@@ -272,20 +272,32 @@ def _flat_layout(train_dir: Path) -> bool:
 CELLPOSE_OUTPUTS = ("_flows", "_cp_output", "_cp_outlines", "_outlines")
 
 
-def _suffixed(key: str, keys: set[str], suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> str | None:
-    """The image name ``key`` belongs to by one of ``suffixes`` (in any case: Fiji users write
-    _Labels), when that image is among ``keys``; else None."""
+def _suffix_stem(key: str, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> str | None:
+    """``key`` without the one of ``suffixes`` it ends with (in any case: Fiji users write _Labels), and
+    without an ``.ome`` before it (Cellpose names ``a.ome.tif``'s masks ``a.ome_masks.tif``); else None."""
     low = key.lower()
-    return next((key[:-len(x)] for x in suffixes if low.endswith(x) and key[:-len(x)] in keys), None)
+    stem = next((key[:-len(x)] for x in suffixes if low.endswith(x) and len(key) > len(x)), None)
+    return stem[:-4] if stem is not None and stem.lower().endswith(".ome") and len(stem) > 4 else stem
+
+
+def _suffixed(key: str, keys: set[str], suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> str | None:
+    """The image name ``key`` belongs to by one of ``suffixes`` (``_suffix_stem``), when that image is among ``keys``; else None."""
+    stem = _suffix_stem(key, suffixes)
+    return stem if stem in keys else None
 
 
 def _side_by_side(train_dir: Path) -> list[Path]:
     """Cellpose's training folder: the images and their label images in one folder, ``<name>_masks.tif``
-    (or another of ``LABEL_SUFFIXES``) beside ``<name>.tif``; subfolders (Cellpose's models/) aside.
+    (or another of ``LABEL_SUFFIXES``) beside ``<name>.tif``; subfolders (Cellpose's models/) aside, but
+    not a folder of the competition's ``<id>/images/`` folders (a stray pair beside them is theirs).
     The folder's image files when it holds such a pair, else none."""
     files = _listing(train_dir, vendor_ok=True)[0]
     keys = {image_id(p) for p in files}
-    return files if any(_suffixed(k, keys) is not None for k in keys) else []
+    if not any(_suffixed(k, keys) is not None for k in keys):
+        return []
+    if any((p / "images").is_dir() for p in train_dir.iterdir() if p.is_dir() and not is_ignored(p)):
+        return []
+    return files
 
 
 def scan_train_dir(train_dir: Path, with_masks: bool = True) -> list[TrainItem]:
@@ -294,9 +306,9 @@ def scan_train_dir(train_dir: Path, with_masks: bool = True) -> list[TrainItem]:
         return _scan_flat(train_dir, with_masks)
     beside = _side_by_side(train_dir)
     if beside:
-        keys = {image_id(p) for p in beside}
-        labels = [p for p in beside if _suffixed(image_id(p), keys, LABEL_SUFFIXES) is not None]
-        outputs = [p for p in beside if _suffixed(image_id(p), keys, CELLPOSE_OUTPUTS) is not None]
+        # every file named as a label image is one, its image there or not (an orphan is said, not trained on)
+        labels = [p for p in beside if _suffix_stem(image_id(p)) is not None]
+        outputs = [p for p in beside if _suffix_stem(image_id(p), CELLPOSE_OUTPUTS) is not None]
         if outputs:
             log.warning("%s: skipped %d of Cellpose's outputs (not images to train on): %s", train_dir, len(outputs),
                         _names([p.name for p in outputs]))
@@ -338,7 +350,7 @@ def _pair(train_dir: Path, images: list[Path], label_dir: Path | None, labels: l
         stem = _suffixed(key, image_keys)
         if stem is None or key in image_keys or stem in annotations:
             continue
-        twin = next((q for k, q in annotations.items() if k != key and k.startswith(stem) and k[len(stem):].lower() in LABEL_SUFFIXES), None)
+        twin = next((q for k, q in annotations.items() if k != key and _suffix_stem(k) == stem), None)
         if twin is not None:
             raise ValueError(f"two label images for {stem} in {label_dir}: {twin.name} and {p.name}; keep one")
         annotations[stem] = annotations.pop(key)
@@ -396,7 +408,9 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     entries = [(image_id(p), p) for p in images]
     # label images and Cellpose's outputs beside their images (Cellpose's folders): not images to segment
     keys = {k for k, _ in entries}
-    beside = [p for k, p in entries if _suffixed(k, keys, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) is not None]
+    named = [(k, p) for k, p in entries if _suffix_stem(k, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) is not None]
+    # in a folder where some image has its label image beside it, every file named as one is one
+    beside = [p for _, p in named] if any(_suffix_stem(k, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) in keys for k, _ in named) else []
     if beside:
         log.warning("%s: skipped %d file%s named as another image's label image or Cellpose output (<name>_masks, "
                     "_cp_masks, _flows and the like): %s", folder, len(beside), "s" * (len(beside) != 1),

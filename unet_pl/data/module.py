@@ -29,6 +29,7 @@ every run and every rank. The notebook's Keras ``validation_split=0.1`` took the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -258,10 +259,13 @@ class NucleiDataModule(pl.LightningDataModule):
         held = f", {len(self.holdout_ids)} held out (--holdout {self.hparams.holdout})" if self.holdout_ids else ""
         rank_zero_info(f"unet_pl: {n_train} image{'s' * (n_train != 1)} to train on, {n_val} to validate on{held}")
         if 0 < n_val < FEW_VALIDATION:
+            n = n_train + n_val
+            # the smallest split that gives FEW_VALIDATION images (split_indices rounds n * val_split), keeping two to train on
+            more = (f"give validation {FEW_VALIDATION} (--val-split {math.ceil(100 * FEW_VALIDATION / n) / 100:g})"
+                    if n >= FEW_VALIDATION + 2 else "annotate a few more images")
             rank_zero_only(log.warning)(
                 f"only {n_val} validation image{'s' * (n_val != 1)}: best.ckpt and the post-processing thresholds are chosen "
-                f"on {'it' if n_val == 1 else 'them'} alone; with few annotated images give validation more "
-                f"(--val-split {min(0.5, max(0.3, round(FEW_VALIDATION / (n_train + n_val), 1))):g}) and check the result on images you kept out")
+                f"on {'it' if n_val == 1 else 'them'} alone; {more}, and check the result on images you kept out")
 
     def _held_out(self, ids: np.ndarray) -> list[str]:
         """The ids ``holdout`` names: by the cached modalities, or by acquisition group (decoded here,
@@ -363,6 +367,8 @@ class NucleiDataModule(pl.LightningDataModule):
                     competition = it.image.parent.parent.name == it.id
                     where = (f"{csv_path} has no runs for {it.id}" if rles is not None
                              else f"{it.image.parent.parent / 'masks'} has no mask images" if competition
+                             else f"{it.image} has no {it.id}_masks{it.image.suffix} (or _cp_masks, _labels and the like) beside it"
+                             if it.image.parent == train_dir
                              else f"{it.image} has no label image of the same name in masks/ (or labels/; <name>_masks, _cp_masks, _labels and the like count too)")
                     raise ValueError(f"{where}: add its masks, remove the image, or pass "
                                      "--empty-masks background (empty_masks='background' in Python) to train on it "

@@ -171,7 +171,7 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
         levels = _grey_levels(raw) if raw.shape[2] < 8 else None
         if levels is not None and not (levels[1] and intensity == "hematoxylin" and _is_colour(raw)):
             out = levels[0][:, :, None]
-            if warn and not levels[1] and raw.shape[2] == 3 and _is_colour(raw[::4, ::4]):
+            if warn and not levels[1] and raw.shape[2] == 3 and _is_merge(raw[::4, ::4]):
                 _warn_merge(name)
         else:
             grey = channel_mean(raw)
@@ -261,6 +261,17 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     """Float ``(H, W)`` -> float in [0, 255]: the 1st and 99.8th percentiles to 0 and 255, clipped."""
     lo, hi = np.percentile(values, PERCENTILES)
     return np.clip((values - lo) * (255.0 / max(float(hi - lo), 1e-6)), 0, 255)
+
+
+def _is_merge(raw: np.ndarray) -> bool:
+    """A colour image whose signal is in two or more of its channels (each channel's 99.8th percentile above
+    its 1st by at least a quarter of the strongest channel's span): stains merged, not one stain shown in a colour
+    (a DAPI image exported as blue RGB, which the grey rule reads as well as --channel 3 would)."""
+    if not _is_colour(raw):
+        return False
+    lo, hi = np.percentile(raw.reshape(-1, raw.shape[2]).astype(np.float32), PERCENTILES, axis=0)
+    span = hi - lo
+    return int((span >= 0.25 * max(float(span.max()), 1e-6)).sum()) >= 2
 
 
 def _is_colour(raw: np.ndarray) -> bool:
