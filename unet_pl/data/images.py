@@ -280,9 +280,9 @@ def _suffix_stem(key: str, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> str | 
     return stem[:-4] if stem is not None and stem.lower().endswith(".ome") and len(stem) > 4 else stem
 
 
-def _suffixed(key: str, keys: set[str], suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> str | None:
-    """The image name ``key`` belongs to by one of ``suffixes`` (``_suffix_stem``), when that image is among ``keys``; else None."""
-    stem = _suffix_stem(key, suffixes)
+def _suffixed(key: str, keys: set[str]) -> str | None:
+    """The image that label image ``key`` belongs to (``_suffix_stem``), when that image is among ``keys``; else None."""
+    stem = _suffix_stem(key)
     return stem if stem in keys else None
 
 
@@ -407,10 +407,10 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     found: dict[str, Path] = {}
     entries = [(image_id(p), p) for p in images]
     # label images and Cellpose's outputs beside their images (Cellpose's folders): not images to segment
-    keys = {k for k, _ in entries}
-    named = [(k, p) for k, p in entries if _suffix_stem(k, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) is not None]
+    stems = {p: _suffix_stem(k, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) for k, p in entries}
+    named = {p: stem for p, stem in stems.items() if stem is not None}
     # in a folder where some image has its label image beside it, every file named as one is one
-    beside = [p for _, p in named] if any(_suffix_stem(k, LABEL_SUFFIXES + CELLPOSE_OUTPUTS) in keys for k, _ in named) else []
+    beside = list(named) if {k for k, _ in entries} & set(named.values()) else []
     if beside:
         log.warning("%s: skipped %d file%s named as another image's label image or Cellpose output (<name>_masks, "
                     "_cp_masks, _flows and the like): %s", folder, len(beside), "s" * (len(beside) != 1),

@@ -195,6 +195,7 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
 #: Files named one by one in the fixed rule's dark-data warning before the rest are only counted.
 DARK_NAMED = 3
 _dark = {"said": 0}
+_merge = {"said": 0}  # colour images on a dark background (``_warn_merge``)
 _dark_lock = threading.Lock()
 
 
@@ -205,14 +206,16 @@ def reset_dark_warnings() -> None:
         _merge["said"] = 0
 
 
-_merge = {"said": 0}
+def _count(said: dict) -> int:
+    """One more file of a kind that is named in a warning (``_dark``, ``_merge``): how many so far this run."""
+    with _dark_lock:
+        said["said"] += 1
+        return said["said"]
 
 
 def _warn_merge(name) -> None:
     """A colour image on a dark background is a fluorescence merge: the grey rule averages its stains."""
-    with _dark_lock:
-        _merge["said"] += 1
-        said = _merge["said"]
+    said = _count(_merge)
     if said <= DARK_NAMED:
         log.warning("%s is a colour image on a dark background (a fluorescence merge?): its channels are averaged, so "
                     "every stain in it reads as nuclei; pass --channel N (channel=N) for the nuclear stain alone "
@@ -222,9 +225,7 @@ def _warn_merge(name) -> None:
 
 
 def _warn_dark(name, top: int, bits: int) -> None:
-    with _dark_lock:
-        _dark["said"] += 1
-        said = _dark["said"]
+    said = _count(_dark)
     if said <= DARK_NAMED:
         log.warning("%s uses values up to %d of its %d-bit range: under the fixed rule it reads nearly black; "
                     "pass --intensity percentile (intensity='percentile') to stretch each image", name, top, bits)
