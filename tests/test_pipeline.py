@@ -488,3 +488,22 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "[]" and (tmp_path / "out" / "labels").is_dir()
+
+
+def test_predict_images_then_labels_from_probabilities_is_segment_for_many_images():
+    """The README's way for several images: ``predict_images`` yields each one's probability maps (paths and
+    pixels alike, as ``segment`` takes them), ``labels_from_probabilities`` makes its nuclei: ``segment``'s labels."""
+    from unet_pl import load_model, segment
+    from unet_pl.data import SAMPLE_DIR
+    from unet_pl.data.images import scan_train_dir
+    from unet_pl.data.readers import read_raw
+    from unet_pl.inference import labels_from_probabilities, predict_images
+
+    net = load_model()
+    paths = [it.image for it in scan_train_dir(SAMPLE_DIR)[:3]]
+    images = [paths[0], read_raw(paths[1]), str(paths[2])]
+    probs = list(predict_images(net, images, net.settings))
+    assert len(probs) == 3 and all(p.ndim == 3 and p.shape[0] == net.settings.out_channels for p in probs)
+    for prob, path in zip(probs, paths):
+        labels = labels_from_probabilities(prob, net.settings)
+        assert labels.max() > 0 and np.array_equal(labels, segment(net, path))
