@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unet_pl.inference import Settings
-from unet_pl.inference.predict import probabilities
+from unet_pl.inference.predict import predict_scaled, probabilities
 from unet_pl.inference.scale import AUTO_BAND, TRAINING_MEDIAN_AREAS, auto_factor, check_scale, resize
 
 
@@ -108,15 +108,16 @@ def test_auto_measures_with_one_view_then_predicts_at_its_factor_with_the_tta(tt
         labels = discs(128, radius)
         image = np.repeat((labels > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
         net = Bright()
-        prob = probabilities(net, image, Settings(resolution="native", scale="auto", tta=tta))
+        prob, chosen = next(predict_scaled(net, [image], Settings(resolution="native", scale="auto", tta=tta)))
         assert prob.shape == (1, 128, 128) and ((prob[0] > 0.5) == (labels > 0)).mean() > 0.99
         first, rest = net.seen[0], net.seen[1:]
         assert first == (128, 128)  # one plain view measures the nuclei
         if enlarged:  # then every view at the factor that brings them to 258 px, worked by hand
             factor = np.sqrt(258 / np.median(np.bincount(labels.ravel())[1:]))
             assert len(rest) == views and len(set(rest)) == 1 and abs(rest[0][0] - 128 * factor) < 16, (rest, factor)
+            assert chosen == pytest.approx(factor, rel=0.02)  # the factor reported with the probabilities
         else:  # kept: without TTA the first pass is the answer; with it, the views at 1.0
-            assert rest == [(128, 128)] * (views if tta != "none" else 0)
+            assert rest == [(128, 128)] * (views if tta != "none" else 0) and chosen == 1.0
 
 
 class SureAt(torch.nn.Module):
@@ -138,7 +139,8 @@ def test_certainty_keeps_the_scale_the_network_is_surest_at(tta):
     s = Settings(resolution="native", scale="certainty", tta=tta)
     views = 1 if tta == "none" else 4
     sure_small = SureAt(48)  # sure at half size
-    prob = probabilities(sure_small, image, s)
+    prob, chosen = next(predict_scaled(sure_small, [image], s))
+    assert chosen == 0.5
     assert prob.shape == (1, 128, 96) and np.allclose(prob, torch.sigmoid(torch.tensor(6.0)).item())
     # one plain pass at each factor; with TTA, the views at the chosen factor only
     assert sure_small.seen == [(128, 96), (64, 48)] + ([(64, 48)] * views if tta != "none" else [])
@@ -210,3 +212,43 @@ def test_the_settings_line_says_how_images_meet_the_network():
     assert s.replace(scale="certainty").describe().startswith("images at their own size,")
     assert "scale certainty" in s.replace(scale="certainty").describe()
     assert s.replace(tile=512).describe().startswith("images at their own size in tiles of at most 512 px,")
+
+
+def test_predict_py_reports_the_factor_auto_chose_for_each_image(tmp_path):
+    """predict.py --scale auto on a real sample image and the same image enlarged 4x: summary.csv's scale
+    column holds, for each, the factor the README's rule gives for the nuclei of a first pass at its own
+    size (``auto_factor`` of ``segment`` without TTA): a shrinking for the enlarged image, and the closing
+    line says how many images were resized."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tifffile
+
+    from unet_pl.data import SAMPLE_DIR
+    from unet_pl.data.images import read_image, scan_train_dir
+    from unet_pl.inference import load_model, segment
+
+    item = next(it for it in scan_train_dir(SAMPLE_DIR) if it.id.startswith("0287e7ee"))
+    image = read_image(item.image)
+    big = np.kron(image, np.ones((4, 4, 1), np.uint8))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "as_is.tif", image, photometric="rgb")
+    tifffile.imwrite(folder / "enlarged.tif", big, photometric="rgb")
+    net = load_model()
+    want = {"as_is": auto_factor(segment(net, image)), "enlarged": auto_factor(segment(net, big))}
+    assert want["as_is"] > 0.8 and 0.25 <= want["enlarged"] < 0.8, want  # shrunk (the first pass cuts some in pieces)
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "scripts/predict.py", "--gpus", "0", "--no-progress", "--data-dir", str(folder),
+                        "--out-dir", str(out), "--scale", "auto"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(out / "summary.csv", newline="") as f:
+        got = {r["image"]: float(r["scale"]) for r in csv.DictReader(f)}
+    assert got == pytest.approx(want, abs=1e-4)
+    resized = sum(f != 1.0 for f in want.values())
+    assert f"scale auto: {resized} of 2 images resized before the network" in p.stdout or (
+        resized == 0 and "scale auto: every image at its own size" in p.stdout), p.stdout
+    assert "summary.csv's scale column" in p.stdout

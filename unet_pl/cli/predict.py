@@ -21,6 +21,7 @@ from ..data.holdout import HOLDOUTS
 from ..data.readers import INTENSITIES, INTENSITY_HELP
 from ..inference.postprocess import SPLITS
 from ..inference.scale import AUTO_BAND
+from ..inference.scale import MODES as SCALE_MODES
 from ..inference.tta import TTAS
 from ..precision import PREDICT_PRECISIONS
 from ..precision import describe as describe_precision
@@ -213,6 +214,8 @@ def _main(argv: list[str] | None) -> None:
                   "(kept; nuclei.csv and summary.csv list this run's images only)")
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
+    if settings.scale in SCALE_MODES and stats["scales"]:
+        print(scale_line(settings.scale, stats["scales"], bool(args.out_dir)))
     if stats.get("least_sure") and stats["nuclei"]:  # none anywhere: the warning below says it
         names = ", ".join(f"{i} ({'no nuclei' if p is None else f'{p:.2f}'})" for i, p in stats["least_sure"])
         more = sum(p is None for p in stats["sureness"].values()) - sum(p is None for _, p in stats["least_sure"])
@@ -236,6 +239,20 @@ def _main(argv: list[str] | None) -> None:
         fail(f"{len(bad)} image{'s' * (len(bad) != 1)} could not be read and {'have' if len(bad) != 1 else 'has'} no "
              f"results (the results of the other {n} are written): {next(iter(bad.values()))}" + (
                  f"; also {', '.join(list(bad)[1:4])}{', ...' if len(bad) > 4 else ''}" if len(bad) > 1 else ""))
+
+
+def scale_line(mode: str, scales: dict[str, float], table: bool) -> str:
+    """The closing line of ``--scale auto`` or ``certainty``: how many images the network saw resized, by
+    which factors, naming the first; ``table``: summary.csv (which has every image's factor) is written."""
+    resized = {i: f for i, f in scales.items() if f != 1.0}
+    where = "; summary.csv's scale column has each image's" if table else ""
+    if not resized:
+        return f"scale {mode}: every image at its own size ({len(scales)} of {len(scales)}){where}"
+    low, high = min(resized.values()), max(resized.values())
+    span = f"{low:.2g}x" if low == high else f"{low:.2g}x to {high:.2g}x"
+    first = next(iter(resized))
+    return (f"scale {mode}: {len(resized)} of {len(scales)} images resized before the network ({span}; first: {first} "
+            f"at {resized[first]:.3g}x), the others at their own size{where}")
 
 
 class _Terminated(KeyboardInterrupt):

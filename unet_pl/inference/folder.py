@@ -22,7 +22,7 @@ from ..data.images import list_images
 from ..data.readers import DamagedFile, pixel_size, read_raw, reset_dark_warnings, to_rgb8
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image, overlay_image
-from .predict import labels_from_probabilities, predict_images
+from .predict import labels_from_probabilities, predict_scaled
 from .scale import largest_factor
 from .settings import Settings
 
@@ -134,6 +134,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     results); when the first UNREADABLE_FIRST images (or all of them, if fewer) cannot be read, the
     first one's ValueError ends the run: a setting (``channel``) that fits none of them, most likely.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
+    "scales": {id: the factor the network saw it at (``settings.scale``'s choice; native models only)},
     "unreadable": {id: why, of the images skipped},
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one,
     "sureness": {id: summary.csv's probability_mean, None without nuclei} (with out_dir only, else empty),
@@ -159,20 +160,21 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     # resize mode: the network takes batches of small squares; native: one image at a time
     chunk = batch_size if settings.resolution == "resize" else 1
 
-    def predict_chunk(items: list[tuple[str, np.ndarray, np.ndarray]], n_threads: int) -> list[tuple[str, int, bool]]:
+    def predict_chunk(items: list[tuple[str, np.ndarray, np.ndarray]],
+                      n_threads: int) -> list[tuple[str, int, bool, float | None]]:
         """Nuclei and outputs of a few images on this thread with ``n_threads`` torch threads:
-        ``(id, nuclei, squashed)`` each."""
+        ``(id, nuclei, squashed, scale factor)`` each."""
         if torch.get_num_threads() != n_threads:
             torch.set_num_threads(n_threads)
         done = []
-        probs = predict_images(net, (image for _, _, image in items), settings.decoded(), batch_size)
-        for (image_id, raw, image), prob in zip(items, probs, strict=True):
+        probs = predict_scaled(net, (image for _, _, image in items), settings.decoded(), batch_size)
+        for (image_id, raw, image), (prob, factor) in zip(items, probs, strict=True):
             labels = labels_from_probabilities(prob, settings)
             shown = overlay_image(raw, image) if outputs.draws_overlays else image  # the file as it looks, not as the network reads it
             outputs.add(image_id, shown, intensity_image(raw), labels, prob,
-                        pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None)
+                        pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None, scale=factor)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
-            done.append((image_id, int(labels.max(initial=0)), squashed))
+            done.append((image_id, int(labels.max(initial=0)), squashed, factor))
         return done
 
     def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
@@ -215,12 +217,15 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
         finally:
             pairs.close()
 
-    stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders(), "unreadable": {}}
+    stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders(), "unreadable": {},
+             "scales": {}}
     bar = tqdm(total=len(entries), unit="img", desc="predict", disable=not progress)
 
-    def collect(done: list[tuple[str, int, bool]]) -> None:
-        for image_id, n, squashed in done:
+    def collect(done: list[tuple[str, int, bool, float | None]]) -> None:
+        for image_id, n, squashed, factor in done:
             stats["images"] += 1
+            if factor is not None:
+                stats["scales"][image_id] = factor
             stats["nuclei"] += n
             stats["empty"] += n == 0
             if squashed:

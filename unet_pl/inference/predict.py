@@ -143,7 +143,6 @@ def segment(net: nn.Module, image: np.ndarray | str | Path, settings: Settings |
     return labels_from_probabilities(probabilities(net, image, s), s)
 
 
-@torch.inference_mode()
 def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Settings, batch_size: int = 8) -> Iterator[np.ndarray]:
     """Probabilities ``(C, H, W)`` for each image of ``images`` (each a file's path or its pixels, as
     ``segment`` takes them: ``check_image``), in order; ``labels_from_probabilities`` makes nuclei of each.
@@ -153,6 +152,15 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
     (padded to a multiple of 16) or in overlapping tiles above ``settings.tile``, resized by
     ``settings.scale`` first and back after (``unet_pl.inference.scale``).
     """
+    return (prob for prob, _ in predict_scaled(net, images, settings, batch_size))
+
+
+@torch.inference_mode()
+def predict_scaled(net: nn.Module, images: Iterable[np.ndarray], settings: Settings,
+                   batch_size: int = 8) -> Iterator[tuple[np.ndarray, float | None]]:
+    """``predict_images`` with the factor each image was resized by before the network: ``(probabilities,
+    factor)``; the factor is ``settings.scale``'s (the one chosen for the image with "auto" or
+    "certainty"), None for resize-mode models (squashed to ``img_size`` squares, not scaled)."""
     device = _device(net)
     images = (check_image(image, settings) for image in images)
     if settings.resolution == "native":
@@ -187,7 +195,7 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
                         prob = None  # freed before the second pass
                         prob = at(x, factor, settings.tta)
             # (C, H, W) in order: the network's channels-last output would leave every later pass striding
-            yield prob[0].cpu().contiguous().numpy()
+            yield prob[0].cpu().contiguous().numpy(), (best if settings.scale == "certainty" else factor)
         return
     batch: list[np.ndarray] = []
     sizes: list[tuple[int, int]] = []
@@ -195,7 +203,7 @@ def predict_images(net: nn.Module, images: Iterable[np.ndarray], settings: Setti
     def flush() -> Iterator[np.ndarray]:
         prob = network_probabilities(net, to_input(np.stack(batch), device), settings.tta, settings.precision).cpu().numpy()
         for p, size in zip(prob, sizes, strict=True):
-            yield resize_back(p, size)
+            yield resize_back(p, size), None
         batch.clear()
         sizes.clear()
 
