@@ -107,6 +107,59 @@ def test_a_z_stack_says_how_to_make_one_plane(tmp_path):
         read_raw(path)
 
 
+def test_a_time_series_says_to_segment_each_time_point_not_to_project(tmp_path):
+    """Projecting a time-lapse over time merges nuclei that moved: the way out is one image per time point."""
+    grey, _ = _fluo()
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, np.stack([grey] * 3), imagej=True, metadata={"axes": "TYX"})
+    with pytest.raises(ValueError, match=r"movie\.tif: a time series \(3 along t .*each time point.*Stack to Images") as e:
+        read_raw(path)
+    assert "Z Project" not in str(e.value)
+
+
+def test_a_multi_position_ome_tiff_says_that_only_its_first_image_is_read(tmp_path, caplog):
+    """An OME-TIFF of two positions (two series of one size) is read as its first, with a warning naming the file
+    and the count; a file whose second series is a small thumbnail (a slide's overview) gets no warning."""
+    grey, _ = _fluo()
+    two, thumb = tmp_path / "two positions.ome.tif", tmp_path / "thumb.ome.tif"
+    with tifffile.TiffWriter(two, ome=True) as tif:
+        tif.write(grey, metadata={"axes": "YX"})
+        tif.write(255 - grey, metadata={"axes": "YX"})
+    with tifffile.TiffWriter(thumb, ome=True) as tif:
+        tif.write(grey, metadata={"axes": "YX"})
+        tif.write(grey[::8, ::8], metadata={"axes": "YX"})
+    assert len(tifffile.TiffFile(two).series) == 2 and len(tifffile.TiffFile(thumb).series) == 2
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(read_raw(two)[..., 0], grey)
+    said = [r.getMessage() for r in caplog.records if "series" in r.getMessage()]
+    assert len(said) == 1 and "two positions.ome.tif holds 2 images" in said[0] and "only the first" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(read_raw(thumb)[..., 0], grey)
+    assert not [r for r in caplog.records if "series" in r.getMessage()]
+
+
+def test_a_folder_given_as_an_image_says_how_to_predict_a_folder(tmp_path):
+    from unet_pl import segment
+
+    with pytest.raises(ValueError, match=r"is a folder, not an image file.*predict_folder"):
+        segment(LitUNet(img_size=32), tmp_path)
+
+
+def test_a_folder_of_experiment_folders_names_them_and_the_one_to_pass(tmp_path):
+    """exp/control/*.tif and exp/treated/*.tif: subfolders are not searched; the error says so and names one to pass
+    (not the competition's layout, which is not what such a user has)."""
+    png = SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png"
+    for name in ("control", "treated"):
+        (tmp_path / name).mkdir()
+        shutil.copy(png, tmp_path / name / "a.png")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"subfolders are not searched: control/, treated/ hold image files; "
+                                                r"pass one of them \(--data-dir .*control\)") as e:
+        list_images(tmp_path)
+    assert "notes" not in str(e.value)
+
+
 def _labels_from(masks: list[Path], shape) -> np.ndarray:
     return decode_masks(shape, masks)
 

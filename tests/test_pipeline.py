@@ -418,11 +418,16 @@ image = read_raw(path, net.settings.channel)
 labels = segment(net, image)
 labels = segment(net, image, tta="d4", min_size=20)
 assert labels.shape == image.shape[:2] and net.settings.img_size == 32
+from unet_pl import predict_folder
+stats = predict_folder(net, path.parent, {str(tmp_path / 'results' / 'submission.csv')!r}, out_dir={str(tmp_path / 'results')!r}, rois=True, progress=False)
+assert stats["images"] == 1 and stats["nuclei"] == segment(net, path).max()
 print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == "[]"
+    results = tmp_path / "results"
+    assert {f.name for f in results.iterdir()} >= {"labels", "rois", "nuclei.csv", "summary.csv", "submission.csv"}
 
 
 def test_segment_takes_image_arrays_and_says_what_else_to_do():

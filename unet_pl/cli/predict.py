@@ -204,14 +204,14 @@ def _main(argv: list[str] | None) -> None:
              "choose an output folder you can write to (--out-dir)")
     took = time.perf_counter() - t0
     n = stats["images"]
-    print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} nuclei ({stats['empty']} without any) in {took:.1f} s on {device}")
+    print(f"done: {n} image{'s' * (n != 1)}, {stats['nuclei']} {'nucleus' if stats['nuclei'] == 1 else 'nuclei'} ({stats['empty']} without any) in {took:.1f} s on {device}")
     if args.out_dir:
         inside = Path(out_csv).resolve().parent == Path(args.out_dir).resolve()
         outputs = [o for o in stats["outputs"] if inside or o != Path(out_csv).name]
         print(f"results: {args.out_dir} ({', '.join(outputs)})" + ("" if inside else f", {out_csv}"))
         if stats.get("earlier"):
-            print(f"note: {args.out_dir} also holds {stats['earlier']} file(s) of earlier runs for images not in this one "
-                  "(kept; nuclei.csv and summary.csv list this run's images only)")
+            print(f"note: {args.out_dir} also holds {stats['earlier']} file(s) of earlier runs for images this one wrote "
+                  "nothing for, not in it or unreadable (kept; nuclei.csv and summary.csv list this run's images only)")
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
     if settings.scale in SCALE_MODES and stats["scales"]:

@@ -438,6 +438,12 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     elif vendor:
         check_suffix(vendor[0])  # nothing else to predict: the error, with the way out
     if not found:
+        holding = [p for p in subfolders if not (p / "images").is_dir() and any(
+            f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.iterdir())]
+        if holding:  # a folder of experiments: its subfolders hold the images
+            raise FileNotFoundError(f"{folder} holds no images itself, and its subfolders are not searched: "
+                                    f"{_names([p.name + '/' for p in holding])} hold image files; pass one of them "
+                                    f"(--data-dir {holding[0]}), one run per folder")
         inside = f" (its folders {_names(others)} have no images/ folder inside)" if others else ""
         raise FileNotFoundError(f"{folder} holds no images{inside}; expected <id>/images/<id>.png folders or image "
                                 f"files ({', '.join(IMAGE_SUFFIXES)})")

@@ -78,6 +78,9 @@ def check_suffix(path: Path) -> None:
 def read_raw(path: str | Path, channel: int | None = None) -> np.ndarray:
     """An image file -> uint8 or uint16 ``(H, W, C)``, C = 3 (RGB) or 1; see the module docstring."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file: give one image's path, or for a folder of images "
+                         "unet_pl.predict_folder(net, folder, csv, out_dir=...) (scripts/predict.py --data-dir FOLDER)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     check_suffix(path)
@@ -450,6 +453,9 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes, arr = series.axes, series.asarray()
+            # more images of the first one's size (positions of a multi-position acquisition; not a slide's
+            # thumbnail, label or pyramid levels, which are smaller)
+            alike = sum(_plane(s) == _plane(series) for s in tif.series[1:])
             page = series.keyframe
             grey_samples = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
             alpha = [x in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA) for x in page.extrasamples]
@@ -480,6 +486,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
         said = said.removeprefix("raised ")
         raise DamagedFile(f"{path}: this TIFF is cut off or damaged ({said}), so only part of it could be read; copy "
                           "it again from the original, or save it again from Fiji as TIFF")
+    if alike:
+        log.warning("%s holds %d images of this size (series: the positions of a multi-position acquisition?); only "
+                    "the first is read: save each as its own TIFF (Fiji: File > Import > Bio-Formats, 'Open all series', "
+                    "then save each) to segment them all", path, alike + 1)
     if grey_samples and "S" in axes:
         # Samples of a grey pixel are not R, G and B: grey + alpha is the grey, anything else is channels
         if len(alpha) == 1 and alpha[0] and arr.shape[axes.index("S")] == 2:
@@ -497,8 +507,13 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
     extra = [a for a in axes if a not in "YXCS" and not (unnamed and a == "Q")]
     if extra:
         sizes = ", ".join(f"{arr.shape[axes.index(a)]} along {_AXIS_NAMES.get(a, a)}" for a in extra)
+        if "T" in extra:  # a projection over time merges nuclei that moved: each time point is an image
+            raise ValueError(f"{path}: a time series ({sizes}; axes {axes}), not one 2-D image; segment each time point "
+                             "as an image of its own: in Fiji, Image > Stacks > Stack to Images, then save each as TIFF "
+                             "into one folder (File > Save As > Image Sequence... does both) and predict that folder")
         raise ValueError(f"{path}: a stack ({sizes}; axes {axes}), not one 2-D image; make a projection or pick one "
-                         "plane in Fiji (Image > Stacks > Z Project..., or Image > Duplicate... one slice) and save it as TIFF")
+                         "plane in Fiji (Image > Stacks > Z Project... with Max Intensity, or Image > Duplicate... one "
+                         "slice) and save it as TIFF")
     if sum(a in "CSQ" for a in axes) > 1:
         raise ValueError(f"{path}: both channel and sample axes ({axes}); save the nuclear channel alone as TIFF")
     if "Y" not in axes or "X" not in axes:
@@ -506,6 +521,14 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
     order = [axes.index("Y"), axes.index("X")] + [i for i, a in enumerate(axes) if a in "CSQ"]
     arr = np.transpose(arr, order)
     return arr, "YX" + "".join(a for a in axes if a in "CSQ")
+
+
+def _plane(series) -> tuple[int, ...]:
+    """A tifffile series' (height, width), from its axes (its shape's last two where it names no Y and X)."""
+    axes = series.axes
+    if "Y" in axes and "X" in axes:
+        return series.shape[axes.index("Y")], series.shape[axes.index("X")]
+    return tuple(series.shape[-2:])
 
 
 #: Planes of a TIFF without axes metadata that ``channel`` may pick from (more: a stack).
@@ -531,7 +554,8 @@ def _integer(arr: np.ndarray, path: Path) -> np.ndarray:
         if lo >= 0 and arr.ndim == 2:
             return arr  # a label image with more than 65,535 nuclei: kept for read_label_image
         raise ValueError(f"{path}: {arr.dtype} values from {lo} to {hi} do not fit 16 bits; save it as 8- or 16-bit TIFF")
-    raise ValueError(f"{path}: {arr.dtype} pixels with fractions (deconvolved or processed data) are not read; save "
+    raise ValueError(f"{path}: {arr.dtype} pixels with fractions (deconvolved or processed data, or an Average Intensity "
+                     "projection: Max Intensity keeps whole numbers) are not read; save "
                      "it as an 8- or 16-bit TIFF (Fiji: Image > Type > 16-bit; for a label image first turn off "
                      "Edit > Options > Conversions > Scale when converting, which would renumber its nuclei)")
 
