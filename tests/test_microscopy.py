@@ -452,14 +452,16 @@ def test_grey_intensity_makes_nuclei_bright_on_dark_in_every_modality():
 def test_grey_from_the_histogram_of_channel_sums_is_numpys_formula_to_the_level():
     """The grey rule through its lookup table (``_grey_levels``) gives exactly the float formula with
     numpy's own mean, percentiles, median and rounding: on the sample's images, and on random
-    uint8 / 12-bit / 16-bit images of 1-4 channels, constant ones and ones of a few levels."""
-    from unet_pl.data.readers import to_rgb8
+    uint8 / 12-bit / 16-bit images of 1-4 channels (and 9, read without the table), constant ones and ones of a
+    few levels; with each background: auto inverts where the median is above half, dark never, bright always."""
+    from unet_pl.data.readers import read_levels, to_rgb8
 
-    def formula(raw):
+    def formula(raw, background="auto"):
         g = (raw if raw.ndim == 3 else raw[:, :, None]).astype(np.float32).mean(axis=2)
         lo, hi = np.percentile(g, (1.0, 99.8))
         scaled = np.clip((g - lo) * (255.0 / max(float(hi - lo), 1e-6)), 0, 255)
-        return np.rint(255.0 - scaled if np.median(scaled) > 127.5 else scaled).astype(np.uint8)
+        invert = {"auto": np.median(scaled) > 127.5, "dark": False, "bright": True}[background]
+        return np.rint(255.0 - scaled if invert else scaled).astype(np.uint8), invert
 
     rng = np.random.default_rng(3)
     cases = [read_raw(p) for p in sorted(SAMPLE_DIR.glob("*/images/*.png"))]
@@ -470,9 +472,15 @@ def test_grey_from_the_histogram_of_channel_sums_is_numpys_formula_to_the_level(
         x = (rng.integers(0, top + 1, shape) if kind == 0 else np.full(shape, int(rng.integers(0, top + 1))) if kind == 1
              else rng.integers(0, 4, shape) * (top // 3) if kind == 2 else (top - rng.gamma(2, top / 20, shape)).clip(0, top))
         cases.append(x.astype(dtype))
-    for raw in cases:
+    cases += [rng.integers(0, 4096, (20, 30, 9)).astype(np.uint16), (rng.integers(0, 4, (20, 30, 9)) * 80).astype(np.uint8)]
+    for i, raw in enumerate(cases):
         grey = to_rgb8(raw, "grey")
-        assert (grey[..., 0] == grey[..., 1]).all() and np.array_equal(grey[..., 0], formula(raw)), (raw.shape, raw.dtype)
+        assert (grey[..., 0] == grey[..., 1]).all() and np.array_equal(grey[..., 0], formula(raw)[0]), (raw.shape, raw.dtype)
+        for background in ("auto", "dark", "bright"):
+            levels, inverted = read_levels(raw, "grey", background=background)
+            assert (np.array_equal(levels[..., 0], formula(raw, background)[0])
+                    and inverted == formula(raw, background)[1]), (i, background)
+    assert read_levels(cases[0], "percentile")[1] is None and read_levels(cases[0], "fixed")[1] is None
 
 
 def test_percentiles_from_the_histogram_are_numpys_and_the_lookup_is_the_formula():

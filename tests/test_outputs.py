@@ -727,3 +727,53 @@ def test_a_nucleus_whose_pieces_touch_at_a_corner_gets_one_roi_around_all_of_it(
     for roi, k in zip(rois, (1, 2)):
         filled = _imagej_fill(roi, labels.shape)
         assert np.array_equal(filled, labels == k), (k, filled.sum(), (labels == k).sum())
+
+
+def _crowded(spacing: int, side: int = 256, radius: int = 9, seed: int = 0) -> tuple[np.ndarray, int]:
+    """A synthetic fluorescence field: bright discs of about ``radius`` on a hexagonal grid ``spacing`` apart, on a
+    dark noisy background, blurred a little; (uint8 image, number of discs). At spacing 21 the discs cover 70% of it."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    img, n = np.zeros((side, side), np.float32), 0
+    for row, y in enumerate(range(radius, side - radius, int(spacing * 0.866))):
+        for x in range(radius + (spacing // 2) * (row % 2), side - radius, spacing):
+            r = radius + rng.uniform(-1, 1)
+            img[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = rng.uniform(150, 250)
+            n += 1
+    img = ndi.gaussian_filter(img, 1.0) + rng.normal(0, 4, img.shape) + 15
+    return np.clip(img, 0, 255).astype(np.uint8), n
+
+
+def test_a_crowded_fluorescence_field_read_as_bright_background_is_named_and_background_dark_reads_it(tmp_path):
+    """The grey rule inverts an image whose stretched median is above half: a fluorescence field whose nuclei cover
+    70% of it reads as brightfield, and the bundled model finds a fraction of its nuclei. summary.csv's background
+    column and the closing line say which image was read so, and --background dark finds every disc (counted by
+    construction); a sparser field is read as dark either way. A model of the fixed rule refuses the flag."""
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    crowded, n_crowded = _crowded(21)
+    sparse, n_sparse = _crowded(26)
+    tifffile.imwrite(folder / "crowded.tif", crowded)
+    tifffile.imwrite(folder / "sparse.tif", sparse)
+    counts = {}
+    for background in ("auto", "dark"):
+        out = tmp_path / background
+        p = predict("--data-dir", folder, "--out-dir", out, "--background", background)
+        rows = {r["image"]: r for r in _rows(out / "summary.csv")}
+        counts[background] = {k: int(r["nuclei"]) for k, r in rows.items()}
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("background: ")]
+        if background == "auto":
+            assert {k: r["background"] for k, r in rows.items()} == {"crowded": "bright", "sparse": "dark"}
+            assert lines == [lines[0]] and "1 of 2 images read as bright-background" in lines[0] and "first crowded" in lines[0]
+            assert "--background dark" in lines[0]
+        else:
+            assert {r["background"] for r in rows.values()} == {"dark"} and not lines
+            assert "never inverted (background dark)" in p.stdout
+    assert counts["auto"]["crowded"] < 0.5 * n_crowded and abs(counts["dark"]["crowded"] - n_crowded) <= 0.05 * n_crowded
+    assert counts["auto"]["sparse"] == counts["dark"]["sparse"] and abs(counts["dark"]["sparse"] - n_sparse) <= 0.05 * n_sparse
+    p = predict("--ckpt", _ckpt(tmp_path / "m.ckpt"), "--data-dir", folder, "--out-dir", tmp_path / "x", "--background", "dark",
+                check=False)
+    assert p.returncode == 2 and "background dark chooses the grey rule's inversion" in p.stderr and "fixed" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

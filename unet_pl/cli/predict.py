@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..data.holdout import HOLDOUTS
-from ..data.readers import INTENSITIES, INTENSITY_HELP
+from ..data.readers import BACKGROUNDS, INTENSITIES, INTENSITY_HELP
 from ..inference.postprocess import SPLITS
 from ..inference.scale import AUTO_BAND
 from ..inference.scale import MODES as SCALE_MODES
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the nuclear channel of multi-channel files, from 1 (default: the checkpoint's)")
     p.add_argument("--intensity", choices=INTENSITIES, default=None,
                    help=f"{INTENSITY_HELP} (default: the checkpoint's, i.e. as it was trained)")
+    p.add_argument("--background", choices=BACKGROUNDS, default="auto",
+                   help="grey and hematoxylin rules: auto inverts images whose background reads bright (brightfield, "
+                        "H&E); dark never inverts (fluorescence, also crowded or overexposed fields that auto may "
+                        "misread: summary.csv's background column says how each image was read); bright always inverts")
     p.add_argument("--tta", choices=TTAS, default="none",
                    help="test-time augmentation: average 4 flips or all 8 flips and 90-degree rotations (none: the notebook)")
     p.add_argument("--precision", choices=PREDICT_PRECISIONS, default="auto",
@@ -153,7 +157,8 @@ def _main(argv: list[str] | None) -> None:
                                         min_relative_size=args.min_relative_size, min_probability=args.min_probability,
                                         seed_threshold=args.seed_threshold, tta=args.tta, tile=args.tile, scale=args.scale,
                                         img_size=args.img_size, split=None if args.split == "auto" else args.split,
-                                        channel=args.channel, intensity=args.intensity, precision=args.precision)
+                                        channel=args.channel, intensity=args.intensity, precision=args.precision,
+                                        background=args.background)
     except (FileNotFoundError, ValueError) as e:
         fail(flag_names(str(e)))
     if not (args.ckpt or args.keras_h5):
@@ -214,6 +219,8 @@ def _main(argv: list[str] | None) -> None:
                   "nothing for, not in it or unreadable (kept; nuclei.csv and summary.csv list this run's images only)")
     else:
         print(f"results: {out_csv}" + "".join(f", {d}" for d in (args.masks_dir, args.overlays_dir) if d))
+    if settings.background == "auto" and any(stats["inverted"].values()):
+        print(background_line(stats["inverted"], bool(args.out_dir)))
     if settings.scale in SCALE_MODES and stats["scales"]:
         print(scale_line(settings.scale, stats["scales"], bool(args.out_dir)))
     if stats.get("least_sure") and stats["nuclei"]:  # none anywhere: the warning below says it
@@ -239,6 +246,17 @@ def _main(argv: list[str] | None) -> None:
         fail(f"{len(bad)} image{'s' * (len(bad) != 1)} could not be read and {'have' if len(bad) != 1 else 'has'} no "
              f"results (the results of the other {n} are written): {next(iter(bad.values()))}" + (
                  f"; also {', '.join(list(bad)[1:4])}{', ...' if len(bad) > 4 else ''}" if len(bad) > 1 else ""))
+
+
+def background_line(inverted: dict[str, bool], table: bool) -> str:
+    """The closing line when the grey rule inverted some images (read their background as bright): how many,
+    the first, and the way out for fluorescence it misread; ``table``: summary.csv is written."""
+    bright = [i for i, v in inverted.items() if v]
+    where = " (summary.csv's background column)" if table else ""
+    share = f"all {len(bright)}" if len(bright) == len(inverted) else f"{len(bright)} of {len(inverted)}"
+    return (f"background: {share} images read as bright-background (brightfield, H&E) and inverted{where}, first "
+            f"{bright[0]}; crowded or overexposed fluorescence can read so too: if these are fluorescence, predict "
+            "them again with --background dark")
 
 
 def scale_line(mode: str, scales: dict[str, float], table: bool) -> str:

@@ -3,7 +3,7 @@ Axes from the file's metadata, channels picked by the user, bit depths kept unti
 rule turns them into the network's uint8.
 
     read_raw(path, channel)      -> uint8 or uint16 (H, W, C): C = 3 (RGB) or 1 (grey, or the chosen channel)
-    to_rgb8(raw, intensity)      -> uint8 (H, W, 3), by one of INTENSITIES:
+    to_rgb8(raw, intensity)      -> uint8 (H, W, 3), by one of INTENSITIES (read_levels: and whether it inverted):
         "fixed"       the notebook's rule: 8-bit as is, 16-bit keeps its high byte (v >> 8). An image
                       that uses less than 1/16 of its type's range (12-bit camera data in a 16-bit
                       file: 0-4095) is read nearly black: a warning names it and the flag.
@@ -13,7 +13,8 @@ rule turns them into the network's uint8.
         "grey"        every kind of image made to look like fluorescence: the channels averaged
                       to grey, stretched like "percentile", and inverted when the background is
                       bright (the stretched image's median above 0.5: brightfield, H&E and other
-                      stains on white), so that nuclei are always bright on dark. Issue 15. The
+                      stains on white), so that nuclei are always bright on dark (``background``
+                      "dark" never inverts, "bright" always: BACKGROUNDS). Issue 15. The
                       default of --mode instance. ``unet_pl.model.grey_input`` is the same in torch
                       (for bioimage.io packages), to the grey level.
         "hematoxylin" as "grey", except colour images on a bright background (H&E and other stained
@@ -46,6 +47,10 @@ from ..perf import bincount
 log = logging.getLogger(__name__)
 
 INTENSITIES = ("fixed", "percentile", "grey", "hematoxylin")
+#: The grey rules' background (``to_rgb8``'s ``background``): "auto" inverts an image whose stretched median is
+#: above half (brightfield, H&E), "dark" never inverts (fluorescence, also crowded or overexposed fields, whose
+#: bright nuclei can cover more than half of it), "bright" always does.
+BACKGROUNDS = ("auto", "dark", "bright")
 #: What each rule does, in the words of train.py's and predict.py's --help.
 INTENSITY_HELP = ("fixed: the notebook's rule (16-bit keeps its high byte; 12-bit data reads dark, with a warning); "
                   "percentile: each image stretched between its 1st and 99.8th percentiles; grey: channels averaged, "
@@ -153,10 +158,21 @@ def channel_mean(raw: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image", warn: bool = True) -> np.ndarray:
+def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image", warn: bool = True,
+            background: str = "auto") -> np.ndarray:
     """``read_raw``'s array (or any uint8/uint16 ``(H, W)`` / ``(H, W, 1|3)``) -> uint8 ``(H, W, 3)``.
     ``warn``: the fixed rule's warning on dark 12-bit data (off where the fixed reading is only
-    looked at, not trained on: the modality of a file that a model reads with another rule)."""
+    looked at, not trained on: the modality of a file that a model reads with another rule).
+    ``background``: the grey rules' inversion, one of BACKGROUNDS."""
+    return read_levels(raw, intensity, name, warn, background)[0]
+
+
+def read_levels(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image", warn: bool = True,
+                background: str = "auto") -> tuple[np.ndarray, bool | None]:
+    """``to_rgb8``'s image and whether it was inverted (a bright background made dark; None for the
+    rules that never invert: fixed, percentile)."""
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose one of {', '.join(BACKGROUNDS)}")
     if intensity not in INTENSITIES:
         raise ValueError(f"unknown intensity rule {intensity!r}; choose one of {', '.join(INTENSITIES)}")
     raw = np.asarray(raw)
@@ -164,6 +180,7 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
         raise ValueError(f"{name}: {raw.dtype} pixels are not an image the network reads; save it as 8- or 16-bit")
     if raw.ndim == 2:
         raw = raw[:, :, None]
+    inverted = None
     if intensity == "percentile":
         lo, hi = percentiles(raw, PERCENTILES)
         gain = 255.0 / max(float(hi - lo), 1e-6)
@@ -171,15 +188,16 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
         lut = np.clip(np.rint((np.arange(np.iinfo(raw.dtype).max + 1, dtype=np.float64) - lo) * gain), 0, 255)
         out = lut.astype(np.uint8)[raw]
     elif intensity in ("grey", "hematoxylin"):
-        levels = _grey_levels(raw) if raw.shape[2] < 8 else None
+        levels = _grey_levels(raw, background) if raw.shape[2] < 8 else None
         if levels is not None and not (levels[1] and intensity == "hematoxylin" and _is_colour(raw)):
-            out = levels[0][:, :, None]
+            out, inverted = levels[0][:, :, None], levels[1]
             if warn and not levels[1] and raw.shape[2] == 3 and _is_merge(raw[::4, ::4]):
                 _warn_merge(name)
         else:
             grey = channel_mean(raw)
             scaled = _stretch(grey)
-            if np.median(scaled) > 127.5:  # bright background: dark nuclei become bright ones
+            inverted = bool(np.median(scaled) > 127.5) if background == "auto" else background == "bright"
+            if inverted:  # bright background: dark nuclei become bright ones
                 if intensity == "hematoxylin" and _is_colour(raw):
                     from skimage.color import rgb2hed
 
@@ -192,7 +210,7 @@ def to_rgb8(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "image
         if warn and raw.size and int(raw.max()) < (top + 1) // 16:
             _warn_dark(name, int(raw.max()), 8 * raw.dtype.itemsize)
         out = (raw >> 8).astype(np.uint8) if raw.dtype == np.uint16 else raw.astype(np.uint8)
-    return np.ascontiguousarray(np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out)
+    return np.ascontiguousarray(np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out), inverted
 
 
 #: Files named one by one in the fixed rule's dark-data warning before the rest are only counted.
@@ -237,7 +255,7 @@ def _warn_dark(name, top: int, bits: int) -> None:
                     "(12-bit camera data in 16-bit files, most likely): --intensity percentile reads them all")
 
 
-def _grey_levels(raw: np.ndarray) -> tuple[np.ndarray, bool]:
+def _grey_levels(raw: np.ndarray, background: str = "auto") -> tuple[np.ndarray, bool]:
     """The "grey" rule's uint8 ``(H, W)`` and whether it inverted, for fewer than 8 channels: the
     numbers of ``channel_mean``, ``_stretch``, ``np.median`` and ``np.rint`` below, from a histogram
     of the channels' whole-number sums and one lookup per pixel instead of float passes and partial
@@ -256,7 +274,7 @@ def _grey_levels(raw: np.ndarray) -> tuple[np.ndarray, bool]:
     # np.median: the middle value, or the mean of the two middle ones (sorted by the sum, as the stretch keeps order)
     middle = [int(np.searchsorted(counts, r, side="right")) for r in sorted({(n - 1) // 2, n // 2})]
     median = scaled[middle[0]] if len(middle) == 1 else (scaled[middle[0]] + scaled[middle[1]]) / 2.0
-    inverted = bool(median > 127.5)
+    inverted = bool(median > 127.5) if background == "auto" else background == "bright"
     lut = np.rint(255.0 - scaled if inverted else scaled).astype(np.uint8)
     return lut[sums], inverted
 

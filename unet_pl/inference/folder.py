@@ -13,13 +13,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..data.images import list_images
-from ..data.readers import DamagedFile, pixel_size, read_raw, reset_dark_warnings, to_rgb8
+from ..data.readers import DamagedFile, pixel_size, read_levels, read_raw, reset_dark_warnings
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image, overlay_image
 from .predict import labels_from_probabilities, predict_scaled
@@ -27,6 +28,15 @@ from .scale import largest_factor
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class Done(NamedTuple):
+    """One image predicted and written: what the closing lines count."""
+    image_id: str
+    nuclei: int
+    squashed: bool  # shrunk more than SQUASH_WARNING-fold into a resize-mode model's square
+    scale: float | None  # the factor the network saw it at (native models)
+    inverted: bool | None  # the grey rule inverted it (None: a rule that never inverts)
 
 
 def choose_device(gpus: int | None = None) -> torch.device:
@@ -74,32 +84,33 @@ def least_sure(sureness: dict[str, float | None], most: int = LEAST_SURE) -> lis
     return ranked[:min(most, max(empty, len(ranked) // 4))]
 
 
-def read_pair(path: Path, channel: int | None, intensity: str) -> tuple[np.ndarray, np.ndarray]:
-    """(the file's pixels ``read_raw``, the network's uint8 RGB ``to_rgb8``) of one image."""
-    raw = read_raw(path, channel)
-    return raw, to_rgb8(raw, intensity, path)
+def read_pair(path: Path, settings: Settings) -> tuple[np.ndarray, np.ndarray, bool | None]:
+    """(the file's pixels ``read_raw``, the network's uint8 RGB ``to_rgb8``, whether the grey rule inverted it)
+    of one image, read with ``settings``' channel, intensity rule and background."""
+    raw = read_raw(path, settings.channel)
+    return raw, *read_levels(raw, settings.intensity, path, background=settings.background)
 
 
-def read_pair_or_error(path: Path, channel: int | None, intensity: str) -> tuple[np.ndarray, np.ndarray] | ValueError:
+def read_pair_or_error(path: Path, settings: Settings) -> tuple[np.ndarray, np.ndarray, bool | None] | ValueError:
     """``read_pair``, or the ValueError that names the file and why it cannot be read."""
     try:
-        return read_pair(path, channel, intensity)
+        return read_pair(path, settings)
     except ValueError as e:
         return e
 
 
-def read_ahead(paths: Sequence[Path], workers: int = 2, ahead: int = 16, channel: int | None = None,
-               intensity: str = "fixed") -> Iterator[tuple[np.ndarray, np.ndarray] | ValueError]:
+def read_ahead(paths: Sequence[Path], settings: Settings, workers: int = 2,
+               ahead: int = 16) -> Iterator[tuple[np.ndarray, np.ndarray, bool | None] | ValueError]:
     """``read_pair_or_error`` of each path in order, decoded by ``workers`` threads at most ``ahead``
     images in advance."""
     if workers < 1:
-        yield from (read_pair_or_error(p, channel, intensity) for p in paths)
+        yield from (read_pair_or_error(p, settings) for p in paths)
         return
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         try:
             for p in paths:
-                pending.append(pool.submit(read_pair_or_error, p, channel, intensity))
+                pending.append(pool.submit(read_pair_or_error, p, settings))
                 if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:
@@ -135,6 +146,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     first one's ValueError ends the run: a setting (``channel``) that fits none of them, most likely.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "scales": {id: the factor the network saw it at (``settings.scale``'s choice; native models only)},
+    "inverted": {id: whether the grey rule inverted it (its background read as bright; grey rules only)},
     "unreadable": {id: why, of the images skipped},
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one,
     "sureness": {id: summary.csv's probability_mean, None without nuclei} (with out_dir only, else empty),
@@ -160,30 +172,29 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     # resize mode: the network takes batches of small squares; native: one image at a time
     chunk = batch_size if settings.resolution == "resize" else 1
 
-    def predict_chunk(items: list[tuple[str, np.ndarray, np.ndarray]],
-                      n_threads: int) -> list[tuple[str, int, bool, float | None]]:
-        """Nuclei and outputs of a few images on this thread with ``n_threads`` torch threads:
-        ``(id, nuclei, squashed, scale factor)`` each."""
+    def predict_chunk(items: list[tuple[str, np.ndarray, np.ndarray, bool | None]], n_threads: int) -> list[Done]:
+        """Nuclei and outputs of a few images ``(id, pixels, network's image, inverted)`` on this thread with
+        ``n_threads`` torch threads."""
         if torch.get_num_threads() != n_threads:
             torch.set_num_threads(n_threads)
         done = []
-        probs = predict_scaled(net, (image for _, _, image in items), settings.decoded(), batch_size)
-        for (image_id, raw, image), (prob, factor) in zip(items, probs, strict=True):
+        probs = predict_scaled(net, (image for _, _, image, _ in items), settings.decoded(), batch_size)
+        for (image_id, raw, image, inverted), (prob, factor) in zip(items, probs, strict=True):
             labels = labels_from_probabilities(prob, settings)
             shown = overlay_image(raw, image) if outputs.draws_overlays else image  # the file as it looks, not as the network reads it
             outputs.add(image_id, shown, intensity_image(raw), labels, prob,
-                        pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None, scale=factor)
+                        pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None, scale=factor,
+                        inverted=inverted)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
-            done.append((image_id, int(labels.max(initial=0)), squashed, factor))
+            done.append(Done(image_id, int(labels.max(initial=0)), squashed, factor, inverted))
         return done
 
-    def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray]]]:
+    def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray, bool | None]]]:
         items: list = []
         read_any = False
         held: list[str] = []  # skips before the first image read: said once one is read (else the error says it)
         # decoded a little ahead of the network, not far: each one waiting is memory (20 MB at 2048 x 2048)
-        pairs = read_ahead([p for _, p in entries], num_workers, ahead=chunk + 2, channel=settings.channel,
-                           intensity=settings.intensity)
+        pairs = read_ahead([p for _, p in entries], settings, num_workers, ahead=chunk + 2)
         try:
             for (image_id, _), pair in zip(entries, pairs):
                 if isinstance(pair, ValueError):
@@ -203,8 +214,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                     log.warning("%s", message)
                 held.clear()
                 read_any = True
-                raw, image = pair
-                items.append((image_id, raw, image))
+                raw, image, inverted = pair
+                items.append((image_id, raw, image, inverted))
                 if len(items) == chunk:
                     yield items
                     items = []
@@ -218,14 +229,16 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
             pairs.close()
 
     stats = {"images": 0, "nuclei": 0, "empty": 0, "squashed": [], "outputs": outputs.folders(), "unreadable": {},
-             "scales": {}}
+             "scales": {}, "inverted": {}}
     bar = tqdm(total=len(entries), unit="img", desc="predict", disable=not progress)
 
-    def collect(done: list[tuple[str, int, bool, float | None]]) -> None:
-        for image_id, n, squashed, factor in done:
+    def collect(done: list[Done]) -> None:
+        for image_id, n, squashed, factor, inverted in done:
             stats["images"] += 1
             if factor is not None:
                 stats["scales"][image_id] = factor
+            if inverted is not None:
+                stats["inverted"][image_id] = inverted
             stats["nuclei"] += n
             stats["empty"] += n == 0
             if squashed:

@@ -16,7 +16,8 @@ Into ``--out-dir`` (each optional one on request):
                                mean foreground probability over its nuclei (the images where it is
                                lowest in a run are where the model most likely failed: look at those first),
                                the pixel size in micrometres (empty when the file records none), the
-                               factor the network saw the image at (--scale: 1 as it is; auto's choice)
+                               factor the network saw the image at (--scale: 1 as it is; auto's choice),
+                               the background as the grey rule read it (bright: inverted)
     rois/<id>.zip              ImageJ ROIs, one polygon per nucleus, empty without (Fiji's ROI Manager, QuPath)   --rois
     probabilities/<id>.tif     float32 (C, H, W): foreground (and boundary, distance) probabilities --probabilities
     overlays/<id>.png          the image with each nucleus outlined, as the file looks (overlay_image) --overlays
@@ -53,7 +54,7 @@ NUCLEUS_COLUMNS = ("image", "label", "area", "centroid_y", "centroid_x", "bbox_m
 #: ``out_dir``'s folders of one file per image, and the suffix of the files we write there.
 PER_IMAGE = {"labels": ".tif", "rois": ".zip", "probabilities": ".tif", "overlays": ".png"}
 SUMMARY_COLUMNS = ("image", "height", "width", "nuclei", "mean_area", "median_area", "area_fraction", "probability_mean",
-                   "pixel_size_um", "scale")
+                   "pixel_size_um", "scale", "background")
 
 
 def check_outputs(data_dir: str | Path, outputs: Mapping[str, str | Path | None]) -> None:
@@ -143,13 +144,15 @@ def nucleus_rows(image_id: str, table: dict[str, np.ndarray], probability: np.nd
 
 
 def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probability: np.ndarray | None = None,
-                pixel_size: float | None = None, scale: float | None = None) -> dict:
+                pixel_size: float | None = None, scale: float | None = None, inverted: bool | None = None) -> dict:
     """``summary.csv``'s row of an image of ``shape`` whose nuclei have ``areas`` (pixels, one per nucleus)
     and mean foreground probabilities ``probability`` (one per nucleus; None: the column left empty).
     The image's ``probability_mean`` is the mean over all its nuclei's pixels (empty without nuclei, as are
     ``mean_area`` and ``median_area``);
     ``pixel_size_um``: the file's pixel width in micrometres (``readers.pixel_size``; empty: not recorded);
-    ``scale``: the factor the image was resized by before the network (``--scale``; empty: a resize-mode model)."""
+    ``scale``: the factor the image was resized by before the network (``--scale``; empty: a resize-mode model);
+    ``background``: "bright" where the grey rule inverted the image (``inverted``), "dark" where it did not, empty
+    for rules that never invert."""
     areas = np.asarray(areas)
     sure = "" if probability is None or not len(areas) else _plain(float(np.dot(areas, probability) / areas.sum()))
     return {"image": image_id, "height": shape[0], "width": shape[1], "nuclei": len(areas),
@@ -157,7 +160,8 @@ def summary_row(image_id: str, shape: tuple[int, int], areas: np.ndarray, probab
             "mean_area": _plain(areas.mean()) if len(areas) else "", "median_area": _plain(np.median(areas)) if len(areas) else "",
             "area_fraction": _plain(float(areas.sum()) / (shape[0] * shape[1])), "probability_mean": sure,
             "pixel_size_um": "" if pixel_size is None else float(f"{pixel_size:.6g}"),
-            "scale": "" if scale is None else _plain(float(scale))}
+            "scale": "" if scale is None else _plain(float(scale)),
+            "background": "" if inverted is None else "bright" if inverted else "dark"}
 
 
 def calibration(pixel_size: float | None, dtype, axes: str = "YX") -> dict:
@@ -256,12 +260,13 @@ class Outputs:
         return "overlays" in self.dirs or "overlays_png" in self.dirs
 
     def add(self, image_id: str, image: np.ndarray, intensity: np.ndarray, labels: np.ndarray,
-            prob: np.ndarray | None = None, pixel_size: float | None = None, scale: float | None = None) -> None:
+            prob: np.ndarray | None = None, pixel_size: float | None = None, scale: float | None = None,
+            inverted: bool | None = None) -> None:
         """One image's results: ``image`` uint8 RGB (overlays), ``intensity`` float (H, W) in the file's
         units (the table), ``labels`` int (H, W), ``prob`` float (C, H, W) (probability maps),
         ``pixel_size`` the input's pixel width in micrometres (None: not recorded), written into the
         label TIFF (Fiji, QuPath: calibrated) and summary.csv, ``scale`` the factor the network saw
-        the image at (summary.csv; None: empty). Safe to call from several threads at
+        the image at and ``inverted`` whether the grey rule inverted it (summary.csv; None: empty). Safe to call from several threads at
         once, one image each."""
         import tifffile
 
@@ -270,7 +275,7 @@ class Outputs:
             table = nucleus_table(labels, intensity)  # measured once: nuclei.csv's rows and summary.csv's areas
             sure = None if prob is None else label_means(labels, prob[0])[table["label"]]
             nuclei = _csv_text(nucleus_rows(image_id, table, sure, pixel_size))
-            row = summary_row(image_id, labels.shape, table["area"], sure, pixel_size, scale)
+            row = summary_row(image_id, labels.shape, table["area"], sure, pixel_size, scale, inverted)
             summary = _csv_text([tuple(row.values())])
             if prob is not None:
                 with self._lock:

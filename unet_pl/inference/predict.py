@@ -82,7 +82,7 @@ def check_image(image: np.ndarray | str | Path, settings: Settings) -> np.ndarra
         raise ValueError(f"the image has {n} channels; pick the nuclear one with channel=N (1 to {n})")
     if image.dtype == np.uint8 and image.shape[2] == 3 and settings.intensity == "fixed":
         return np.ascontiguousarray(image)
-    return to_rgb8(image, settings.intensity)
+    return to_rgb8(image, settings.intensity, background=settings.background)
 
 
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import DEFAULT_RESOLUTION, DEFAULT_SIZE, HEADS, check_resolution, check_side
-from ..data.readers import INTENSITIES
+from ..data.readers import BACKGROUNDS, INTENSITIES
 from ..precision import check_precision
 from .postprocess import SPLITS
 from .scale import AUTO_BAND, check_scale
@@ -76,7 +76,9 @@ class Settings:
     grouped validation the two score the same, docs/accuracy.md).
     Reading (``unet_pl.data.readers``): ``channel`` the nuclear channel of multi-channel images
     (1-based), None: grey or RGB as stored; ``intensity`` "fixed", "percentile", "grey" or "hematoxylin", applied to
-    uint8/uint16 arrays and files the same way as in training.
+    uint8/uint16 arrays and files the same way as in training; ``background`` the grey rules' inversion: "auto"
+    (as in training: an image whose stretched median is above half is inverted), "dark" (never: fluorescence,
+    also crowded or overexposed fields), "bright" (always); not saved with the model.
     """
 
     resolution: str = DEFAULT_RESOLUTION
@@ -98,6 +100,7 @@ class Settings:
     tuned: tuple[float, float, int] | None = None
     tuned_for_cut: tuple[float, float, int] | None = None
     precision: str = "auto"
+    background: str = "auto"
 
     def __post_init__(self) -> None:
         check_resolution(self.resolution)
@@ -124,6 +127,11 @@ class Settings:
         check_tile(self.tile)
         if self.intensity not in INTENSITIES:
             raise ValueError(f"unknown intensity rule {self.intensity!r}; choose one of {', '.join(INTENSITIES)}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; choose one of {', '.join(BACKGROUNDS)}")
+        if self.background != "auto" and self.intensity not in ("grey", "hematoxylin"):
+            raise ValueError(f"background {self.background} chooses the grey rule's inversion, and this model reads "
+                             f"images with the {self.intensity} rule, which never inverts")
         if self.channel is not None and self.channel < 1:
             raise ValueError(f"channel counts from 1 (as Fiji does), got {self.channel}")
         check_precision(self.precision)
@@ -173,7 +181,7 @@ class Settings:
     def decoded(self) -> Settings:
         """These settings for images that were read with them already (uint8 RGB from ``read_image``
         with this channel and intensity): nothing is applied twice."""
-        return dataclasses.replace(self, channel=None, intensity="fixed")
+        return dataclasses.replace(self, channel=None, intensity="fixed", background="auto")
 
     def replace(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied (flags left unset keep the model's value).
@@ -210,8 +218,10 @@ class Settings:
         extras += [f"scale auto (images whose median nucleus is below {AUTO_BAND[0]:g} px enlarged to it, above {AUTO_BAND[1]:g} px shrunk to it)"] if self.scale == "auto" else []
         extras += ["scale certainty (each image at 1 or 0.5, whichever the network is surer of)"] if self.scale == "certainty" else []
         extras += [f"channel {self.channel}"] if self.channel is not None else []
+        inverted = {"auto": "bright backgrounds inverted", "dark": "never inverted (background dark)",
+                    "bright": "always inverted (background bright)"}[self.background]
         extras += {"percentile": ["intensity: per-image percentiles"],
-                   "grey": ["intensity: grey, per-image percentiles, bright backgrounds inverted"],
-                   "hematoxylin": ["intensity: grey, per-image percentiles, bright backgrounds inverted, "
+                   "grey": [f"intensity: grey, per-image percentiles, {inverted}"],
+                   "hematoxylin": [f"intensity: grey, per-image percentiles, {inverted}, "
                                    "stained tissue as its haematoxylin"]}.get(self.intensity, [])
         return f"{geo}, threshold {self.threshold:g}, {how}" + "".join(f", {e}" for e in extras)
