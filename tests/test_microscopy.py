@@ -15,7 +15,7 @@ from PIL import Image
 from unet_pl import LitUNet, NucleiDataModule
 from unet_pl.data import SAMPLE_DIR
 from unet_pl.data.images import decode_masks, list_images, scan_train_dir
-from unet_pl.data.readers import read_image, read_raw
+from unet_pl.data.readers import read_image, read_raw, reset_dark_warnings
 
 # A grey fluorescence image of the sample with many nuclei, and its per-nucleus masks.
 FLUO = "0287e7ee5b007c91ae2bd7628d09735e70496bc6127ecb7f3dd043e04ce37426"
@@ -112,9 +112,16 @@ def test_a_time_series_says_to_segment_each_time_point_not_to_project(tmp_path):
     grey, _ = _fluo()
     path = tmp_path / "movie.tif"
     tifffile.imwrite(path, np.stack([grey] * 3), imagej=True, metadata={"axes": "TYX"})
-    with pytest.raises(ValueError, match=r"movie\.tif: a time series \(3 along t .*each time point.*Stack to Images") as e:
+    with pytest.raises(ValueError, match=r"movie\.tif: a time series \(3 along t .*each time point.*Image Sequence") as e:
         read_raw(path)
-    assert "Z Project" not in str(e.value)
+    assert "Z Project" not in str(e.value) and "first" not in str(e.value)
+    # with z-planes or channels too: first one plane per time point, or the nuclear channel, then the frames
+    tifffile.imwrite(tmp_path / "tz.tif", np.stack([np.stack([grey] * 2)] * 3), imagej=True, metadata={"axes": "TZYX"})
+    with pytest.raises(ValueError, match=r"first project each time point's planes .*All time frames\), then File > Save As"):
+        read_raw(tmp_path / "tz.tif")
+    tifffile.imwrite(tmp_path / "tc.tif", np.stack([np.stack([grey] * 2)] * 3), imagej=True, metadata={"axes": "TCYX"})
+    with pytest.raises(ValueError, match=r"first keep the nuclear channel .*all frames\), then File > Save As"):
+        read_raw(tmp_path / "tc.tif", channel=1)
 
 
 def test_a_multi_position_ome_tiff_says_that_only_its_first_image_is_read(tmp_path, caplog):
@@ -129,6 +136,7 @@ def test_a_multi_position_ome_tiff_says_that_only_its_first_image_is_read(tmp_pa
         tif.write(grey, metadata={"axes": "YX"})
         tif.write(grey[::8, ::8], metadata={"axes": "YX"})
     assert len(tifffile.TiffFile(two).series) == 2 and len(tifffile.TiffFile(thumb).series) == 2
+    reset_dark_warnings()  # each run names its own first few
     with caplog.at_level(logging.WARNING):
         assert np.array_equal(read_raw(two)[..., 0], grey)
     said = [r.getMessage() for r in caplog.records if "series" in r.getMessage()]
@@ -136,7 +144,19 @@ def test_a_multi_position_ome_tiff_says_that_only_its_first_image_is_read(tmp_pa
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert np.array_equal(read_raw(thumb)[..., 0], grey)
+        read_raw(two)  # read again (training reads a file more than once): not said again
     assert not [r for r in caplog.records if "series" in r.getMessage()]
+    # a plate of them: the first three named, then one line for the rest, as the dark-file warning does
+    caplog.clear()
+    for i in range(5):
+        shutil.copy(two, tmp_path / f"well{i}.ome.tif")
+    reset_dark_warnings()
+    with caplog.at_level(logging.WARNING):
+        for i in range(5):
+            read_raw(tmp_path / f"well{i}.ome.tif")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 4 and all(f"well{i}.ome.tif holds 2 images" in said[i] for i in range(3))
+    assert said[3].startswith("further TIFFs holding several images are not named")
 
 
 def test_a_folder_given_as_an_image_says_how_to_predict_a_folder(tmp_path):
@@ -146,18 +166,18 @@ def test_a_folder_given_as_an_image_says_how_to_predict_a_folder(tmp_path):
         segment(LitUNet(img_size=32), tmp_path)
 
 
-def test_a_folder_of_experiment_folders_names_them_and_the_one_to_pass(tmp_path):
+def test_a_folder_of_experiment_folders_names_them_and_the_one_to_pass(tmp_path, caplog):
     """exp/control/*.tif and exp/treated/*.tif: subfolders are not searched; the error says so and names one to pass
     (not the competition's layout, which is not what such a user has)."""
     png = SAMPLE_DIR / FLUO / "images" / f"{FLUO}.png"
-    for name in ("control", "treated"):
+    for name in ("my control", "treated"):
         (tmp_path / name).mkdir()
         shutil.copy(png, tmp_path / name / "a.png")
     (tmp_path / "notes").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"subfolders are not searched: control/, treated/ hold image files; "
-                                                r"pass one of them \(--data-dir .*control\)") as e:
+    with pytest.raises(FileNotFoundError, match=r"subfolders are not searched: my control/, treated/ hold image files; "
+                                                r"predict one of them \(e\.g\. '.*my control'\)") as e:
         list_images(tmp_path)
-    assert "notes" not in str(e.value)
+    assert "notes" not in str(e.value) and not [r for r in caplog.records if "skipped" in r.getMessage()]
 
 
 def _labels_from(masks: list[Path], shape) -> np.ndarray:

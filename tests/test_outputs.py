@@ -109,6 +109,8 @@ def test_nucleus_table_matches_scikit_image_and_the_rois_match_the_labels(run, i
             assert float(summary[image_id]["mean_area"]) == pytest.approx(np.mean([p.area for p in props]), abs=1e-3)
             assert float(summary[image_id]["median_area"]) == pytest.approx(np.median([p.area for p in props]), abs=1e-3)
         assert (int(summary[image_id]["height"]), int(summary[image_id]["width"])) == labels.shape
+        # a resize-mode model of the fixed rule: no factor, no background read
+        assert summary[image_id]["scale"] == "" and summary[image_id]["background"] == ""
         assert float(summary[image_id]["area_fraction"]) == pytest.approx((labels > 0).mean(), abs=1e-4)
         if props:
             rois = roifile.roiread(out / "rois" / f"{image_id}.zip")
@@ -766,7 +768,7 @@ def test_a_crowded_fluorescence_field_read_as_bright_background_is_named_and_bac
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("background: ")]
         if background == "auto":
             assert {k: r["background"] for k, r in rows.items()} == {"crowded": "bright", "sparse": "dark"}
-            assert lines == [lines[0]] and "1 of 2 images read as bright-background" in lines[0] and "first crowded" in lines[0]
+            assert lines == [lines[0]] and "1 of 2 grey images read as bright-background" in lines[0] and "first crowded" in lines[0]
             assert "--background dark" in lines[0]
         else:
             assert {r["background"] for r in rows.values()} == {"dark"} and not lines
@@ -777,3 +779,15 @@ def test_a_crowded_fluorescence_field_read_as_bright_background_is_named_and_bac
                 check=False)
     assert p.returncode == 2 and "background dark chooses the grey rule's inversion" in p.stderr and "fixed" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_the_closing_lines_count_one_image_as_one():
+    from unet_pl.cli.predict import background_line, scale_line
+
+    assert background_line({"a": True}, True).startswith("background: 1 grey image read as bright-background")
+    assert "if it is fluorescence" in background_line({"a": True}, False)
+    assert background_line({"a": True, "b": True}, False).startswith("background: all 2 grey images read")
+    assert background_line({"a": False, "b": True}, False).startswith("background: 1 of 2 grey images read")
+    assert scale_line("auto", {"a": 0.5}, False) == "scale auto: 1 of 1 image resized before the network (0.5x; first: a at 0.5x)"
+    assert scale_line("auto", {"a": 1.0}, False) == "scale auto: the image at its own size"
+    assert scale_line("auto", {"a": 1.0, "b": 2.0}, False).endswith("first: b at 2x), the others at their own size")

@@ -247,7 +247,7 @@ def test_predict_py_reports_the_factor_auto_chose_for_each_image(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     with open(out / "summary.csv", newline="") as f:
         got = {r["image"]: float(r["scale"]) for r in csv.DictReader(f)}
-    assert got == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx(want, rel=5e-3)  # one pixel of median area moves the factor by ~3e-4
     resized = sum(f != 1.0 for f in want.values())
     assert f"scale auto: {resized} of 2 images resized before the network" in p.stdout or (
         resized == 0 and "scale auto: every image at its own size" in p.stdout), p.stdout

@@ -54,7 +54,7 @@ def holdout_arg(name: str) -> str:
 
 #: The fields of the model, data module and settings whose messages start with their Python name.
 FLAG_FIELDS = ("threshold", "seed_threshold", "min_size", "img_size", "tile", "scale", "min_relative_size",
-               "min_probability", "channel", "crop_size", "val_split", "batch_size")
+               "min_probability", "channel", "crop_size", "val_split", "batch_size", "background")
 
 
 def flag_names(message: str) -> str:

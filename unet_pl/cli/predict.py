@@ -249,14 +249,16 @@ def _main(argv: list[str] | None) -> None:
 
 
 def background_line(inverted: dict[str, bool], table: bool) -> str:
-    """The closing line when the grey rule inverted some images (read their background as bright): how many,
+    """The closing line when the grey rule inverted some grey images (read their background as bright): how many,
     the first, and the way out for fluorescence it misread; ``table``: summary.csv is written."""
     bright = [i for i, v in inverted.items() if v]
     where = " (summary.csv's background column)" if table else ""
-    share = f"all {len(bright)}" if len(bright) == len(inverted) else f"{len(bright)} of {len(inverted)}"
-    return (f"background: {share} images read as bright-background (brightfield, H&E) and inverted{where}, first "
-            f"{bright[0]}; crowded or overexposed fluorescence can read so too: if these are fluorescence, predict "
-            "them again with --background dark")
+    share = (f"{_count(len(bright), 'grey image')}" if len(bright) == len(inverted) == 1 else
+             f"all {_count(len(bright), 'grey image')}" if len(bright) == len(inverted) else
+             f"{len(bright)} of {_count(len(inverted), 'grey image')}")
+    return (f"background: {share} read as bright-background (brightfield) and inverted{where}, first {bright[0]}; "
+            "crowded or overexposed fluorescence can read so too: if "
+            f"{'it is' if len(bright) == 1 else 'these are'} fluorescence, predict again with --background dark")
 
 
 def scale_line(mode: str, scales: dict[str, float], table: bool) -> str:
@@ -265,12 +267,18 @@ def scale_line(mode: str, scales: dict[str, float], table: bool) -> str:
     resized = {i: f for i, f in scales.items() if f != 1.0}
     where = "; summary.csv's scale column has each image's" if table else ""
     if not resized:
-        return f"scale {mode}: every image at its own size ({len(scales)} of {len(scales)}){where}"
+        return f"scale {mode}: {'every image' if len(scales) != 1 else 'the image'} at its own size{where}"
     low, high = min(resized.values()), max(resized.values())
     span = f"{low:.2g}x" if low == high else f"{low:.2g}x to {high:.2g}x"
     first = next(iter(resized))
-    return (f"scale {mode}: {len(resized)} of {len(scales)} images resized before the network ({span}; first: {first} "
-            f"at {resized[first]:.3g}x), the others at their own size{where}")
+    rest = ", the others at their own size" if len(resized) < len(scales) else ""
+    return (f"scale {mode}: {len(resized)} of {_count(len(scales), 'image')} resized before the network ({span}; first: "
+            f"{first} at {resized[first]:.3g}x){rest}{where}")
+
+
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 image", "3 images"."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 class _Terminated(KeyboardInterrupt):

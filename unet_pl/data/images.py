@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,6 +421,11 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     # <id>/images/ folders are the competition's layout; any other folder (results/, an empty one) is not an image
     entries += [(p.name, _image_of(p)) for p in subfolders if (p / "images").is_dir()]
     others = [p.name + "/" for p in subfolders if not (p / "images").is_dir()]
+    holding = [p for p in subfolders if not (p / "images").is_dir() and _holds_images(p)]
+    if holding and not entries:  # a folder of experiments: its subfolders hold the images
+        raise FileNotFoundError(f"{folder} holds no images itself, and its subfolders are not searched: "
+                                f"{_names([p.name + '/' for p in holding])} hold image files; predict one of them "
+                                f"(e.g. {shlex.quote(str(holding[0]))}), one run per folder")
     if others:
         log.warning("%s: skipped %d folder%s without an images/ folder inside (the competition's <id>/images/<id>.png "
                     "layout): %s", folder, len(others), "s" * (len(others) != 1), _names(others))
@@ -438,16 +444,18 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     elif vendor:
         check_suffix(vendor[0])  # nothing else to predict: the error, with the way out
     if not found:
-        holding = [p for p in subfolders if not (p / "images").is_dir() and any(
-            f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.iterdir())]
-        if holding:  # a folder of experiments: its subfolders hold the images
-            raise FileNotFoundError(f"{folder} holds no images itself, and its subfolders are not searched: "
-                                    f"{_names([p.name + '/' for p in holding])} hold image files; pass one of them "
-                                    f"(--data-dir {holding[0]}), one run per folder")
         inside = f" (its folders {_names(others)} have no images/ folder inside)" if others else ""
         raise FileNotFoundError(f"{folder} holds no images{inside}; expected <id>/images/<id>.png folders or image "
                                 f"files ({', '.join(IMAGE_SUFFIXES)})")
     return sorted(found.items())
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds image files itself (an unreadable folder: no)."""
+    try:
+        return any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in folder.iterdir())
+    except OSError:
+        return False
 
 
 def read_labels_csv(path: Path) -> dict[str, list[tuple[int, str]]]:

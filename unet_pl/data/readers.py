@@ -28,8 +28,9 @@ is whatever ``channel`` says (a folder may mix grey and multi-channel files); RG
 colour (alpha dropped) unless ``channel`` picks one of R, G, B; a file with a channel axis (an
 ImageJ hyperstack, an OME-TIFF; 2 or more channels, 8- or 16-bit alike) needs ``channel``, and so
 does a plain multi-page TIFF of 2 to 4 pages without ImageJ/OME metadata (channels or z-planes:
-the error names both ways out). Z-stacks and time series are refused with the way out (a
-projection or one plane, saved as TIFF).
+the error names both ways out). Z-stacks are refused with the way out (a projection or one
+plane, saved as TIFF), time series with how to save each time point as an image of its own. A TIFF of
+several images of one size (positions) is read as its first, with a warning.
 """
 from __future__ import annotations
 
@@ -189,16 +190,16 @@ def read_levels(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "i
         out = lut.astype(np.uint8)[raw]
     elif intensity in ("grey", "hematoxylin"):
         levels = _grey_levels(raw, background) if raw.shape[2] < 8 else None
-        if levels is not None and not (levels[1] and intensity == "hematoxylin" and _is_colour(raw)):
+        if levels is not None and not (levels[1] and intensity == "hematoxylin" and is_colour(raw)):
             out, inverted = levels[0][:, :, None], levels[1]
             if warn and not levels[1] and raw.shape[2] == 3 and _is_merge(raw[::4, ::4]):
                 _warn_merge(name)
         else:
             grey = channel_mean(raw)
             scaled = _stretch(grey)
-            inverted = bool(np.median(scaled) > 127.5) if background == "auto" else background == "bright"
+            inverted = _inverts(float(np.median(scaled)), background)
             if inverted:  # bright background: dark nuclei become bright ones
-                if intensity == "hematoxylin" and _is_colour(raw):
+                if intensity == "hematoxylin" and is_colour(raw):
                     from skimage.color import rgb2hed
 
                     scaled = _stretch(rgb2hed(raw)[..., 0].astype(np.float32))
@@ -217,6 +218,7 @@ def read_levels(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "i
 DARK_NAMED = 3
 _dark = {"said": 0}
 _merge = {"said": 0}  # colour images on a dark background (``_warn_merge``)
+_series: dict = {"said": 0, "paths": set()}  # TIFFs of several images (``_warn_series``)
 _dark_lock = threading.Lock()
 
 
@@ -225,6 +227,8 @@ def reset_dark_warnings() -> None:
     with _dark_lock:
         _dark["said"] = 0
         _merge["said"] = 0
+        _series["said"] = 0
+        _series["paths"].clear()
 
 
 def _count(said: dict) -> int:
@@ -243,6 +247,21 @@ def _warn_merge(name) -> None:
                     "(DAPI or Hoechst, usually blue: --channel 3)", name)
     if said == DARK_NAMED + 1:
         log.warning("further colour images on a dark background are not named one by one: --channel N picks the nuclear stain in all")
+
+
+def _warn_series(path: Path, n: int) -> None:
+    """A TIFF of several images of one size: only the first is read (named once per file, the first few files)."""
+    with _dark_lock:
+        if path in _series["paths"]:
+            return
+        _series["paths"].add(path)
+    said = _count(_series)
+    if said <= DARK_NAMED:
+        log.warning("%s holds %d images of this size (series: the positions of a multi-position acquisition?); only "
+                    "the first is read: save each as its own TIFF (Fiji: File > Import > Bio-Formats, 'Open all series', "
+                    "then save each) to segment them all", path, n)
+    if said == DARK_NAMED + 1:
+        log.warning("further TIFFs holding several images are not named one by one: only the first image of each is read")
 
 
 def _warn_dark(name, top: int, bits: int) -> None:
@@ -274,9 +293,15 @@ def _grey_levels(raw: np.ndarray, background: str = "auto") -> tuple[np.ndarray,
     # np.median: the middle value, or the mean of the two middle ones (sorted by the sum, as the stretch keeps order)
     middle = [int(np.searchsorted(counts, r, side="right")) for r in sorted({(n - 1) // 2, n // 2})]
     median = scaled[middle[0]] if len(middle) == 1 else (scaled[middle[0]] + scaled[middle[1]]) / 2.0
-    inverted = bool(median > 127.5) if background == "auto" else background == "bright"
+    inverted = _inverts(median, background)
     lut = np.rint(255.0 - scaled if inverted else scaled).astype(np.uint8)
     return lut[sums], inverted
+
+
+def _inverts(median: float, background: str) -> bool:
+    """The grey rules' inversion: "auto" where the stretched image's median is above half (a bright background),
+    "dark" never, "bright" always."""
+    return bool(median > 127.5) if background == "auto" else background == "bright"
 
 
 def _stretch(values: np.ndarray) -> np.ndarray:
@@ -289,14 +314,14 @@ def _is_merge(raw: np.ndarray) -> bool:
     """A colour image whose signal is in two or more of its channels (each channel's 99.8th percentile above
     its 1st by at least a quarter of the strongest channel's span): stains merged, not one stain shown in a colour
     (a DAPI image exported as blue RGB, which the grey rule reads as well as --channel 3 would)."""
-    if not _is_colour(raw):
+    if not is_colour(raw):
         return False
     lo, hi = np.percentile(raw.reshape(-1, raw.shape[2]).astype(np.float32), PERCENTILES, axis=0)
     span = hi - lo
     return int((span >= 0.25 * max(float(span.max()), 1e-6)).sum()) >= 2
 
 
-def _is_colour(raw: np.ndarray) -> bool:
+def is_colour(raw: np.ndarray) -> bool:
     """Three channels that differ: mean |R - G| + |G - B| above ``COLOUR_THRESHOLD`` on a 0-255
     scale of the image's own brightest value (12-bit colour in a 16-bit file reads as 8-bit does)."""
     if raw.shape[2] != 3:
@@ -505,9 +530,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
         raise DamagedFile(f"{path}: this TIFF is cut off or damaged ({said}), so only part of it could be read; copy "
                           "it again from the original, or save it again from Fiji as TIFF")
     if alike:
-        log.warning("%s holds %d images of this size (series: the positions of a multi-position acquisition?); only "
-                    "the first is read: save each as its own TIFF (Fiji: File > Import > Bio-Formats, 'Open all series', "
-                    "then save each) to segment them all", path, alike + 1)
+        _warn_series(path, alike + 1)
     if grey_samples and "S" in axes:
         # Samples of a grey pixel are not R, G and B: grey + alpha is the grey, anything else is channels
         if len(alpha) == 1 and alpha[0] and arr.shape[axes.index("S")] == 2:
@@ -526,9 +549,13 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, str]:
     if extra:
         sizes = ", ".join(f"{arr.shape[axes.index(a)]} along {_AXIS_NAMES.get(a, a)}" for a in extra)
         if "T" in extra:  # a projection over time merges nuclei that moved: each time point is an image
+            first = [step for step, there in (
+                ("keep the nuclear channel (Image > Duplicate..., that channel, all frames)", any(a in "CSQ" for a in axes)),
+                ("project each time point's planes (Image > Stacks > Z Project..., Max Intensity, All time frames)",
+                 "Z" in extra)) if there]
             raise ValueError(f"{path}: a time series ({sizes}; axes {axes}), not one 2-D image; segment each time point "
-                             "as an image of its own: in Fiji, Image > Stacks > Stack to Images, then save each as TIFF "
-                             "into one folder (File > Save As > Image Sequence... does both) and predict that folder")
+                             "as an image of its own: in Fiji, " + "".join(f"first {f}, then " for f in first) +
+                             "File > Save As > Image Sequence... (TIFF) into one folder, and predict that folder")
         raise ValueError(f"{path}: a stack ({sizes}; axes {axes}), not one 2-D image; make a projection or pick one "
                          "plane in Fiji (Image > Stacks > Z Project... with Max Intensity, or Image > Duplicate... one "
                          "slice) and save it as TIFF")

@@ -56,6 +56,9 @@ def export_bioimageio(net: UNet, out_dir: str | Path, name: str = "unet_pl DSB20
         raise ValueError(f"the model reads images with intensity {s.intensity!r} (colour deconvolution), which a "
                          "bioimage.io package cannot express; export it as a checkpoint instead "
                          "(export.py without --bioimageio)")
+    if s.background != "auto":
+        raise ValueError(f"background {s.background}: a bioimage.io package decides the grey rule's inversion per image, "
+                         "as in training; export the model's own settings (background auto)")
     grey = s.intensity == "grey"
     arch = GreyUNet if grey else UNet
     out = Path(out_dir)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data.images import list_images
-from ..data.readers import DamagedFile, pixel_size, read_levels, read_raw, reset_dark_warnings
+from ..data.readers import DamagedFile, is_colour, pixel_size, read_levels, read_raw, reset_dark_warnings
 from ..perf import is_compiled, keep_freed_memory, release_freed_memory
 from .outputs import Outputs, intensity_image, overlay_image
 from .predict import labels_from_probabilities, predict_scaled
@@ -37,6 +37,7 @@ class Done(NamedTuple):
     squashed: bool  # shrunk more than SQUASH_WARNING-fold into a resize-mode model's square
     scale: float | None  # the factor the network saw it at (native models)
     inverted: bool | None  # the grey rule inverted it (None: a rule that never inverts)
+    colour: bool  # a colour image (stained tissue, where inverting is the point)
 
 
 def choose_device(gpus: int | None = None) -> torch.device:
@@ -146,7 +147,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     first one's ValueError ends the run: a setting (``channel``) that fits none of them, most likely.
     Returns ``{"images", "nuclei", "empty", "squashed": [ids shrunk more than SQUASH_WARNING-fold], "written": [paths],
     "scales": {id: the factor the network saw it at (``settings.scale``'s choice; native models only)},
-    "inverted": {id: whether the grey rule inverted it (its background read as bright; grey rules only)},
+    "inverted": {id: whether the grey rule inverted it (its background read as bright), of the images that are not
+    colour (grey or one channel: where a crowded fluorescence field can be misread; grey rules only)},
     "unreadable": {id: why, of the images skipped},
     "earlier": files in out_dir's per-image folders from earlier runs, for images not in this one,
     "sureness": {id: summary.csv's probability_mean, None without nuclei} (with out_dir only, else empty),
@@ -186,7 +188,8 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                         pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None, scale=factor,
                         inverted=inverted)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
-            done.append(Done(image_id, int(labels.max(initial=0)), squashed, factor, inverted))
+            colour = raw.shape[2] == 3 and is_colour(raw[::4, ::4])
+            done.append(Done(image_id, int(labels.max(initial=0)), squashed, factor, inverted, colour))
         return done
 
     def chunks() -> Iterator[list[tuple[str, np.ndarray, np.ndarray, bool | None]]]:
@@ -233,11 +236,11 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
     bar = tqdm(total=len(entries), unit="img", desc="predict", disable=not progress)
 
     def collect(done: list[Done]) -> None:
-        for image_id, n, squashed, factor, inverted in done:
+        for image_id, n, squashed, factor, inverted, colour in done:
             stats["images"] += 1
             if factor is not None:
                 stats["scales"][image_id] = factor
-            if inverted is not None:
+            if inverted is not None and not colour:
                 stats["inverted"][image_id] = inverted
             stats["nuclei"] += n
             stats["empty"] += n == 0

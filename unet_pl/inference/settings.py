@@ -130,8 +130,9 @@ class Settings:
         if self.background not in BACKGROUNDS:
             raise ValueError(f"unknown background {self.background!r}; choose one of {', '.join(BACKGROUNDS)}")
         if self.background != "auto" and self.intensity not in ("grey", "hematoxylin"):
-            raise ValueError(f"background {self.background} chooses the grey rule's inversion, and this model reads "
-                             f"images with the {self.intensity} rule, which never inverts")
+            raise ValueError(f"background {self.background} chooses the grey rule's inversion, and the images are read "
+                             f"with the {self.intensity} rule, which never inverts; leave background out (or read them "
+                             "with the grey rule the model was trained with)")
         if self.channel is not None and self.channel < 1:
             raise ValueError(f"channel counts from 1 (as Fiji does), got {self.channel}")
         check_precision(self.precision)
