@@ -337,6 +337,11 @@ def test_single_files_and_vendor_formats(tmp_path, caplog):
     (train / "x" / "images" / "x.czi").write_bytes(b"ZISRAWFILE")
     with pytest.raises(ValueError, match=r"x\.czi: \.czi files are not read here"):
         NucleiDataModule(train, img_size=32, cache_dir=tmp_path / "c", progress=False).prepare_data()
+    svs = tmp_path / "slide.svs"  # a whole slide of stained tissue: no nuclear channel to save, a region to export
+    svs.write_bytes(b"II*\0")
+    with pytest.raises(ValueError, match=r"slide\.svs: \.svs whole-slide files are not read here; export a region.*QuPath") as e:
+        list_images(svs)
+    assert "nuclear channel" not in str(e.value)
     nd2 = tmp_path / "x.nd2"
     nd2.write_bytes(b"ND2")
     with pytest.raises(ValueError, match=r"\.nd2 files are not read here"):
@@ -866,6 +871,7 @@ def test_a_colour_fluorescence_merge_read_without_a_channel_is_named_with_the_wa
         averaged = read_image(merge, intensity="grey")
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(said) == 1 and "merge.tif" in said[0] and "--channel 3" in said[0], said
+    assert "crowded with nuclei (H&E)" in said[0] and "--background bright" in said[0]  # the other way it happens
     # what the warning is about: averaged, the cells read bright where the nucleus alone does not
     nuclei = np.zeros(grey.shape, bool)
     for m in masks:

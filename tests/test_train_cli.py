@@ -5,6 +5,7 @@ Runs train on the bundled sample (30 real images) at 32 px in subprocesses, the 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -482,8 +483,20 @@ def test_init_starts_from_the_bundled_models_weights_and_refuses_another_shape(t
         if init:
             assert "starting from the weights of the bundled model" in proc.stdout, proc.stdout
             assert far < 1e-5, far
+            # the weights did not move, so no epoch beat them: said, with the starting score measured before the
+            # first step, and best.ckpt's (what it was chosen by) not below it
+            start = float(re.search(r"the starting weights on the validation images: val/loss ([0-9.]+)", proc.stdout)[1])
+            said = re.search(r"warning: fine-tuning did not help .* scored val/loss ([0-9.]+) before the first step, and no "
+                             r"epoch did better \(best.ckpt: ([0-9.]+)\)", proc.stdout)
+            assert said and float(said[1]) == start and float(said[2]) >= start - 1e-4, proc.stdout
         else:
             assert far > 1e-2, far
+            assert "starting weights" not in proc.stdout and "did not help" not in proc.stdout
+    # from weights that training improves on (the untrained run's), at the default rate: no warning
+    proc = run(train_cmd("--gpus", "0", "--epochs", "3", "--tune", "off", "--mode", "instance", "--init",
+                         str(tmp_path / "scratch" / "best.ckpt"), "--out", str(tmp_path / "better"), cache=cache_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the starting weights on the validation images: val/loss" in proc.stdout and "did not help" not in proc.stdout
     # a notebook-mode model (one output) is not the bundled model's shape
     proc = run(train_cmd("--gpus", "0", "--epochs", "1", "--mode", "notebook", "--init", "pretrained", "--out",
                          str(tmp_path / "nb"), cache=cache_dir), cwd=tmp_path)

@@ -447,6 +447,34 @@ def make_model(args: argparse.Namespace):
     return model
 
 
+def init_name(args: argparse.Namespace) -> str:
+    """What ``--init`` started from, for messages."""
+    return "the bundled model" if args.init == "pretrained" else str(args.init)
+
+
+def starting_score(model, datamodule, args: argparse.Namespace) -> dict[str, float]:
+    """``--init``: the starting weights' val/loss and val/iou on this run's validation images, before the first
+    step (a Trainer of its own, in the run's arithmetic, without its callbacks, logger or checkpoints)."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="gpu" if args.gpus > 0 else "cpu", devices=1, precision=PRECISIONS[args.precision],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         inference_mode=False)  # no inference tensors left in the model's metrics for the fit after it
+    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    return {k: float(v) for k, v in metrics.items() if k in ("val/loss", "val/iou")}
+
+
+def worse_than_start(start: dict[str, float], checkpoint, name: str) -> str | None:
+    """The warning when no epoch's val/loss (what best.ckpt is chosen by) is below the starting weights' ``start``."""
+    best = checkpoint.best_model_score
+    if best is None or "val/loss" not in start or float(best) < start["val/loss"]:
+        return None
+    return (f"warning: fine-tuning did not help on these validation images: {name} itself scored val/loss "
+            f"{start['val/loss']:.4f} before the first step, and no epoch did better (best.ckpt: {float(best):.4f}); "
+            "predict with the starting model (predict.py without --ckpt for the bundled model), or try a lower --lr "
+            "(e.g. --lr 1e-4) or more annotated images")
+
+
 def init_weights(model, args: argparse.Namespace, say) -> None:
     """``--init``: the U-Net's weights from a checkpoint (read with weights_only: it cannot run code),
     refused in one line when its shape differs (saying the flags that fit); a note when it read its
@@ -459,7 +487,7 @@ def init_weights(model, args: argparse.Namespace, say) -> None:
     except (FileNotFoundError, ValueError) as e:
         fail(f"--init: {e}")
     hp = full.get("hyper_parameters") or {}
-    name = "the bundled model" if args.init == "pretrained" else str(path)
+    name = init_name(args)
     mine = dict(model.hparams)
     for key in ("in_channels", "out_channels", "base_filters"):
         if key in hp and hp[key] != mine.get(key):
@@ -617,6 +645,10 @@ def _train(argv: list[str] | None, callbacks: tuple) -> None:
     if trainer.is_global_zero and not args.fast_dev_run:  # a smoke test leaves nothing behind
         write_run_files(out, args, argv, model)
         say(f"run folder {out}" + (f", resuming from {ckpt}" if ckpt else ""))
+    start_score = {}
+    if args.init is not None and trainer.world_size == 1 and not args.fast_dev_run:
+        start_score = starting_score(model, datamodule, args)
+        say("the starting weights on the validation images: " + ", ".join(f"{k} {v:.4f}" for k, v in start_score.items()))
     start = time.perf_counter()
     exit_code = 0
     try:
@@ -630,6 +662,9 @@ def _train(argv: list[str] | None, callbacks: tuple) -> None:
         raise SystemExit(exit_code)
     pictures = [] if args.fast_dev_run else draw(out, datamodule, checkpoint, model, say)
     say(summarise(out, args, trainer, checkpoint, interrupt, throughput, wall, pictures))
+    worse = worse_than_start(start_score, checkpoint, init_name(args)) if start_score and not interrupt.signal else None
+    if worse:
+        say(worse)
     if exit_code:
         raise SystemExit(exit_code)
 

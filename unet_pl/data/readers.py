@@ -67,6 +67,8 @@ IMAGE_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES
 #: Microscope vendors' formats we do not read: named in the error, with the way out.
 VENDOR_SUFFIXES = (".czi", ".nd2", ".lif", ".lsm", ".oib", ".oif", ".vsi", ".ims", ".mrxs", ".svs", ".ndpi", ".scn",
                    ".dv", ".zvi", ".lei", ".sld", ".ics", ".ids", ".stk")
+#: Whole-slide scanners' formats among them (stained tissue: no nuclear channel to pick; a region is exported).
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi")
 _PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
 
 
@@ -75,6 +77,9 @@ def check_suffix(path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return
+    if suffix in SLIDE_SUFFIXES:
+        raise ValueError(f"{path}: {suffix} whole-slide files are not read here; export a region at full resolution as "
+                         "TIFF (QuPath: select a region, File > Export images... > Original pixels, TIFF) and predict that")
     if suffix in VENDOR_SUFFIXES:
         raise ValueError(f"{path}: {suffix} files are not read here; open it in Fiji (Bio-Formats) and save the "
                          "nuclear channel as TIFF (File > Save As > Tiff...)")
@@ -244,7 +249,8 @@ def _warn_merge(name) -> None:
     if said <= DARK_NAMED:
         log.warning("%s is a colour image on a dark background (a fluorescence merge?): its channels are averaged, so "
                     "every stain in it reads as nuclei; pass --channel N (channel=N) for the nuclear stain alone "
-                    "(DAPI or Hoechst, usually blue: --channel 3)", name)
+                    "(DAPI or Hoechst, usually blue: --channel 3). If it is stained tissue crowded with nuclei (H&E), it "
+                    "was read as fluorescence: predict it with --background bright", name)
     if said == DARK_NAMED + 1:
         log.warning("further colour images on a dark background are not named one by one: --channel N picks the nuclear stain in all")
 
