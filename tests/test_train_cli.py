@@ -504,3 +504,31 @@ def test_init_starts_from_the_bundled_models_weights_and_refuses_another_shape(t
     assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
     assert "out_channels is 2, this run's 1" in err[0] and "--mode instance" in err[0], err
     assert not (tmp_path / "nb" / "best.ckpt").exists()
+
+
+def test_an_interrupted_runs_best_epoch_is_the_one_best_ckpt_holds(tmp_path):
+    """Stopped by a signal between an epoch's validation and its checkpoint: metrics.csv holds that epoch's lower
+    val/loss, best.ckpt does not. The closing line names the epoch best.ckpt was saved at (read from the file, as
+    Lightning wrote it), with its metrics; a run that was not interrupted keeps the metrics' best."""
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+
+    from unet_pl import LitUNet
+    from unet_pl.cli.run_folder import summarise
+
+    logs = tmp_path / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text("epoch,step,val/loss,val/iou\n0,1,0.40,0.5\n1,2,0.30,0.6\n2,3,0.25,0.7\n3,4,0.20,0.8\n")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(LitUNet(img_size=32))
+    trainer.fit_loop.epoch_progress.current.completed = 2  # saved at the end of epoch 2
+    trainer.save_checkpoint(tmp_path / "best.ckpt")
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 2
+    args = SimpleNamespace(fast_dev_run=False, gpus=0, patience=10, epochs=6, max_time=None, again=[])
+    fake = SimpleNamespace(callbacks=[], current_epoch=3, world_size=1)
+    speed = SimpleNamespace(images_per_second=1.0)
+    for signal_, want in (("SIGINT", "best epoch 2: val/loss 0.2500, val/iou 0.7000"), (None, "best epoch 3: val/loss 0.2000")):
+        interrupt = SimpleNamespace(signal=signal_, saved_mid_epoch=False)
+        lines = summarise(tmp_path, args, fake, SimpleNamespace(best_model_path=""), interrupt, speed, 1.0, []).splitlines()
+        assert lines[0].startswith(want), lines

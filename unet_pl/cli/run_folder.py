@@ -76,6 +76,19 @@ def _plain(value):
     return value
 
 
+def saved_epoch(path: Path) -> int | None:
+    """The epoch a Lightning checkpoint was saved at (None: no such file, or none recorded)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True).get("epoch")
+    except Exception:  # a damaged or foreign file: the metrics' own best stands
+        return None
+    return int(epoch) if isinstance(epoch, int) else None
+
+
 def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall: float, pictures: list[Path]) -> str:
     """The lines printed at the end: best epoch, why it stopped, speed, where the files are."""
     from lightning.pytorch.callbacks import EarlyStopping
@@ -85,6 +98,9 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     lines = []
     epochs = read_epoch_metrics(out)
     best = best_epoch(epochs)
+    if interrupt.signal and best is not None:
+        # stopped between an epoch's validation and its checkpoint: metrics.csv has a val/loss best.ckpt never got
+        best = saved_epoch(out / "best.ckpt") if saved_epoch(out / "best.ckpt") in epochs else best
     if best is not None:
         m = epochs[best]
         lines.append(f"best epoch {best}: val/loss {m['val/loss']:.4f}, val/iou {m.get('val/iou', float('nan')):.4f}")
