@@ -100,7 +100,8 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     best = best_epoch(epochs)
     if interrupt.signal and best is not None:
         # stopped between an epoch's validation and its checkpoint: metrics.csv has a val/loss best.ckpt never got
-        best = saved_epoch(out / "best.ckpt") if saved_epoch(out / "best.ckpt") in epochs else best
+        saved = saved_epoch(out / "best.ckpt")
+        best = saved if saved in epochs else best
     if best is not None:
         m = epochs[best]
         lines.append(f"best epoch {best}: val/loss {m['val/loss']:.4f}, val/iou {m.get('val/iou', float('nan')):.4f}")

@@ -37,7 +37,7 @@ class Done(NamedTuple):
     squashed: bool  # shrunk more than SQUASH_WARNING-fold into a resize-mode model's square
     scale: float | None  # the factor the network saw it at (native models)
     inverted: bool | None  # the grey rule inverted it (None: a rule that never inverts)
-    colour: bool  # a colour image (stained tissue, where inverting is the point)
+    colour: bool  # an inverted colour image (stained tissue, where inverting is the point)
 
 
 def choose_device(gpus: int | None = None) -> torch.device:
@@ -188,7 +188,7 @@ def predict_folder(net: nn.Module, data_dir: str | Path, out_csv: str | Path, *,
                         pixel_size=pixel_size(paths[image_id]) if outputs.out_dir is not None else None, scale=factor,
                         inverted=inverted)
             squashed = settings.resolution == "resize" and max(image.shape[:2]) > SQUASH_WARNING * settings.img_size
-            colour = raw.shape[2] == 3 and is_colour(raw[::4, ::4])
+            colour = bool(inverted) and raw.shape[2] == 3 and is_colour(raw[::4, ::4])  # asked of inverted images only
             done.append(Done(image_id, int(labels.max(initial=0)), squashed, factor, inverted, colour))
         return done
 
