@@ -304,6 +304,8 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
     assert p.returncode == 0, p.stderr[-3000:]
     assert "post-processing chosen on the validation images" in p.stdout and "; with --split-concave: threshold" in p.stdout
     assert (p.stdout + p.stderr).count("post-processing chosen") == 1  # the summary's line only, not the tuner's too
+    hint = next(ln for ln in p.stdout.splitlines() if ln.startswith("its hold-out: "))  # how to score what it never saw
+    assert "--holdout stratified --out-dir RESULTS, then " in hint and hint.endswith(f"--ckpt {out / 'best.ckpt'}"), hint
     ckpt = torch.load(out / "best.ckpt", weights_only=True)
     tuned = ckpt["hyper_parameters"]["postprocess"]
     assert set(tuned) == {"threshold", "seed_threshold", "min_size", "split_concave"}
@@ -317,6 +319,15 @@ def test_instance_training_saves_tuned_settings_and_predict_uses_them(tmp_path, 
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
     assert "never trained on" in q.stdout and f"threshold {tuned['threshold']:g}" in q.stdout and "4 images" in q.stdout
+    # evaluate.py --ckpt alone scores the hold-out the run saved (its kind taken from the checkpoint)
+    e = subprocess.run([sys.executable, "scripts/evaluate.py", "--pred", str(tmp_path / "s.csv"), "--truth", str(sample_dir),
+                        "--ckpt", str(out / "best.ckpt")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert e.returncode == 0 and "never trained on" in e.stdout and " over 4 images" in e.stdout, e.stdout + e.stderr
+    none = tmp_path / "no_holdout.ckpt"  # a run that held nothing out: nothing of its own to score, said in one line
+    torch.save({**ckpt, "NucleiDataModule": {**ckpt["NucleiDataModule"], "holdout": "none", "holdout_ids": None}}, none)
+    e = subprocess.run([sys.executable, "scripts/evaluate.py", "--pred", str(tmp_path / "s.csv"), "--truth", str(sample_dir),
+                        "--ckpt", str(none)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert e.returncode == 2 and "held no images out" in e.stderr and len(e.stderr.strip().splitlines()) == 1, e.stderr
     # with the cut, the values chosen for it
     q = subprocess.run([sys.executable, "scripts/predict.py", "--ckpt", str(out / "best.ckpt"), "--data-dir", str(sample_dir),
                         "--out", str(tmp_path / "c.csv"), "--gpus", "0", "--no-progress", "--split-concave"],

@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "group:k/K: only fold k of K of the grouped cross-validation (unet_pl.data.groups); "
                         "predictions for other images are reported as extra")
     p.add_argument("--ckpt", default=None,
-                   help="with --holdout: score the hold-out this checkpoint's run saved (the images predict.py "
-                        "--holdout predicts with it), not the one computed from the truth's images")
+                   help="score the hold-out this checkpoint's run saved (the images predict.py --holdout predicts "
+                        "with it), not the one computed from the truth's images; --holdout: default the run's own")
     return p
 
 
@@ -51,8 +51,16 @@ def main(argv: list[str] | None = None) -> None:
             f"here {found}" if found else "OUT_DIR/submission.csv (or predict.py's --out)"))
     if not Path(args.pred).is_file():
         fail(f"{args.pred}: no such file; pass the CSV that predict.py wrote")
-    if args.ckpt and args.holdout == "none":
-        fail("--ckpt names the checkpoint whose saved hold-out to score: give --holdout too (e.g. --holdout stratified)")
+    if args.ckpt and args.holdout == "none":  # the hold-out its run saved, whichever it was
+        from ..inference.checkpoint import read_checkpoint
+
+        try:
+            args.holdout = (read_checkpoint(args.ckpt).get("NucleiDataModule") or {}).get("holdout") or "none"
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"--ckpt: {e}")
+        if args.holdout == "none":
+            fail(f"--ckpt {args.ckpt}: its run held no images out (trained without --holdout), so there is no hold-out "
+                 "of its own to score; leave --ckpt out to score every image of the truth")
     t0 = time.perf_counter()
     try:
         ids = None if args.holdout == "none" else _holdout(args)

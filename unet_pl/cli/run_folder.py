@@ -137,7 +137,15 @@ def summarise(out: Path, args, trainer, checkpoint, interrupt, throughput, wall:
     logs = [d.name + "/" for d in (out / "logs", out / "tensorboard") if d.is_dir()]
     lines.append(f"run folder {out}: {' '.join(files + logs)}")
     if checkpoint.best_model_path:
-        lines.append(f"predict: {sibling('predict')} --ckpt {shlex.quote(str(out / 'best.ckpt'))} --data-dir FOLDER --out-dir RESULTS")
+        best = shlex.quote(str(out / "best.ckpt"))
+        lines.append(f"predict: {sibling('predict')} --ckpt {best} --data-dir FOLDER --out-dir RESULTS")
+        if getattr(args, "holdout", "none") != "none":  # the images it never trained on, and their score
+            from ..data import SAMPLE_DIR
+
+            data = shlex.quote(str(args.data_dir or SAMPLE_DIR))
+            lines.append(f"its hold-out: {sibling('predict')} --ckpt {best} --data-dir {data} --holdout {args.holdout} "
+                         f"--out-dir RESULTS, then {sibling('evaluate')} --pred RESULTS/submission.csv --truth {data} "
+                         f"--ckpt {best}")
     return "\n".join(lines)
 
 
