@@ -872,6 +872,11 @@ def test_a_colour_fluorescence_merge_read_without_a_channel_is_named_with_the_wa
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(said) == 1 and "merge.tif" in said[0] and "--channel 3" in said[0], said
     assert "crowded with nuclei (H&E)" in said[0] and "--background bright" in said[0]  # the other way it happens
+    caplog.clear()
+    reset_dark_warnings()
+    with caplog.at_level(logging.WARNING):  # a background given is the user's reading already: not second-guessed
+        to_rgb8(read_raw(merge), "grey", merge, background="dark")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     # what the warning is about: averaged, the cells read bright where the nucleus alone does not
     nuclei = np.zeros(grey.shape, bool)
     for m in masks:

@@ -768,7 +768,7 @@ def test_a_crowded_fluorescence_field_read_as_bright_background_is_named_and_bac
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("background: ")]
         if background == "auto":
             assert {k: r["background"] for k, r in rows.items()} == {"crowded": "bright", "sparse": "dark"}
-            assert lines == [lines[0]] and "1 of 2 grey images read as bright-background" in lines[0] and "first crowded" in lines[0]
+            assert lines == [lines[0]] and "1 of 2 grey images read as bright-background (brightfield) and inverted: crowded " in lines[0]
             assert "--background dark" in lines[0]
         else:
             assert {r["background"] for r in rows.values()} == {"dark"} and not lines
@@ -785,9 +785,12 @@ def test_the_closing_lines_count_one_image_as_one():
     from unet_pl.cli.predict import background_line, scale_line
 
     assert background_line({"a": True}, True).startswith("background: 1 grey image read as bright-background")
-    assert "if it is fluorescence" in background_line({"a": True}, False)
     assert background_line({"a": True, "b": True}, False).startswith("background: all 2 grey images read")
     assert background_line({"a": False, "b": True}, False).startswith("background: 1 of 2 grey images read")
-    assert scale_line("auto", {"a": 0.5}, False) == "scale auto: 1 of 1 image resized before the network (0.5x; first: a at 0.5x)"
+    # every one named, up to three, then how many more
+    five = background_line({k: True for k in "abcde"}, False)
+    assert "inverted: a, b, c and 2 more;" in five and "again on their own" in five
+    assert scale_line("auto", {"a": 0.5}, True) == ("scale auto: the image resized by 0.5x before the network; "
+                                                    "summary.csv's scale column has every image's factor")
     assert scale_line("auto", {"a": 1.0}, False) == "scale auto: the image at its own size"
     assert scale_line("auto", {"a": 1.0, "b": 2.0}, False).endswith("first: b at 2x), the others at their own size")

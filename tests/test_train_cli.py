@@ -532,3 +532,26 @@ def test_an_interrupted_runs_best_epoch_is_the_one_best_ckpt_holds(tmp_path):
         interrupt = SimpleNamespace(signal=signal_, saved_mid_epoch=False)
         lines = summarise(tmp_path, args, fake, SimpleNamespace(best_model_path=""), interrupt, speed, 1.0, []).splitlines()
         assert lines[0].startswith(want), lines
+
+
+def test_init_says_when_the_starting_model_trained_on_this_runs_hold_out(tmp_path, cache_dir):
+    """--init pretrained --holdout stratified on images of the bundled model's own set (the sample, from stage1_train):
+    the sample's hold-out is computed from its 30 images, and the bundled model's run held out only some of them, so
+    it trained on the rest: said, with the count from the two lists of held-out ids. On images of the user's own (none
+    of which the starting run held out) nothing is said."""
+    from unet_pl.cli.train import seen_by_start
+    from unet_pl.data import SAMPLE_DIR
+    from unet_pl.data.holdout import holdout_ids
+    from unet_pl.inference.checkpoint import PRETRAINED
+
+    theirs = torch.load(PRETRAINED, map_location="cpu", weights_only=True)["NucleiDataModule"]["holdout_ids"]
+    mine = holdout_ids(SAMPLE_DIR)
+    trained_on = [i for i in mine if i not in theirs]
+    assert trained_on and len(trained_on) < len(mine)
+    proc = run(train_cmd("--gpus", "0", "--epochs", "1", "--lr", "1e-12", "--tune", "off", "--init", "pretrained",
+                         "--holdout", "stratified", "--out", str(tmp_path / "r"), cache=cache_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"warning: the bundled model was trained on {len(trained_on)} of this run's {len(mine)} held-out images"
+            in proc.stdout), proc.stdout
+    assert seen_by_start(["a", "b", "c"], ["a", "b", "c", "x"], ["a", "x"]) == 2  # same data: b and c were trained on
+    assert seen_by_start(["a", "b"], ["a", "b", "c"], ["x", "y"]) == 0  # the user's own images: nothing known

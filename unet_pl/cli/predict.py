@@ -250,27 +250,32 @@ def _main(argv: list[str] | None) -> None:
 
 def background_line(inverted: dict[str, bool], table: bool) -> str:
     """The closing line when the grey rule inverted some grey images (read their background as bright): how many,
-    the first, and the way out for fluorescence it misread; ``table``: summary.csv is written."""
+    the first LEAST_SURE by name, and the way out for fluorescence it misread; ``table``: summary.csv is written."""
+    from ..inference.folder import LEAST_SURE
+
     bright = [i for i, v in inverted.items() if v]
-    where = " (summary.csv's background column)" if table else ""
+    where = " (summary.csv's background column has every image's)" if table else ""
     share = (f"{_count(len(bright), 'grey image')}" if len(bright) == len(inverted) == 1 else
              f"all {_count(len(bright), 'grey image')}" if len(bright) == len(inverted) else
              f"{len(bright)} of {_count(len(inverted), 'grey image')}")
-    return (f"background: {share} read as bright-background (brightfield) and inverted{where}, first {bright[0]}; "
-            "crowded or overexposed fluorescence can read so too: if "
-            f"{'it is' if len(bright) == 1 else 'these are'} fluorescence, predict again with --background dark")
+    named = ", ".join(bright[:LEAST_SURE]) + (f" and {len(bright) - LEAST_SURE} more" if len(bright) > LEAST_SURE else "")
+    return (f"background: {share} read as bright-background (brightfield) and inverted: {named}{where}; crowded or "
+            "overexposed fluorescence can read so too: predict those that are fluorescence again on their own (a "
+            "folder of them) with --background dark")
 
 
 def scale_line(mode: str, scales: dict[str, float], table: bool) -> str:
     """The closing line of ``--scale auto`` or ``certainty``: how many images the network saw resized, by
     which factors, naming the first; ``table``: summary.csv (which has every image's factor) is written."""
     resized = {i: f for i, f in scales.items() if f != 1.0}
-    where = "; summary.csv's scale column has each image's" if table else ""
+    where = "; summary.csv's scale column has every image's factor" if table else ""
     if not resized:
         return f"scale {mode}: {'every image' if len(scales) != 1 else 'the image'} at its own size{where}"
+    first = next(iter(resized))
+    if len(scales) == 1:
+        return f"scale {mode}: the image resized by {resized[first]:.3g}x before the network{where}"
     low, high = min(resized.values()), max(resized.values())
     span = f"{low:.2g}x" if low == high else f"{low:.2g}x to {high:.2g}x"
-    first = next(iter(resized))
     rest = ", the others at their own size" if len(resized) < len(scales) else ""
     return (f"scale {mode}: {len(resized)} of {_count(len(scales), 'image')} resized before the network ({span}; first: "
             f"{first} at {resized[first]:.3g}x){rest}{where}")

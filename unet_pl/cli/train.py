@@ -475,7 +475,7 @@ def worse_than_start(start: dict[str, float], checkpoint, name: str) -> str | No
             "(e.g. --lr 1e-4) or more annotated images")
 
 
-def init_weights(model, args: argparse.Namespace, say) -> None:
+def init_weights(model, args: argparse.Namespace, say) -> list[str]:
     """``--init``: the U-Net's weights from a checkpoint (read with weights_only: it cannot run code),
     refused in one line when its shape differs (saying the flags that fit); a note when it read its
     images another way than this run will."""
@@ -503,6 +503,17 @@ def init_weights(model, args: argparse.Namespace, say) -> None:
               if hp.get(k) is not None and hp.get(k) != mine.get(k)]
     say(f"starting from the weights of {name}" + (f"; note: it was trained with {', '.join(differ)}, which this run "
                                                   "does not use: it sees the images differently" if differ else ""))
+    return list((full.get("NucleiDataModule") or {}).get("holdout_ids") or [])
+
+
+def seen_by_start(held_out: list[str], ids, start_held_out: list[str]) -> int:
+    """How many of this run's held-out images the ``--init`` model was likely trained on: where this run's images
+    include some the starting model's run held out (the same data, e.g. stage1_train), those of this run's
+    hold-out that its run did not hold out (0 where the images are the user's own)."""
+    theirs = set(start_held_out)
+    if not theirs or not theirs & set(map(str, ids)):
+        return 0
+    return sum(i not in theirs for i in held_out)
 
 
 def check_resume(ckpt: Path, model, say, epochs: int | None = None, patience: int | None = None,
@@ -626,8 +637,7 @@ def _train(argv: list[str] | None, callbacks: tuple) -> None:
         datamodule = make_datamodule(args)
     except (ValueError, FileNotFoundError) as e:  # the model and data module check their arguments: user input
         fail(flag_names(str(e)))
-    if args.init is not None:
-        init_weights(model, args, say)
+    start_held_out = init_weights(model, args, say) if args.init is not None else []
     if ckpt is not None:
         source, changed, full = args.restored
         say(f"resuming with the flags of the run in {source}" + ("; given now instead: " + ", ".join(changed) if changed else ""))
@@ -645,6 +655,12 @@ def _train(argv: list[str] | None, callbacks: tuple) -> None:
     if trainer.is_global_zero and not args.fast_dev_run:  # a smoke test leaves nothing behind
         write_run_files(out, args, argv, model)
         say(f"run folder {out}" + (f", resuming from {ckpt}" if ckpt else ""))
+    if start_held_out and args.holdout != "none" and trainer.world_size == 1:
+        seen = seen_by_start(datamodule.holdout_ids, datamodule.arrays["ids"], start_held_out)
+        if seen:
+            say(f"warning: {init_name(args)} was trained on {seen} of this run's {len(datamodule.holdout_ids)} held-out "
+                "images (its own run did not hold them out): their scores overstate what the model does on new images; "
+                "score on images neither run trained on")
     start_score = {}
     if args.init is not None and trainer.world_size == 1 and not args.fast_dev_run:
         start_score = starting_score(model, datamodule, args)

@@ -197,8 +197,8 @@ def read_levels(raw: np.ndarray, intensity: str = "fixed", name: str | Path = "i
         levels = _grey_levels(raw, background) if raw.shape[2] < 8 else None
         if levels is not None and not (levels[1] and intensity == "hematoxylin" and is_colour(raw)):
             out, inverted = levels[0][:, :, None], levels[1]
-            if warn and not levels[1] and raw.shape[2] == 3 and _is_merge(raw[::4, ::4]):
-                _warn_merge(name)
+            if warn and background == "auto" and not levels[1] and raw.shape[2] == 3 and _is_merge(raw[::4, ::4]):
+                _warn_merge(name)  # (a background given is the user's reading of the image already)
         else:
             grey = channel_mean(raw)
             scaled = _stretch(grey)
