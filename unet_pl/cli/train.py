@@ -478,7 +478,7 @@ def worse_than_start(start: dict[str, float], checkpoint, name: str) -> str | No
 def init_weights(model, args: argparse.Namespace, say) -> list[str]:
     """``--init``: the U-Net's weights from a checkpoint (read with weights_only: it cannot run code),
     refused in one line when its shape differs (saying the flags that fit); a note when it read its
-    images another way than this run will."""
+    images another way than this run will. Returns the ids its run held out (empty when it saved none)."""
     from ..inference.checkpoint import PRETRAINED, read_checkpoint, unet_state_dict
 
     path = PRETRAINED if args.init == "pretrained" else Path(args.init)
